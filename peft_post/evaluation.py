@@ -1,0 +1,101 @@
+"""Accuracy of a (prompted or plain) model on a verbalized classification dataset."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import POSTConfig
+from .modeling import base_model_of, label_logits
+from .tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
+
+ACCURACY_METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "accuracy", "accuracy.py")
+
+
+def load_accuracy_metric():
+    """The shipped `evaluate` accuracy module (``evaluate.load("accuracy")`` would need the Hub)."""
+    import evaluate
+
+    return evaluate.load(ACCURACY_METRIC_PATH)
+
+
+def accuracy_report(predictions, references, num_classes: int) -> dict:
+    """Accuracy plus, per class, how many examples there were, how many were right and how many were predicted."""
+    predictions = np.asarray(predictions, dtype=np.int64)
+    references = np.asarray(references, dtype=np.int64)
+    if predictions.size == 0:
+        raise ValueError("No predictions to score.")
+    per_class = {
+        c: {
+            "total": int((references == c).sum()),
+            "correct": int(((references == c) & (predictions == c)).sum()),
+            "predicted": int((predictions == c).sum()),
+        }
+        for c in range(num_classes)
+    }
+    return {
+        "accuracy": float((predictions == references).mean()),
+        "num_examples": int(predictions.size),
+        "per_class": per_class,
+    }
+
+
+@torch.no_grad()
+def predict_class_scores(
+    model,
+    dataloader,
+    verbalizer: Verbalizer,
+    prompt: Union[torch.Tensor, None, str] = "auto",
+    desc: str = "evaluate",
+    disable_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class scores (N, C) and labels (N,) over a dataloader of `VerbalizerCollator` batches."""
+    was_training = model.training
+    model.eval()
+    device = base_model_of(model).get_input_embeddings().weight.device
+    scores, labels = [], []
+    try:
+        for batch in tqdm(dataloader, desc=desc, disable=disable_progress, leave=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = label_logits(model, **batch, prompt=prompt)
+            scores.append(verbalizer.class_scores(logits).float().cpu())
+            labels.append(batch["labels"].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(scores), torch.cat(labels)
+
+
+def evaluate_prompt(
+    model,
+    tokenizer,
+    dataset,
+    config: POSTConfig,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    batch_size: int = 32,
+    use_prompt: bool = True,
+    prompt: Optional[torch.Tensor] = None,
+    desc: str = "evaluate",
+    disable_progress: bool = False,
+) -> dict:
+    """Accuracy and per-class counts of `model` on `dataset` under `config`'s template and label words.
+
+    `model` is a plain transformers model (zero-shot) or a prompt-tuning `PeftModel`. ``use_prompt=False`` scores a
+    `PeftModel`'s base model without its prompt; ``prompt`` scores an explicit (n, d) prompt instead of the
+    adapter's. Runs in eval mode under `torch.no_grad`, batched, with a progress bar.
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    verbalizer = Verbalizer.from_config(config, tokenizer)
+    check_classification_dataset(dataset, text_column, label_column, verbalizer.num_classes, "dataset")
+    collator = VerbalizerCollator(TaskTemplate.from_config(config, tokenizer), text_column, label_column)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    chosen = prompt if prompt is not None else ("auto" if use_prompt else None)
+    scores, labels = predict_class_scores(model, loader, verbalizer, chosen, desc, disable_progress)
+    return accuracy_report(scores.argmax(-1).numpy(), labels.numpy(), verbalizer.num_classes)

@@ -1,0 +1,251 @@
+"""Classification as text infilling: templates, verbalizers, label positions and the collator."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .config import POSTConfig
+
+MULTI_TOKEN_POLICIES = ("error", "first")
+
+
+class Verbalizer:
+    """Maps each class to label-word token ids and scores classes from vocabulary logits.
+
+    A word's token is the first token of ``" word"`` (with a leading space, as it follows the template's last
+    token). Empty words, words that map to the unknown or a special token, and one token shared by two classes
+    raise `ValueError`. A word that is more than one token raises under ``multi_token="error"`` (the default,
+    because the class score then silently measures only a word prefix) and warns under ``multi_token="first"``.
+    """
+
+    def __init__(self, tokenizer, label_words: Sequence[Sequence[str]], multi_token: str = "error"):
+        if multi_token not in MULTI_TOKEN_POLICIES:
+            raise ValueError(f"`multi_token` must be one of {MULTI_TOKEN_POLICIES}, got {multi_token!r}.")
+        if len(label_words) < 2:
+            raise ValueError(f"`label_words` must list at least two classes, got {label_words!r}.")
+        special = set(tokenizer.all_special_ids)
+        self.label_words = [list(ws) for ws in label_words]
+        self.token_ids: list[list[int]] = []
+        owner: dict[int, int] = {}
+        for c, words in enumerate(self.label_words):
+            if not words:
+                raise ValueError(f"`label_words[{c}]` is empty: every class needs at least one label word.")
+            ids = []
+            for word in words:
+                ids.append(self._word_token(tokenizer, word, c, special, multi_token))
+            for i, w in zip(ids, words):
+                if i in owner and owner[i] != c:
+                    raise ValueError(
+                        f"Label word {w!r} of class {c} maps to token {i}, already used by class {owner[i]}; "
+                        "classes need distinct label tokens."
+                    )
+                owner[i] = c
+            self.token_ids.append(list(dict.fromkeys(ids)))
+        width = max(len(ids) for ids in self.token_ids)
+        index = torch.zeros(len(self.token_ids), width, dtype=torch.long)
+        weight = torch.zeros(len(self.token_ids), width)
+        for c, ids in enumerate(self.token_ids):
+            index[c, : len(ids)] = torch.tensor(ids)
+            weight[c, : len(ids)] = 1.0 / len(ids)
+        self.index, self.weight = index, weight
+
+    @staticmethod
+    def _word_token(tokenizer, word: str, c: int, special: set, multi_token: str) -> int:
+        if not isinstance(word, str) or not word.strip():
+            raise ValueError(f"`label_words[{c}]` holds an empty word {word!r}.")
+        ids = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"Label word {word!r} (class {c}) encodes to no token.")
+        if ids[0] == tokenizer.unk_token_id and tokenizer.unk_token_id is not None:
+            raise ValueError(f"Label word {word!r} (class {c}) maps to the unknown token; choose a word in the vocabulary.")
+        if any(i in special for i in ids):
+            raise ValueError(f"Label word {word!r} (class {c}) maps to a special token ({ids}); choose another word.")
+        if len(ids) > 1:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            msg = (
+                f"Label word {word!r} (class {c}) is {len(ids)} tokens {pieces}, not one; its class score would use "
+                f"only the first piece {pieces[0]!r}."
+            )
+            if multi_token == "error":
+                raise ValueError(msg + " Choose a single-token word, or pass multi_token='first' to accept this.")
+            warnings.warn(msg)
+        return ids[0]
+
+    @classmethod
+    def from_config(cls, config: POSTConfig, tokenizer, multi_token: str = "error") -> "Verbalizer":
+        return cls(tokenizer, config.label_words, multi_token=multi_token)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return sorted({i for ids in self.token_ids for i in ids})
+
+    def class_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        from .losses import class_scores
+
+        return class_scores(logits, self.index.to(logits.device), self.weight.to(logits.device))
+
+
+class TaskTemplate:
+    """Renders ``template`` around a text and tokenizes it so the label slot survives ``max_length``.
+
+    The whole rendered string is tokenized at once (so the tokens are exactly those of the full string) and,
+    when too long, tokens lying wholly inside the text are dropped from the left: the template and the label
+    slot at its end are never cut. Causal LMs keep a leading BOS if the tokenizer adds one but never a trailing
+    EOS (the label is predicted after the last real token); masked LMs keep their CLS/SEP tokens.
+    """
+
+    def __init__(self, tokenizer, template: str, max_length: int, masked_lm: bool):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("TaskTemplate needs a fast tokenizer (offset mapping); load it with use_fast=True.")
+        if template.count("{text}") != 1:
+            raise ValueError(f"`template` must contain '{{text}}' exactly once, got {template!r}.")
+        self.tokenizer = tokenizer
+        self.masked_lm = masked_lm
+        self.max_length = max_length
+        prefix, suffix = template.split("{text}")
+        if masked_lm:
+            if tokenizer.mask_token is None:
+                raise ValueError("A masked-LM template needs a tokenizer with a mask token; this one has none.")
+            if (prefix + suffix).count("{mask}") != 1:
+                raise ValueError(f"A masked-LM `template` must contain '{{mask}}' exactly once, got {template!r}.")
+            prefix = prefix.replace("{mask}", tokenizer.mask_token)
+            suffix = suffix.replace("{mask}", tokenizer.mask_token)
+        elif "{mask}" in template:
+            raise ValueError("A causal-LM `template` must not contain '{mask}': it ends at the label slot.")
+        self.prefix, self.suffix = prefix, suffix
+        self.template = template
+
+    @classmethod
+    def from_config(cls, config: POSTConfig, tokenizer) -> "TaskTemplate":
+        return cls(tokenizer, config.template, config.max_length, masked_lm=config.task_type == "FEATURE_EXTRACTION")
+
+    def render(self, text: str) -> str:
+        return self.prefix + text + self.suffix
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"Expected a text string, got {type(text).__name__}: {text!r}.")
+        tok = self.tokenizer
+        rendered = self.render(text)
+        enc = tok(rendered, add_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        if not self.masked_lm and tok.eos_token_id is not None and len(ids) > 1 and ids[-1] == tok.eos_token_id:
+            if not rendered.endswith(tok.eos_token or "\0"):
+                ids, offsets = ids[:-1], offsets[:-1]
+        excess = len(ids) - self.max_length
+        if excess > 0:
+            start, end = len(self.prefix), len(self.prefix) + len(text)
+            inside = [i for i, (a, b) in enumerate(offsets) if b > a and a >= start and b <= end]
+            if len(inside) < excess:
+                raise ValueError(
+                    f"`max_length`={self.max_length} is too short: the template alone needs "
+                    f"{len(ids) - len(inside)} tokens. Raise max_length or shorten the template."
+                )
+            drop = set(inside[:excess])
+            ids = [t for i, t in enumerate(ids) if i not in drop]
+        return ids
+
+
+def label_positions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask_token_id: Optional[int] = None,
+    num_virtual_tokens: int = 0,
+) -> torch.Tensor:
+    """Index of the label slot in each row, shifted by ``num_virtual_tokens`` for a prompted model.
+
+    Causal LMs (``mask_token_id=None``): the last real token, for right or left padding. Masked LMs: the single
+    mask token of each row (a row with none, or several, raises `ValueError`).
+    """
+    if mask_token_id is None:
+        length = attention_mask.shape[1]
+        last = length - 1 - attention_mask.flip(-1).long().argmax(-1)
+        if (attention_mask.sum(-1) == 0).any():
+            raise ValueError("A row of `attention_mask` has no real token.")
+        return last + num_virtual_tokens
+    is_mask = (input_ids == mask_token_id) & attention_mask.bool()
+    counts = is_mask.sum(-1)
+    if (counts != 1).any():
+        bad = int((counts != 1).nonzero()[0])
+        raise ValueError(f"Row {bad} holds {int(counts[bad])} mask tokens; a masked-LM example needs exactly one.")
+    return is_mask.long().argmax(-1) + num_virtual_tokens
+
+
+@dataclass
+class VerbalizerCollator:
+    """Tokenizes raw rows through the template and pads them into a batch for `label_logits`.
+
+    Returns ``input_ids``, ``attention_mask``, ``label_positions`` (unprompted indices) and, when rows carry a
+    label, ``labels``. Use with ``remove_unused_columns=False`` in `TrainingArguments`.
+    """
+
+    template: TaskTemplate
+    text_column: str = "text"
+    label_column: Optional[str] = "label"
+    padding_side: str = "right"
+
+    def __post_init__(self):
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"`padding_side` must be 'left' or 'right', got {self.padding_side!r}.")
+        tok = self.template.tokenizer
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first.")
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("Cannot collate an empty batch.")
+        encoded = [self.template.encode(row[self.text_column]) for row in rows]
+        width = max(len(e) for e in encoded)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            sl = slice(0, len(ids)) if self.padding_side == "right" else slice(width - len(ids), width)
+            input_ids[i, sl] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, sl] = 1
+        mask_id = self.template.tokenizer.mask_token_id if self.template.masked_lm else None
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "label_positions": label_positions(input_ids, attention_mask, mask_id),
+        }
+        if self.label_column is not None and self.label_column in rows[0]:
+            batch["labels"] = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
+        return batch
+
+
+def check_classification_dataset(dataset, text_column: str, label_column: Optional[str], num_classes: int, name: str):
+    """Raise `ValueError` before any work when a dataset is empty, lacks its columns, or has out-of-range labels."""
+    if dataset is None or len(dataset) == 0:
+        raise ValueError(f"`{name}` is empty; it needs at least one example.")
+    columns = getattr(dataset, "column_names", None) or list(dataset[0].keys())
+    if text_column not in columns:
+        raise ValueError(f"`{name}` has no text column {text_column!r} (columns: {columns}); set `text_column`.")
+    if label_column is None:
+        return
+    if label_column not in columns:
+        raise ValueError(f"`{name}` has no label column {label_column!r} (columns: {columns}); set `label_column`.")
+    labels = dataset[label_column]
+    bad = [y for y in labels if not (isinstance(y, int) or hasattr(y, "__index__")) or not 0 <= int(y) < num_classes]
+    if bad:
+        raise ValueError(
+            f"`{name}` has labels outside 0..{num_classes - 1} (e.g. {bad[0]!r}); label_words define {num_classes} classes."
+        )
+
+
+def dataset_fingerprint(dataset, text_column: str) -> str:
+    """A sha256 over the texts, to name exactly which data a prompt saw without storing the data."""
+    h = hashlib.sha256()
+    for text in dataset[text_column]:
+        h.update(text.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()

@@ -1,0 +1,72 @@
+import pytest
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+
+from peft_post import POSTConfig, evaluate_prompt, get_prompt, load_accuracy_metric, prompt_from_text, set_prompt
+from peft_post.evaluation import accuracy_report
+from peft_post.tasks import TaskTemplate, Verbalizer, VerbalizerCollator
+
+
+def test_evaluate_known_accuracy_with_a_hand_built_prompt(load_tiny, tokenizer):
+    cfg = POSTConfig(num_virtual_tokens=2, label_words=[["bad"], ["good"]])
+    model = load_tiny("gpt2")
+    v = Verbalizer.from_config(cfg, tokenizer)
+    data = Dataset.from_list([{"text": f"review {i}", "label": i % 2} for i in range(10)])
+    head = model.lm_head.weight  # tied to the input embeddings
+    # Make the base model predict class 0 for every input by a huge bias on the class-0 label token.
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        head[:, 0] = 0.0
+        head[v.token_ids[0][0], 0] = 10.0
+    zs = evaluate_prompt(model, tokenizer, data, cfg, batch_size=3, disable_progress=True)
+    assert zs["accuracy"] == 0.5
+    assert zs["per_class"] == {0: {"total": 5, "correct": 5, "predicted": 10}, 1: {"total": 5, "correct": 0, "predicted": 0}}
+
+    peft_model = get_peft_model(model, cfg)
+    peft_model.train()
+    assert evaluate_prompt(peft_model, tokenizer, data, cfg, disable_progress=True)["accuracy"] == 0.5
+    assert peft_model.training, "evaluation must restore the caller's train mode"
+    assert evaluate_prompt(peft_model, tokenizer, data, cfg, use_prompt=False, disable_progress=True) == zs
+
+
+def test_accuracy_report_and_shipped_metric_agree():
+    preds, refs = [0, 1, 1, 2, 0, 2], [0, 1, 0, 2, 1, 1]
+    report = accuracy_report(preds, refs, num_classes=3)
+    assert report["accuracy"] == pytest.approx(0.5)
+    assert report["per_class"][1] == {"total": 3, "correct": 1, "predicted": 2}
+    metric = load_accuracy_metric()
+    assert metric.compute(predictions=preds, references=refs)["accuracy"] == pytest.approx(report["accuracy"])
+
+
+def test_evaluate_rejects_bad_datasets(load_tiny, tokenizer):
+    cfg = POSTConfig(num_virtual_tokens=2)
+    model = load_tiny("gpt2")
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_prompt(model, tokenizer, Dataset.from_dict({"text": [], "label": []}), cfg)
+    with pytest.raises(ValueError, match="label column"):
+        evaluate_prompt(model, tokenizer, Dataset.from_dict({"text": ["a"]}), cfg)
+    with pytest.raises(ValueError, match="outside"):
+        evaluate_prompt(model, tokenizer, Dataset.from_dict({"text": ["a"], "label": [3]}), cfg)
+    with pytest.raises(ValueError, match="text column"):
+        evaluate_prompt(model, tokenizer, Dataset.from_dict({"sentence": ["a"], "label": [0]}), cfg)
+
+
+def test_prompt_helpers(load_tiny, tokenizer):
+    cfg = POSTConfig(num_virtual_tokens=5)
+    a = get_peft_model(load_tiny("gpt2"), cfg)
+    b = get_peft_model(load_tiny("llama"), cfg)
+    p = torch.randn(5, 32)
+    set_prompt(a, p)
+    torch.testing.assert_close(get_prompt(a), p)
+    got = get_prompt(a)
+    got += 1  # a copy, not a view of the parameter
+    torch.testing.assert_close(get_prompt(a), p)
+    with pytest.raises(ValueError, match="does not fit"):
+        set_prompt(b, torch.randn(4, 32))
+    text_prompt = prompt_from_text(a, tokenizer, "predict if sentiment", 5)
+    ids = tokenizer("predict if sentiment").input_ids
+    ids = (ids * 5)[:5]
+    torch.testing.assert_close(text_prompt, a.get_base_model().get_input_embeddings().weight[ids].detach())
