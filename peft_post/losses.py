@@ -144,7 +144,9 @@ def temperature_kl(student_logits: torch.Tensor, reference_logits: torch.Tensor,
         raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
     log_q = F.log_softmax(_at_least_float32(student_logits) / temperature, dim=-1)
     log_p = F.log_softmax(_at_least_float32(reference_logits) / temperature, dim=-1)
-    per_row = (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+    p = log_p.exp()
+    # A token the reference gives zero mass (a -inf logit) contributes 0, not 0 * inf = nan.
+    per_row = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1) * temperature**2
     if reduction == "mean":
         return per_row.mean()
     if reduction == "sum":
