@@ -8,8 +8,13 @@ from .losses import class_scores, verbalizer_loss
 from .modeling import label_logits
 from .prompts import get_prompt, prompt_from_text, set_prompt
 from .tasks import TaskTemplate, Verbalizer, VerbalizerCollator, label_positions
+from .tuning import DPConfig, DPPromptTrainer, PromptTrainer, PromptTrainingConfig
 
 __all__ = [
+    "DPConfig",
+    "DPPromptTrainer",
+    "PromptTrainer",
+    "PromptTrainingConfig",
     "POSTConfig",
     "POST_CONFIG_NAME",
     "TaskTemplate",
