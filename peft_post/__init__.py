@@ -4,11 +4,14 @@ __version__ = "0.1.0"
 
 from .config import POST_CONFIG_NAME, POSTConfig
 from .evaluation import evaluate_prompt, load_accuracy_metric
+from .hub import build_model_card, load_transferred_prompt, push_transferred_prompt
 from .losses import class_scores, verbalizer_loss
 from .modeling import label_logits
 from .prompts import get_prompt, prompt_from_text, set_prompt
 from .tasks import TaskTemplate, Verbalizer, VerbalizerCollator, label_positions
 from .tuning import DPConfig, DPPromptTrainer, PromptTrainer, PromptTrainingConfig
+from .losses import transfer_loss
+from .transfer import TransferConfig, TransferTrainer, direct_transfer, suggest_alpha
 
 __all__ = [
     "DPConfig",
@@ -18,10 +21,15 @@ __all__ = [
     "POSTConfig",
     "POST_CONFIG_NAME",
     "TaskTemplate",
+    "TransferConfig",
+    "TransferTrainer",
     "Verbalizer",
     "VerbalizerCollator",
     "class_scores",
     "evaluate_prompt",
+    "build_model_card",
+    "load_transferred_prompt",
+    "push_transferred_prompt",
     "get_prompt",
     "label_logits",
     "label_positions",
@@ -29,4 +37,7 @@ __all__ = [
     "prompt_from_text",
     "set_prompt",
     "verbalizer_loss",
+    "direct_transfer",
+    "suggest_alpha",
+    "transfer_loss",
 ]
