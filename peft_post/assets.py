@@ -456,12 +456,15 @@ _LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "jso
                    ".txt": "text"}
 
 
-def load_embedded_dataset(name: str, cache_dir: Optional[str] = None):
-    """One of `EMBEDDED_DATASETS` (without the ``embedded:`` prefix) as a `DatasetDict`."""
+def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
+    """One of `EMBEDDED_DATASETS` (without the ``embedded:`` prefix) as a `DatasetDict`; `kwargs` (``seed``,
+    ``test_size``) go to `load_rotten_tomatoes`."""
     from datasets import DatasetDict
 
+    if kwargs and name != "rotten_tomatoes":
+        raise ValueError(f"{EMBEDDED_PREFIX + name} takes no options, got {sorted(kwargs)}.")
     if name == "rotten_tomatoes":
-        return load_rotten_tomatoes(cache_dir=cache_dir)
+        return load_rotten_tomatoes(cache_dir=cache_dir, **kwargs)
     if name == "distillation_text":
         return DatasetDict({"train": load_distillation_text(cache_dir=cache_dir)})
     if name.startswith("vader_") and name[len("vader_"):] in VADER_SETS:
@@ -479,6 +482,9 @@ def load_text_dataset(name_or_path: str, split: Optional[str] = None, config_nam
     - anything else is passed to `datasets.load_dataset` as a Hub id (with `config_name`, e.g. ``nyu-mll/glue``
       with ``sst2``), so with Hub access the same call serves SST-2 or IMDB.
 
+    Extra `kwargs` go to `datasets.load_dataset`, or for ``embedded:rotten_tomatoes`` to `load_rotten_tomatoes`
+    (``seed``, ``test_size``).
+
     Returns a `DatasetDict`, or the `Dataset` of `split` when given (a missing split raises naming the ones there
     are). A single local file or a single embedded set has one split, ``train``.
     """
@@ -487,7 +493,7 @@ def load_text_dataset(name_or_path: str, split: Optional[str] = None, config_nam
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(f"`name_or_path` must be a non-empty string, got {name_or_path!r}.")
     if name_or_path.startswith(EMBEDDED_PREFIX):
-        dsd = load_embedded_dataset(name_or_path[len(EMBEDDED_PREFIX):])
+        dsd = load_embedded_dataset(name_or_path[len(EMBEDDED_PREFIX):], **kwargs)
     elif os.path.isfile(name_or_path):
         ext = os.path.splitext(name_or_path)[1].lower()
         if ext not in _LOCAL_BUILDERS:

