@@ -8,10 +8,13 @@ the folder goes up in one commit with ``HfApi().upload_folder``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
 from typing import Mapping, Optional, Union
+
+from peft.utils import CONFIG_NAME
 
 from .config import POSTConfig
 from .io import atomic_write_text
@@ -323,14 +326,16 @@ def push_transferred_prompt(
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="post-push-") as tmp:
-        original = config.base_model_name_or_path
-        config.base_model_name_or_path = base_model
-        try:
-            peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
-        finally:
-            config.base_model_name_or_path = original
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
         # PEFT saves a non-default adapter into a subfolder named after it.
         folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
+        # The Hub id goes in after saving: during save PEFT probes base_model_name_or_path for config.json, and a
+        # local folder answers without a network request.
+        adapter_config_path = os.path.join(folder, CONFIG_NAME)
+        with open(adapter_config_path, encoding="utf-8") as f:
+            adapter_config = json.load(f)
+        adapter_config["base_model_name_or_path"] = base_model
+        atomic_write_text(adapter_config_path, json.dumps(adapter_config, indent=2, sort_keys=True))
         atomic_write_text(os.path.join(folder, "README.md"), str(card))
 
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -1,7 +1,7 @@
 """A local, in-memory stand-in for the Hugging Face Hub, for tests of real `huggingface_hub` upload and download calls.
 
 It speaks the subset of the Hub HTTP API that `huggingface_hub` 2.4 uses for `create_repo`, `upload_folder`
-(validate-yaml, preupload, commit), `repo_info`, and `hf_hub_download` / `file_exists` (HEAD and GET on
+(validate-yaml, preupload, commit), `repo_info`, `list_repo_tree` (no pagination), and `hf_hub_download` / `file_exists` (HEAD and GET on
 ``/{repo_id}/resolve/{revision}/{filename}``), with the response headers the client relies on (``X-Repo-Commit``,
 ``ETag``, ``Content-Length``, ``X-Error-Code``). It binds 127.0.0.1 only.
 
@@ -10,7 +10,7 @@ sends large or binary files to LFS/Xet storage instead; the client only takes th
 this server never needs a storage backend. An ``lfsFile`` line in a commit is refused with a 400, which would show
 if a client ever took that route anyway.
 
-Private repos behave like the Hub's: without a known token a request gets 401 with ``RepositoryNotFound``.
+Private repos behave like the Hub's: without a known token a read gets 401 with ``X-Error-Code: RepoNotFound``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ _ROUTES = [
     ("POST", re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$"), "preupload"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$"), "commit"),
     ("GET", re.compile(rf"^/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?$"), "repo_info"),
+    ("GET", re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<dir>.+))?$"), "tree"),
     ("GET", re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)$"), "resolve"),
     ("HEAD", re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)$"), "resolve"),
 ]
@@ -170,14 +171,14 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.fake_hub.repos.get(repo_id)
         if repo is None or (repo.private and self.fake_hub.user_of(self.headers) is None):
             # The Hub does not reveal whether a private repo exists.
-            self._error(401 if repo is not None else 404, "RepositoryNotFound", f"Repository not found: {repo_id}", head)
+            self._error(401 if repo is not None else 404, "RepoNotFound", f"Repository not found: {repo_id}", head)
             return None
         return repo
 
     def _writable_repo(self, repo_id: str) -> Optional[FakeRepo]:
         user = self.fake_hub.user_of(self.headers)
         if user is None:
-            self._error(401, "RepositoryNotFound", "Invalid credentials in Authorization header")
+            self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
             return None
         return self._readable_repo(repo_id)
 
@@ -272,6 +273,27 @@ class _Handler(BaseHTTPRequestHandler):
             "siblings": [{"rfilename": p} for p in sorted(files)],
         })
 
+    def _tree(self, match, body, head=False):
+        repo = self._readable_repo(match["repo"])
+        if repo is None:
+            return
+        files = self.fake_hub.files_at(repo, match["rev"])
+        if files is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {match['rev']}")
+            return
+        prefix = (match["dir"].strip("/") + "/") if match["dir"] else ""
+        entries, folders = [], set()
+        for path in sorted(p for p in files if p.startswith(prefix)):
+            rest = path[len(prefix):]
+            if "/" in rest:  # not recursive: report the sub-folder once
+                folders.add(prefix + rest.split("/", 1)[0])
+            else:
+                entries.append({"type": "file", "path": path, "size": len(files[path]), "oid": git_blob_sha1(files[path])})
+        if prefix and not entries and not folders:
+            self._error(404, "EntryNotFound", f"{match['dir']} does not exist on {match['rev']}")
+            return
+        self._json(200, entries + [{"type": "directory", "path": f, "oid": "0" * 40} for f in sorted(folders)])
+
     def _resolve(self, match, body, head=False):
         repo = self._readable_repo(match["repo"], head)
         if repo is None:
@@ -298,7 +320,8 @@ def point_hub_clients_at(monkeypatch, endpoint: str, cache_dir: str) -> None:
     """Send every `huggingface_hub` call of this test to `endpoint`, caching downloads under `cache_dir`.
 
     `huggingface_hub.constants` reads HF_ENDPOINT / HF_HUB_CACHE once at import, and the module-level `HfApi`
-    behind `file_exists` & co. keeps the endpoint it was built with, so the environment alone is not enough.
+    behind `file_exists` & co. (and transformers' shared one) keep the endpoint they were built with, so the
+    environment alone is not enough.
     """
     import huggingface_hub
     from huggingface_hub import constants, hf_api
@@ -311,4 +334,9 @@ def point_hub_clients_at(monkeypatch, endpoint: str, cache_dir: str) -> None:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", cache_dir)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+    # transformers keeps one lazily built HfApi (with the endpoint of its first use) for its Hub calls.
+    import transformers.utils.hub as transformers_hub
+
+    if hasattr(transformers_hub, "_hf_api"):
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
     assert huggingface_hub.constants is constants
