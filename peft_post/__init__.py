@@ -5,7 +5,6 @@ __version__ = "0.1.0"
 from .config import POST_CONFIG_NAME, POSTConfig
 from .evaluation import evaluate_prompt, load_accuracy_metric
 from .hub import build_model_card, load_transferred_prompt, push_transferred_prompt
-from .hub import build_model_card, load_transferred_prompt, push_transferred_prompt
 from .losses import class_scores, verbalizer_loss
 from .modeling import label_logits
 from .prompts import get_prompt, prompt_from_text, set_prompt
@@ -28,9 +27,6 @@ __all__ = [
     "VerbalizerCollator",
     "class_scores",
     "evaluate_prompt",
-    "build_model_card",
-    "load_transferred_prompt",
-    "push_transferred_prompt",
     "build_model_card",
     "load_transferred_prompt",
     "push_transferred_prompt",
