@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import POST_CONFIG_NAME, POSTConfig
+from .distill import DistillationConfig, DistillationTrainer, make_student
 from .evaluation import evaluate_prompt, load_accuracy_metric
 from .hub import build_model_card, load_transferred_prompt, push_transferred_prompt
 from .losses import class_scores, verbalizer_loss
@@ -14,6 +15,9 @@ from .losses import transfer_loss
 from .transfer import TransferConfig, TransferTrainer, direct_transfer, suggest_alpha
 
 __all__ = [
+    "DistillationConfig",
+    "DistillationTrainer",
+    "make_student",
     "DPConfig",
     "DPPromptTrainer",
     "PromptTrainer",
