@@ -1,0 +1,401 @@
+"""The POST report of one run: `report.json`, `report.md` (a table like the paper's) and `report.png`.
+
+A run's results are a `POSTResults` (or the equivalent dict, see `POSTResults.from_dict`): accuracy of each
+method on the private task's held-out test split, the DP ledger when the student prompt was trained with DP,
+wall time and peak memory of each stage, and the transfer curve. Everything else in the report (time ratio,
+gain over zero-shot, share of the gap to full prompt tuning closed) is derived here, from those numbers only.
+
+The functions are pure (results in, text/bytes out) except `write_report`, which writes the three files
+atomically, and `track_stage`, a small helper that measures a stage for the results.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Optional, Union
+
+from .config import validate_privacy_ledger
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = 1
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+
+# Methods in the paper's row order. Accuracies are fractions in [0, 1] on the private test split.
+METHODS = ("zero_shot", "full_prompt_tuning", "student_prompt", "direct_transfer", "post")
+METHOD_LABELS = {
+    "zero_shot": "Target zero-shot",
+    "full_prompt_tuning": "Full prompt tuning on the target (upper bound)",
+    "student_prompt": "Compressed PT: student with p_s",
+    "direct_transfer": "Direct transfer: p_s pasted into the target",
+    "post": "POST: transferred p_t on the target",
+}
+METHOD_SHORT = {"zero_shot": "zero-shot", "full_prompt_tuning": "full PT", "student_prompt": "student p_s",
+                "direct_transfer": "direct", "post": "POST"}
+REQUIRED_METHODS = ("zero_shot", "student_prompt", "direct_transfer", "post")
+
+# Stage names the time ratio reads: (student tuning + transfer) / full prompt tuning of the target.
+STAGE_DISTILL, STAGE_TUNE, STAGE_TRANSFER, STAGE_EVALUATE, STAGE_FULL = (
+    "distill", "tune", "transfer", "evaluate", "full_tuning")
+
+
+@dataclass
+class StageStats:
+    """Cost of one pipeline stage."""
+
+    name: str = field(metadata={"help": "Stage name: distill, tune, transfer, evaluate, full_tuning, or another."})
+    wall_time_s: float = field(metadata={"help": "Wall-clock seconds the stage took (>= 0)."})
+    peak_memory_mb: Optional[float] = field(
+        default=None, metadata={"help": "Peak resident memory of the process during the stage, in MiB."})
+    reused: bool = field(
+        default=False,
+        metadata={"help": "True when the stage's output came from an earlier run (e.g. the cached distilled "
+                  "student); `wall_time_s` is then the original cost, if known, else 0."})
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"`StageStats.name` must be a non-empty string, got {self.name!r}.")
+        if not _finite_number(self.wall_time_s) or self.wall_time_s < 0:
+            raise ValueError(f"`wall_time_s` of stage {self.name!r} must be a finite number >= 0, got {self.wall_time_s!r}.")
+        if self.peak_memory_mb is not None and (not _finite_number(self.peak_memory_mb) or self.peak_memory_mb < 0):
+            raise ValueError(f"`peak_memory_mb` of stage {self.name!r} must be >= 0 or None, got {self.peak_memory_mb!r}.")
+
+
+@dataclass
+class CurvePoint:
+    """One point of the transfer curve: the training loss and/or accuracy on the public held-out split."""
+
+    step: int = field(metadata={"help": "Optimizer step (>= 0)."})
+    loss: Optional[float] = field(default=None, metadata={"help": "Transfer loss at this step."})
+    public_accuracy: Optional[float] = field(
+        default=None, metadata={"help": "Target accuracy with p_t on the public held-out split, in [0, 1]."})
+
+    def __post_init__(self):
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+            raise ValueError(f"`CurvePoint.step` must be an int >= 0, got {self.step!r}.")
+        if self.loss is not None and not _finite_number(self.loss):
+            raise ValueError(f"`loss` at step {self.step} must be a finite number or None, got {self.loss!r}.")
+        if self.public_accuracy is not None and not _is_fraction(self.public_accuracy):
+            raise ValueError(f"`public_accuracy` at step {self.step} must be in [0, 1], got {self.public_accuracy!r}.")
+
+
+@dataclass
+class POSTResults:
+    """The results of one POST run, the input of the report (`report.json` holds it, plus derived numbers).
+
+    ``accuracy`` maps each of `METHODS` to a fraction in [0, 1] measured on ``num_test_examples`` examples of the
+    private task's held-out test split (the split is used for this report only, never for selection);
+    ``full_prompt_tuning`` may be None (it runs only with ``--full-baseline``), the others are required.
+    """
+
+    target_model: str = field(metadata={"help": "The large model Φ_t (Hub id, local folder or embedded name)."})
+    private_dataset: str = field(metadata={"help": "The private task's dataset name."})
+    num_test_examples: int = field(metadata={"help": "Size of the private test split all accuracies are measured on."})
+    accuracy: dict = field(metadata={"help": f"Accuracy in [0, 1] per method {METHODS}; full_prompt_tuning may be None."})
+    student_model: Optional[str] = field(default=None, metadata={"help": "The distilled small model Φ_s."})
+    public_dataset: Optional[str] = field(default=None, metadata={"help": "The public transfer dataset."})
+    num_public_examples: Optional[int] = field(default=None, metadata={"help": "Public examples used by the transfer."})
+    privacy: Optional[dict] = field(
+        default=None,
+        metadata={"help": "DP ledger of p_s (epsilon, delta, accountant, noise_multiplier, max_grad_norm, "
+                  "sample_rate, steps); None when p_s was trained without DP."})
+    stages: list = field(default_factory=list, metadata={"help": "`StageStats` of each stage, in run order."})
+    transfer_curve: list = field(default_factory=list, metadata={"help": "`CurvePoint`s of the transfer, by step."})
+    transfer_alpha: Optional[float] = field(default=None, metadata={"help": "α of the POST loss used."})
+    preset: Optional[str] = field(default=None, metadata={"help": "Preset name of the run (e.g. default, quick)."})
+    seed: Optional[int] = field(default=None, metadata={"help": "Seed of the run."})
+    command: Optional[str] = field(default=None, metadata={"help": "The command line that produced the run."})
+    notes: list = field(default_factory=list, metadata={"help": "Free-text remarks printed under the table."})
+
+    def __post_init__(self):
+        if not isinstance(self.accuracy, dict):
+            raise ValueError(f"`accuracy` must be a dict keyed by {METHODS}, got {type(self.accuracy).__name__}.")
+        unknown = sorted(set(self.accuracy) - set(METHODS))
+        if unknown:
+            raise ValueError(f"`accuracy` has unknown methods {unknown}; use keys from {METHODS}.")
+        missing = [m for m in REQUIRED_METHODS if self.accuracy.get(m) is None]
+        if missing:
+            raise ValueError(f"`accuracy` is missing {missing}; a POST report needs {REQUIRED_METHODS} "
+                             "(full_prompt_tuning is optional).")
+        for m, v in self.accuracy.items():
+            if v is not None and not _is_fraction(v):
+                raise ValueError(f"`accuracy['{m}']` must be a fraction in [0, 1] (not a percentage), got {v!r}.")
+        self.accuracy = {m: (None if self.accuracy.get(m) is None else float(self.accuracy[m])) for m in METHODS}
+        if isinstance(self.num_test_examples, bool) or not isinstance(self.num_test_examples, int) \
+                or self.num_test_examples < 1:
+            raise ValueError(f"`num_test_examples` must be a positive int, got {self.num_test_examples!r}.")
+        if self.privacy is not None:
+            validate_privacy_ledger(self.privacy, "privacy")
+        if self.transfer_alpha is not None and not (_finite_number(self.transfer_alpha) and 0 <= self.transfer_alpha <= 1):
+            raise ValueError(f"`transfer_alpha` must be in [0, 1] or None, got {self.transfer_alpha!r}.")
+        self.stages = [s if isinstance(s, StageStats) else StageStats(**s) for s in self.stages]
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"`stages` names must be unique, got {names}.")
+        self.transfer_curve = sorted(
+            (p if isinstance(p, CurvePoint) else CurvePoint(**p) for p in self.transfer_curve), key=lambda p: p.step)
+        if not isinstance(self.notes, list) or not all(isinstance(n, str) for n in self.notes):
+            raise ValueError("`notes` must be a list of strings.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "POSTResults":
+        """Build from a plain dict (e.g. a loaded `report.json`); derived keys written by the report are ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"POST results must be a dict, got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        ignored = {"schema_version", "derived"}
+        unknown = sorted(set(data) - known - ignored)
+        if unknown:
+            raise ValueError(f"Unknown POST results keys {unknown}; known keys are {sorted(known)}.")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def stage(self, name: str) -> Optional[StageStats]:
+        return next((s for s in self.stages if s.name == name), None)
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_fraction(x) -> bool:
+    return _finite_number(x) and 0.0 <= x <= 1.0
+
+
+def _as_results(results: Union[POSTResults, dict]) -> POSTResults:
+    return results if isinstance(results, POSTResults) else POSTResults.from_dict(results)
+
+
+# ------------------------------------------------------------------------------------------------- derived numbers
+def derived_metrics(results: Union[POSTResults, dict]) -> dict[str, Any]:
+    """Numbers computed from the results: gains over zero-shot, gap closed, the time ratio.
+
+    - ``post_gain_over_zero_shot``: POST − zero-shot (fraction); ``post_beats_zero_shot``: that is > 0.
+    - ``gap_closed``: (POST − zero-shot) / (full PT − zero-shot), when full PT ran and beat zero-shot.
+    - ``time_ratio``: (tune + transfer wall time) / full_tuning wall time, when all three stages were timed;
+      ``speedup`` is its inverse (the paper's 6.5× for GPT2-XL).
+    - ``total_wall_time_s``: the sum over stages not reused from an earlier run.
+    """
+    r = _as_results(results)
+    acc = r.accuracy
+    out: dict[str, Any] = {
+        "post_gain_over_zero_shot": acc["post"] - acc["zero_shot"],
+        "post_beats_zero_shot": acc["post"] > acc["zero_shot"],
+        "post_gain_over_direct_transfer": acc["post"] - acc["direct_transfer"],
+        "gap_closed": None,
+        "time_ratio": None,
+        "speedup": None,
+        "total_wall_time_s": sum(s.wall_time_s for s in r.stages if not s.reused),
+    }
+    full = acc["full_prompt_tuning"]
+    if full is not None and full > acc["zero_shot"]:
+        out["gap_closed"] = (acc["post"] - acc["zero_shot"]) / (full - acc["zero_shot"])
+    tune, transfer, full_stage = r.stage(STAGE_TUNE), r.stage(STAGE_TRANSFER), r.stage(STAGE_FULL)
+    if tune and transfer and full_stage and full_stage.wall_time_s > 0:
+        out["time_ratio"] = (tune.wall_time_s + transfer.wall_time_s) / full_stage.wall_time_s
+        if out["time_ratio"] > 0:
+            out["speedup"] = 1.0 / out["time_ratio"]
+    return out
+
+
+def report_dict(results: Union[POSTResults, dict]) -> dict[str, Any]:
+    """The content of `report.json`: the results, ``derived`` numbers and ``schema_version``."""
+    r = _as_results(results)
+    return {**r.to_dict(), "derived": derived_metrics(r), "schema_version": SCHEMA_VERSION}
+
+
+# ------------------------------------------------------------------------------------------------------ markdown
+def _pct(x: Optional[float]) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def _num(x, fmt: str = "{:.1f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def render_markdown(results: Union[POSTResults, dict]) -> str:
+    """`report.md`: the accuracy table (percent, 2 decimals, of the values in `report.json`), the DP ledger,
+    the stage costs and the time ratio."""
+    r = _as_results(results)
+    d = derived_metrics(r)
+    acc = r.accuracy
+    dp = r.privacy is not None
+    lines = [
+        "# POST report",
+        "",
+        f"- target model: `{r.target_model}`",
+        f"- student model: `{r.student_model or '—'}`",
+        f"- private task: `{r.private_dataset}`, accuracy on {r.num_test_examples} held-out test examples "
+        "(used for this report only, never for selection)",
+        f"- public transfer set: `{r.public_dataset or '—'}`"
+        + (f" ({r.num_public_examples} examples)" if r.num_public_examples is not None else ""),
+        f"- training of p_s: {'DP, ε = ' + format(r.privacy['epsilon'], 'g') if dp else 'non-private'}"
+        + (f"; transfer α = {r.transfer_alpha:g}" if r.transfer_alpha is not None else ""),
+    ]
+    if r.preset:
+        lines.append(f"- preset: `{r.preset}`")
+    if r.seed is not None:
+        lines.append(f"- seed: {r.seed}")
+    lines += ["", "## Accuracy", "", "| Method | Accuracy (%) | Δ vs zero-shot (pp) |", "|---|---:|---:|"]
+    for m in METHODS:
+        if m == "full_prompt_tuning" and acc[m] is None:
+            continue
+        delta = "" if m == "zero_shot" else f"{100 * (acc[m] - acc['zero_shot']):+.2f}"
+        lines.append(f"| {METHOD_LABELS[m]} | {_pct(acc[m])} | {delta} |")
+    lines.append("")
+    verdict = "beats" if d["post_beats_zero_shot"] else "does NOT beat"
+    lines.append(f"POST {verdict} the target's zero-shot accuracy by {100 * d['post_gain_over_zero_shot']:+.2f} "
+                 "percentage points.")
+    if d["gap_closed"] is not None:
+        lines.append(f"POST closes {100 * d['gap_closed']:.1f}% of the gap between zero-shot and full prompt tuning.")
+    if dp:
+        p = r.privacy
+        lines += ["", "## Differential privacy (training of p_s)", "",
+                  "| ε | δ | accountant | σ (noise multiplier) | C (clip norm) | q (sample rate) | steps |",
+                  "|---:|---:|---|---:|---:|---:|---:|",
+                  f"| {p['epsilon']:g} | {p['delta']:.3g} | {p['accountant']} | {p['noise_multiplier']:.4g} | "
+                  f"{p['max_grad_norm']:g} | {p['sample_rate']:.4g} | {p['steps']} |"]
+    if r.stages:
+        lines += ["", "## Cost per stage", "", "| Stage | Wall time (s) | Peak memory (MiB) | Reused |",
+                  "|---|---:|---:|---|"]
+        for s in r.stages:
+            lines.append(f"| {s.name} | {s.wall_time_s:.1f} | {_num(s.peak_memory_mb, '{:.0f}')} | "
+                         f"{'yes (cached)' if s.reused else 'no'} |")
+        lines += ["", f"Total wall time of the stages run: {d['total_wall_time_s']:.1f} s "
+                      f"({d['total_wall_time_s'] / 60:.1f} min)."]
+    if d["time_ratio"] is not None:
+        lines.append(f"(student tuning + transfer) / full target prompt tuning time = {d['time_ratio']:.3f} "
+                     f"({d['speedup']:.2f}× faster).")
+    if r.transfer_curve:
+        last = r.transfer_curve[-1]
+        lines += ["", f"Transfer curve: {len(r.transfer_curve)} points up to step {last.step} (see {REPORT_PNG})."]
+    if r.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in r.notes]
+    if r.command:
+        lines += ["", "## Command", "", "```", r.command, "```"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------- plot
+def render_plot_png(results: Union[POSTResults, dict], dpi: int = 100) -> bytes:
+    """`report.png`: accuracy bars (left) and the transfer loss / public accuracy curve (right), as PNG bytes.
+
+    Uses matplotlib's Agg canvas directly, so it neither needs a display nor changes the global backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    r = _as_results(results)
+    fig = Figure(figsize=(11, 4.2), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax_bar, ax_curve = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1]})
+
+    methods = [m for m in METHODS if r.accuracy[m] is not None]
+    values = [100 * r.accuracy[m] for m in methods]
+    colors = {"zero_shot": "#9e9e9e", "full_prompt_tuning": "#4c72b0", "student_prompt": "#dd8452",
+              "direct_transfer": "#c44e52", "post": "#55a868"}
+    bars = ax_bar.bar([METHOD_SHORT[m] for m in methods], values, color=[colors[m] for m in methods])
+    for bar, v in zip(bars, values):
+        ax_bar.text(bar.get_x() + bar.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=9)
+    ax_bar.axhline(100 * r.accuracy["zero_shot"], color="#616161", linestyle="--", linewidth=1)
+    ax_bar.set_ylim(0, 105)
+    ax_bar.set_ylabel("accuracy on private test split (%)")
+    title = f"{r.private_dataset}" + (f" (DP ε={r.privacy['epsilon']:g})" if r.privacy else "")
+    ax_bar.set_title(title, fontsize=10)
+
+    losses = [(p.step, p.loss) for p in r.transfer_curve if p.loss is not None]
+    accs = [(p.step, 100 * p.public_accuracy) for p in r.transfer_curve if p.public_accuracy is not None]
+    if losses:
+        ax_curve.plot(*zip(*losses), color="#4c72b0", label="transfer loss")
+        ax_curve.set_ylabel("transfer loss", color="#4c72b0")
+    if accs:
+        ax_acc = ax_curve.twinx() if losses else ax_curve
+        ax_acc.plot(*zip(*accs), color="#55a868", marker="o", markersize=3, label="public held-out accuracy")
+        ax_acc.set_ylabel("public held-out accuracy (%)", color="#55a868")
+    if not losses and not accs:
+        ax_curve.text(0.5, 0.5, "no transfer curve recorded", ha="center", va="center", transform=ax_curve.transAxes)
+    ax_curve.set_xlabel("transfer step")
+    ax_curve.set_title("transfer", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------- files
+def write_report(results: Union[POSTResults, dict], output_dir: str, plot: bool = True) -> dict[str, str]:
+    """Validate `results` and write `report.json`, `report.md` and (with `plot`) `report.png` into `output_dir`,
+    each atomically. Everything is rendered before the first file is written, so bad input writes nothing.
+    Returns ``{"json": path, "md": path, "png": path}``."""
+    r = _as_results(results)
+    content = report_dict(r)
+    markdown = render_markdown(r)
+    png = render_plot_png(r) if plot else None
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {"json": os.path.join(output_dir, REPORT_JSON), "md": os.path.join(output_dir, REPORT_MD)}
+    atomic_write_json(paths["json"], content)
+    atomic_write_text(paths["md"], markdown)
+    if png is not None:
+        paths["png"] = os.path.join(output_dir, REPORT_PNG)
+        atomic_write_bytes(paths["png"], png)
+    return paths
+
+
+def curve_from_log_history(log_history: list[dict], accuracy_key: str = "eval_accuracy") -> list[CurvePoint]:
+    """Transfer curve from a `Trainer.state.log_history`: training ``loss`` entries and public-eval accuracy
+    entries (``accuracy_key``), merged by step."""
+    points: dict[int, dict] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        if step is None:
+            continue
+        if "loss" in entry and _finite_number(entry["loss"]):
+            points.setdefault(int(step), {})["loss"] = float(entry["loss"])
+        if accuracy_key in entry:
+            points.setdefault(int(step), {})["public_accuracy"] = float(entry[accuracy_key])
+    return [CurvePoint(step=s, **v) for s, v in sorted(points.items())]
+
+
+# ------------------------------------------------------------------------------------------------ stage measuring
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _reset_peak_rss() -> bool:
+    # Linux resets the high-water mark VmHWM when "5" is written to clear_refs; elsewhere the peak stays
+    # process-wide (the peak since start), which is still an upper bound of the stage's.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def track_stage(name: str, stages: list) -> Iterator[None]:
+    """Time the block and record its peak resident memory as a `StageStats` appended to `stages`.
+
+    On Linux the peak is that of the block (the process high-water mark is reset on entry); elsewhere it is the
+    process peak so far. A stage that raises appends nothing.
+    """
+    _reset_peak_rss()
+    start = time.perf_counter()
+    yield  # a stage that raises is not recorded: it did not finish
+    stages.append(StageStats(name=name, wall_time_s=time.perf_counter() - start, peak_memory_mb=round(_peak_rss_mb(), 1)))

@@ -1,0 +1,189 @@
+"""The POST report: schema validation, derived numbers by formula, files written atomically and consistent."""
+
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from peft_post import report as R
+
+LEDGER = {"epsilon": 8.0, "delta": 1e-4, "accountant": "prv", "noise_multiplier": 0.731, "max_grad_norm": 1.0,
+          "sample_rate": 0.0136, "steps": 300}
+
+
+def results(**overrides):
+    base = {
+        "target_model": "embedded:smollm2-135m-instruct",
+        "student_model": "runs/x/student",
+        "private_dataset": "embedded:rotten_tomatoes",
+        "public_dataset": "embedded:vader_amazon",
+        "num_public_examples": 128,
+        "num_test_examples": 1000,
+        "accuracy": {"zero_shot": 0.773, "full_prompt_tuning": 0.844, "student_prompt": 0.699,
+                     "direct_transfer": 0.628, "post": 0.805},
+        "privacy": dict(LEDGER),
+        "stages": [
+            {"name": "distill", "wall_time_s": 700.0, "peak_memory_mb": 2900.0, "reused": True},
+            {"name": "tune", "wall_time_s": 120.0, "peak_memory_mb": 1300.0},
+            {"name": "transfer", "wall_time_s": 240.0, "peak_memory_mb": 2600.0},
+            {"name": "evaluate", "wall_time_s": 90.0, "peak_memory_mb": 1500.0},
+            {"name": "full_tuning", "wall_time_s": 540.0, "peak_memory_mb": 2800.0},
+        ],
+        "transfer_curve": [{"step": s, "loss": 3.0 / (1 + s / 50), "public_accuracy": (0.6 + s / 2000 if s % 100 == 0
+                                                                                         else None)}
+                           for s in range(0, 301, 25)],
+        "transfer_alpha": 0.4,
+        "preset": "default",
+        "seed": 0,
+        "command": "peft-post run",
+        "notes": ["measured on 2 CPU cores"],
+    }
+    base.update(overrides)
+    return base
+
+
+def test_derived_numbers_by_formula():
+    d = R.derived_metrics(results())
+    assert d["post_gain_over_zero_shot"] == pytest.approx(0.805 - 0.773)
+    assert d["post_beats_zero_shot"] is True
+    assert d["post_gain_over_direct_transfer"] == pytest.approx(0.805 - 0.628)
+    assert d["gap_closed"] == pytest.approx((0.805 - 0.773) / (0.844 - 0.773))
+    assert d["time_ratio"] == pytest.approx((120 + 240) / 540)
+    assert d["speedup"] == pytest.approx(540 / 360)
+    assert d["total_wall_time_s"] == pytest.approx(120 + 240 + 90 + 540)  # the reused distillation is not counted
+
+
+def test_without_full_baseline_no_ratio_and_no_row():
+    acc = dict(results()["accuracy"], full_prompt_tuning=None)
+    stages = [s for s in results()["stages"] if s["name"] != "full_tuning"]
+    r = results(accuracy=acc, stages=stages, privacy=None, notes=["quick preset: accuracy goal not checked"])
+    d = R.derived_metrics(r)
+    assert d["time_ratio"] is None and d["speedup"] is None and d["gap_closed"] is None
+    md = R.render_markdown(r)
+    assert "upper bound" not in md and "Differential privacy" not in md and "faster" not in md
+    assert "non-private" in md and "quick preset: accuracy goal not checked" in md
+
+
+def test_post_below_zero_shot_is_reported_as_such():
+    acc = dict(results()["accuracy"], post=0.70)
+    md = R.render_markdown(results(accuracy=acc))
+    assert "POST does NOT beat the target's zero-shot accuracy by -7.30 percentage points." in md
+    assert R.derived_metrics(results(accuracy=acc))["post_beats_zero_shot"] is False
+
+
+def _md_table(md: str, header_start: str) -> list[list[str]]:
+    lines = md.splitlines()
+    i = next(k for k, l in enumerate(lines) if l.startswith(header_start))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def _png_size(data: bytes):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, size, chunks = 8, None, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, kind
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[:8])
+        chunks.append(kind)
+        pos += 12 + length
+    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND" and b"IDAT" in chunks
+    return size
+
+
+def test_write_report_files_consistent(tmp_path):
+    paths = R.write_report(results(), str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path / "run")) == ["report.json", "report.md", "report.png"]  # no temp files left
+    data = json.loads(open(paths["json"]).read())
+    assert data["schema_version"] == R.SCHEMA_VERSION
+    assert R.POSTResults.from_dict(data).to_dict() == R.POSTResults.from_dict(results()).to_dict()  # round trip
+    md = open(paths["md"]).read()
+
+    acc_rows = _md_table(md, "| Method |")
+    by_label = {row[0]: row for row in acc_rows}
+    assert [row[0] for row in acc_rows] == [R.METHOD_LABELS[m] for m in R.METHODS]
+    for m in R.METHODS:
+        row = by_label[R.METHOD_LABELS[m]]
+        assert float(row[1]) == round(100 * data["accuracy"][m], 2)
+        if m != "zero_shot":
+            assert float(row[2]) == round(100 * (data["accuracy"][m] - data["accuracy"]["zero_shot"]), 2)
+
+    (dp_row,) = _md_table(md, "| ε |")
+    assert float(dp_row[0]) == data["privacy"]["epsilon"] and float(dp_row[1]) == data["privacy"]["delta"]
+    assert dp_row[2] == data["privacy"]["accountant"] and int(dp_row[6]) == data["privacy"]["steps"]
+    assert float(dp_row[3]) == pytest.approx(data["privacy"]["noise_multiplier"], rel=1e-3)
+    assert float(dp_row[5]) == pytest.approx(data["privacy"]["sample_rate"], rel=1e-3)
+
+    stage_rows = _md_table(md, "| Stage |")
+    assert [r[0] for r in stage_rows] == [s["name"] for s in data["stages"]]
+    for row, s in zip(stage_rows, data["stages"]):
+        assert float(row[1]) == round(s["wall_time_s"], 1) and float(row[2]) == round(s["peak_memory_mb"])
+        assert row[3] == ("yes (cached)" if s["reused"] else "no")
+    assert f"= {data['derived']['time_ratio']:.3f}" in md
+
+    width, height = _png_size(open(paths["png"], "rb").read())
+    assert (width, height) == (1100, 420)
+
+
+def test_png_is_drawn(tmp_path):
+    """The plot has content: accuracy bars differ from a blank canvas (decoded with matplotlib)."""
+    import matplotlib.image as mpimg
+
+    paths = R.write_report(results(transfer_curve=[]), str(tmp_path))
+    img = mpimg.imread(paths["png"])
+    assert img.shape[:2] == (420, 1100)
+    assert float(np.std(img[..., :3])) > 0.05
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"accuracy": {"zero_shot": 77.3, "student_prompt": 0.7, "direct_transfer": 0.6, "post": 0.8}}, "not a percentage"),
+    ({"accuracy": {"zero_shot": 0.7, "student_prompt": 0.7, "post": 0.8}}, "missing \\['direct_transfer'\\]"),
+    ({"accuracy": {"zero_shot": 0.7, "student_prompt": 0.7, "direct_transfer": 0.6, "post": 0.8, "lora": 0.9}},
+     "unknown methods \\['lora'\\]"),
+    ({"privacy": {"epsilon": 8.0}}, "missing"),
+    ({"num_test_examples": 0}, "num_test_examples"),
+    ({"stages": [{"name": "tune", "wall_time_s": -1}]}, "wall_time_s"),
+    ({"stages": [{"name": "tune", "wall_time_s": 1}, {"name": "tune", "wall_time_s": 2}]}, "unique"),
+    ({"transfer_curve": [{"step": 1, "public_accuracy": 80.0}]}, "public_accuracy"),
+    ({"surprise": 1}, "Unknown POST results keys \\['surprise'\\]"),
+])
+def test_bad_results_raise_before_writing(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        R.write_report(results(**bad), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_curve_from_log_history():
+    history = [{"loss": 2.0, "step": 10}, {"eval_accuracy": 0.7, "step": 10}, {"loss": 1.5, "step": 20},
+               {"train_runtime": 3.0, "step": 20}, {"eval_accuracy": 0.75, "step": 30}]
+    curve = R.curve_from_log_history(history)
+    assert [(p.step, p.loss, p.public_accuracy) for p in curve] == [(10, 2.0, 0.7), (20, 1.5, None), (30, None, 0.75)]
+
+
+def test_track_stage_measures_time_and_peak_memory():
+    if not R._reset_peak_rss():
+        pytest.skip("the peak-memory high-water mark cannot be reset on this platform")
+    stages = []
+    with R.track_stage("small", stages):
+        pass
+    with R.track_stage("big", stages):
+        block = np.ones(40_000_000)  # 305 MiB
+        block[::4096] = 2.0
+        del block
+    small, big = stages
+    assert small.name == "small" and big.name == "big"
+    assert big.peak_memory_mb - small.peak_memory_mb > 250
+    with pytest.raises(RuntimeError):
+        with R.track_stage("failed", stages):
+            raise RuntimeError("boom")
+    assert [s.name for s in stages] == ["small", "big"]
