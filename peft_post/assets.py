@@ -354,10 +354,35 @@ def load_rotten_tomatoes(seed: int = 0, test_size: Union[int, float] = DEFAULT_T
         raise ValueError(f"`test_size` must be a positive count or a fraction in (0, 1), got {test_size!r}.")
     if isinstance(test_size, float) and test_size >= 1:
         raise ValueError(f"`test_size` as a fraction must be < 1, got {test_size!r}; pass an int for a count.")
+    from datasets import DatasetDict
+
     ds = Dataset.from_list(_rotten_tomatoes_rows(cache_dir), features=_sentiment_features())
-    if isinstance(test_size, int) and test_size >= len(ds):
-        raise ValueError(f"`test_size` ({test_size}) must be smaller than the {len(ds)} examples.")
-    return ds.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+    n_test = test_size if isinstance(test_size, int) else int(round(test_size * len(ds)))
+    if not 0 < n_test < len(ds):
+        raise ValueError(f"`test_size` ({test_size}) must leave between 1 and {len(ds) - 1} of the {len(ds)} "
+                         "examples in the test split.")
+    train_idx, test_idx = stratified_split(list(ds["label"]), n_test, seed)
+    return DatasetDict({"train": ds.select(train_idx), "test": ds.select(test_idx)})
+
+
+def stratified_split(labels: list, n_test: int, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, test) with `n_test` test examples, each class in proportion (largest remainders), both
+    lists shuffled, fixed by `seed`. (`Dataset.train_test_split(stratify_by_column=...)` gives the same kind of
+    split but takes ~4 s on 12.7k rows.)"""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n_test / len(labels)
+    take = np.floor(exact).astype(int)
+    take[np.argsort(-(exact - take), kind="stable")[: n_test - int(take.sum())]] += 1
+    train, test = [], []
+    for c, k in zip(classes, take):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return rng.permutation(train).tolist(), rng.permutation(test).tolist()
 
 
 def _vader_rows(name: str, cache_dir: Optional[str] = None) -> list[tuple[float, str]]:

@@ -192,12 +192,13 @@ def test_load_rotten_tomatoes_split(fake_data):
     assert len(train) + len(test) == 51
     assert not {A.normalize_text(t) for t in train} & {A.normalize_text(t) for t in test}
     assert "Split decision." not in train + test
-    assert sum(a["test"]["label"]) == 6  # stratified: 31 of 51 fresh -> 6 of 10
+    assert sum(a["test"]["label"]) == 6  # stratified: 31 of 51 fresh -> 6.08 of 10, 20 rotten -> 3.92: 6 + 4
+    assert len(A.load_rotten_tomatoes(test_size=0.2)["test"]) == 10
     labels = dict(zip(train + test, list(a["train"]["label"]) + list(a["test"]["label"])))
     assert labels["A good film number 3."] == 1 and labels["A bad film number 3."] == 0
     with pytest.raises(ValueError, match="test_size"):
         A.load_rotten_tomatoes(test_size=0)
-    with pytest.raises(ValueError, match="smaller than"):
+    with pytest.raises(ValueError, match="must leave between 1 and 50"):
         A.load_rotten_tomatoes(test_size=51)
 
 
