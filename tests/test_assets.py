@@ -229,6 +229,8 @@ def test_load_text_dataset_sources(fake_data, tmp_path, monkeypatch):
     rt = A.load_text_dataset("embedded:rotten_tomatoes", test_size=10)
     assert set(rt) == {"train", "test"}
     assert len(A.load_text_dataset("embedded:vader_amazon", split="train")) == 2
+    # embedded public sets never hold a sentence of the embedded private task
+    assert list(A.load_text_dataset("embedded:vader_movie", split="train")["text"]) == ["Dull as dishwater."]
     with pytest.raises(ValueError, match="Unknown embedded dataset"):
         A.load_text_dataset("embedded:imdb")
     with pytest.raises(ValueError, match="no split 'validation'.*\\['train'\\]"):
