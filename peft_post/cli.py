@@ -1,0 +1,124 @@
+"""`peft-post`: the POST pipeline from the command line. It parses arguments and calls the library, nothing else.
+
+    peft-post run                     # every stage on the embedded default (SmolLM2 + Rotten Tomatoes), DP ε=8
+    peft-post run --preset quick      # a first look in a few minutes
+    peft-post run --config run.yaml --dp false
+    peft-post tune --run_dir runs/post  # one stage; earlier stages must be done
+    peft-post push --adapter runs/post/transferred_prompt --repo_id me/my-prompt --base_model org/model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import HfArgumentParser
+
+from .pipeline import STAGES, PipelineConfig, run_pipeline
+
+COMMANDS = ("run",) + STAGES + ("push",)
+HELP = {
+    "run": "Run every stage in order (skipping finished ones) and write the report.",
+    "distill": "Stage 1 (provider): distil the student from the target, cached for later runs.",
+    "tune": "Stage 2 (user): tune p_s on the student with the private training split (--dp for DP).",
+    "transfer": "Stage 3 (provider): transfer p_s to the target with public data only.",
+    "full_tuning": "Baseline: tune a prompt directly on the target (needs --full_baseline).",
+    "evaluate": "Score every method on the private test split and write report.json/md/png.",
+    "push": "Upload a transferred prompt with an honest model card to the Hub.",
+}
+
+
+@dataclass
+class PushArguments:
+    adapter: str = field(metadata={"help": "Folder of the prompt to upload (e.g. runs/post/transferred_prompt)."})
+    repo_id: str = field(metadata={"help": "Hub repo to create or update, e.g. 'me/post-sst2-prompt'."})
+    base_model: Optional[str] = field(
+        default=None, metadata={"help": "Hub id of the base model, when the adapter was built on a local folder."}
+    )
+    report: Optional[str] = field(
+        default=None, metadata={"help": "report.json of the run, to put its evaluation table in the card."}
+    )
+    private: bool = field(default=True, metadata={"help": "Create the repo private (default)."})
+    token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+
+
+def _parse(dataclass_type, argv: list[str], prog: str):
+    parser = HfArgumentParser(dataclass_type, prog=prog, description=HELP.get(prog.split()[-1]))
+    parser.add_argument("--config", default=None, help="YAML or JSON file of arguments; flags override it.")
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            parser.error("--config needs a file path.")
+        config_path, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    if config_path is not None:
+        if not os.path.isfile(config_path):
+            parser.error(f"--config file {config_path!r} does not exist.")
+        with open(config_path, encoding="utf-8") as f:
+            if config_path.endswith((".yaml", ".yml")):
+                import yaml
+
+                values = yaml.safe_load(f) or {}
+            else:
+                values = json.load(f)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"--config {config_path} has unknown keys {unknown}.")
+        parser.set_defaults(**values)
+        for action in parser._actions:  # a required field given by the file is no longer required on the CLI
+            if action.dest in values:
+                action.required = False
+    (parsed,) = parser.parse_args_into_dataclasses(args=argv, args_filename=None, look_for_args_file=False)[:1]
+    return parsed
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: peft-post {" + ",".join(COMMANDS) + "} [--help] [--config FILE] [flags]\n")
+        for name in COMMANDS:
+            print(f"  {name:<12} {HELP[name]}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"peft-post: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    prog = f"peft-post {command}"
+    try:
+        if command == "push":
+            return _push(_parse(PushArguments, rest, prog))
+        cfg = _parse(PipelineConfig, rest, prog)
+        results = run_pipeline(cfg, only=None if command == "run" else command,
+                               command=" ".join(["peft-post", command, *map(shlex.quote, rest)]))
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    if results is not None:
+        with open(os.path.join(cfg.run_dir, "report.md"), encoding="utf-8") as f:
+            print(f.read())
+    return 0
+
+
+def _push(args: PushArguments) -> int:
+    from .hub import load_transferred_prompt, push_transferred_prompt
+    from .config import POSTConfig
+
+    evaluation = None
+    if args.report is not None:
+        with open(args.report, encoding="utf-8") as f:
+            evaluation = {k: v for k, v in json.load(f)["accuracy"].items() if v is not None}
+    base = args.base_model or POSTConfig.from_pretrained(args.adapter).base_model_name_or_path
+    model = load_transferred_prompt(base, args.adapter)
+    info = push_transferred_prompt(model, args.repo_id, private=args.private, token=args.token,
+                                   evaluation=evaluation, base_model=args.base_model)
+    print(f"pushed {args.adapter} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

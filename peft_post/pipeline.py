@@ -1,0 +1,509 @@
+"""The whole POST pipeline: distil (provider, cached), tune (user, optionally DP), transfer (provider), evaluate.
+
+Each stage writes one folder under the run directory and finishes by writing ``stage.json`` into it atomically; a
+stage whose folder holds ``stage.json`` is skipped on the next run, and an interrupted stage resumes from its last
+Trainer checkpoint. The distilled student is the provider's one-time cost: it lives in the shared cache
+(``$PEFT_POST_CACHE/students/<key>``), keyed by everything that determines it, and is reused by later runs.
+
+Data flow respects the actors: the tuning stage is the only one that reads the private training split; the
+transfer stage reads the source prompt and public data only; the private test split is read once, by the final
+evaluation, and nothing is ever selected on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .config import POSTConfig
+from .io import atomic_write_json
+
+STAGE_FILE = "stage.json"
+PRESETS: dict[str, dict[str, Any]] = {
+    # Chosen by measurement on 2 CPU cores with SmolLM2-135M-Instruct; see docs/pipeline.md for the figures.
+    "default": dict(
+        student_layers="0,1,2,3,26,27,28,29", distill_max_steps=300, distill_learning_rate=1e-3,
+        max_train_examples=2000, max_test_examples=1000, tune_max_steps=300, tune_learning_rate=3e-2,
+        num_public_examples=256, num_public_eval_examples=128, transfer_max_steps=300, transfer_learning_rate=1e-2,
+        num_virtual_tokens=20,
+    ),
+    "quick": dict(
+        student_layers="0,1,28,29", distill_max_steps=20, distill_learning_rate=1e-3,
+        max_train_examples=256, max_test_examples=200, tune_max_steps=20, tune_learning_rate=3e-2,
+        num_public_examples=64, num_public_eval_examples=64, transfer_max_steps=20, transfer_learning_rate=1e-2,
+        num_virtual_tokens=10,
+    ),
+}
+
+
+@dataclass
+class PipelineConfig:
+    """Arguments of `peft-post run` (and of each stage subcommand). Fields left None take the preset's value."""
+
+    run_dir: str = field(default="runs/post", metadata={"help": "Folder of this run: one sub-folder per stage."})
+    preset: str = field(
+        default="default",
+        metadata={"help": f"Settings for fields left unset: one of {sorted(PRESETS)} ('quick' is a first look that "
+                  "may not beat zero-shot; its report says so)."},
+    )
+    target_model: str = field(
+        default="embedded:smollm2-135m-instruct",
+        metadata={"help": "The large model Φ_t: 'embedded:smollm2-135m-instruct', a Hub id or a local folder."},
+    )
+    student_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "A ready small model Φ_s (Hub id or folder). None distils one from the target (cached)."},
+    )
+    student_layers: Optional[str] = field(
+        default=None, metadata={"help": "Comma-separated target layers the student keeps, e.g. '0,1,-2,-1'."}
+    )
+    distill_dataset: str = field(
+        default="embedded:distillation_text",
+        metadata={"help": "Public text for distillation (never the private task): embedded name, file or Hub id."},
+    )
+    distill_max_steps: Optional[int] = field(default=None, metadata={"help": "Distillation optimizer steps."})
+    distill_learning_rate: Optional[float] = field(default=None, metadata={"help": "Distillation learning rate."})
+    distill_batch_size: int = field(default=16, metadata={"help": "Distillation blocks per step."})
+    distill_block_size: int = field(default=64, metadata={"help": "Tokens per distillation block."})
+    private_dataset: str = field(
+        default="embedded:rotten_tomatoes",
+        metadata={"help": "The user's private task: embedded name, local CSV/JSON or Hub id, with train/test splits."},
+    )
+    private_train_split: str = field(default="train", metadata={"help": "Split the prompt is tuned on."})
+    private_test_split: str = field(default="test", metadata={"help": "Split the report scores (never selects on)."})
+    max_train_examples: Optional[int] = field(default=None, metadata={"help": "Cap on private training examples."})
+    max_test_examples: Optional[int] = field(default=None, metadata={"help": "Cap on private test examples scored."})
+    public_dataset: str = field(
+        default="embedded:vader_tweets",
+        metadata={"help": "Public transfer data with labels (labels only score the public held-out part)."},
+    )
+    public_split: str = field(default="train", metadata={"help": "Split of the public dataset."})
+    num_public_examples: Optional[int] = field(default=None, metadata={"help": "Public examples the transfer trains on."})
+    num_public_eval_examples: Optional[int] = field(
+        default=None, metadata={"help": "Public held-out examples: α heuristic and transfer accuracy curve."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Text column of every dataset."})
+    label_column: str = field(default="label", metadata={"help": "Label column of the labelled datasets."})
+    template: str = field(default="Review: {text}\nSentiment:", metadata={"help": "Task template (see POSTConfig)."})
+    label_words: str = field(
+        default="negative|positive",
+        metadata={"help": "Label words: classes separated by '|', synonyms by ',' (e.g. 'bad,awful|good,great')."},
+    )
+    num_virtual_tokens: Optional[int] = field(default=None, metadata={"help": "Soft prompt length n."})
+    prompt_init_text: str = field(
+        default="Predict if sentiment of this review is positive or negative",
+        metadata={"help": "Text both p_s and p_t are initialised from (the paper's choice)."},
+    )
+    tune_max_steps: Optional[int] = field(default=None, metadata={"help": "Prompt-tuning optimizer steps."})
+    tune_learning_rate: Optional[float] = field(default=None, metadata={"help": "Prompt-tuning Adam learning rate."})
+    tune_batch_size: int = field(default=16, metadata={"help": "Prompt-tuning (expected, under DP) batch size."})
+    dp: bool = field(default=True, metadata={"help": "Tune p_s with differential privacy (DP-SGD on the prompt)."})
+    target_epsilon: float = field(default=8.0, metadata={"help": "DP budget ε (the paper uses 8)."})
+    target_delta: Optional[float] = field(default=None, metadata={"help": "DP δ; None = 1/N."})
+    dp_max_grad_norm: float = field(default=1.0, metadata={"help": "DP per-example clipping bound C."})
+    accountant: str = field(default="prv", metadata={"help": "Opacus accountant: 'prv' or 'rdp'."})
+    transfer_max_steps: Optional[int] = field(default=None, metadata={"help": "Fixed number of transfer steps."})
+    transfer_learning_rate: Optional[float] = field(default=None, metadata={"help": "Transfer Adam learning rate."})
+    transfer_batch_size: int = field(default=16, metadata={"help": "Public examples per transfer step."})
+    alpha: Optional[float] = field(
+        default=None,
+        metadata={"help": "POST α in [0, 1]; None picks it with the paper's heuristic on the PUBLIC held-out split."},
+    )
+    temperature: float = field(default=2.0, metadata={"help": "Transfer temperature T."})
+    full_baseline: bool = field(
+        default=False, metadata={"help": "Also tune a prompt directly on the target: the upper bound and cost baseline."}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "Batch size of every evaluation."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every this many steps (resume after a stop)."})
+    seed: int = field(default=0, metadata={"help": "Seed of every stage and of the data splits."})
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {self.preset!r}.")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ("distill_max_steps", "tune_max_steps", "transfer_max_steps", "num_virtual_tokens",
+                     "max_train_examples", "max_test_examples", "num_public_examples", "num_public_eval_examples",
+                     "distill_batch_size", "distill_block_size", "tune_batch_size", "transfer_batch_size",
+                     "eval_batch_size", "save_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        for name in ("distill_learning_rate", "tune_learning_rate", "transfer_learning_rate", "temperature",
+                     "target_epsilon", "dp_max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise ValueError(f"`alpha` must be in [0, 1] or None (heuristic), got {self.alpha!r}.")
+        if self.target_delta is not None and not 0 < self.target_delta < 1:
+            raise ValueError(f"`target_delta` must be in (0, 1) or None (1/N), got {self.target_delta!r}.")
+        if self.accountant not in ("prv", "rdp"):
+            raise ValueError(f"`accountant` must be 'prv' or 'rdp', got {self.accountant!r}.")
+        if self.student_model is None:
+            self.keep_layers()  # validates the layer list before any work
+        self.post_config()  # validates template and label words
+
+    def keep_layers(self) -> list[int]:
+        try:
+            layers = [int(x) for x in str(self.student_layers).split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"`student_layers` must be comma-separated ints, got {self.student_layers!r}.") from None
+        if not layers:
+            raise ValueError("`student_layers` is empty; list the target layers the student keeps.")
+        return layers
+
+    def label_word_lists(self) -> list[list[str]]:
+        return [[w.strip() for w in cls.split(",") if w.strip()] for cls in self.label_words.split("|")]
+
+    def post_config(self, tokenizer_path: Optional[str] = None, **overrides) -> POSTConfig:
+        masked = "{mask}" in self.template
+        init = dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=self.prompt_init_text,
+                    tokenizer_name_or_path=tokenizer_path) if tokenizer_path else {}
+        return POSTConfig(
+            task_type="FEATURE_EXTRACTION" if masked else "CAUSAL_LM",
+            num_virtual_tokens=self.num_virtual_tokens,
+            template=self.template,
+            label_words=self.label_word_lists(),
+            **init,
+            **overrides,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ stage plumbing
+def stage_done(folder: str) -> Optional[dict]:
+    """The stage record of a finished stage folder, or None."""
+    path = os.path.join(folder, STAGE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _finish_stage(partial: str, final: str, record: dict) -> dict:
+    """Publish a stage: write its record into the partial folder, then rename it into place (atomic)."""
+    atomic_write_json(os.path.join(partial, STAGE_FILE), record)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return record
+
+
+def _last_checkpoint(folder: str) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+
+
+def _load_lm(path: str, masked: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cls = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _subset(dataset, n: Optional[int], seed: int):
+    if n is None or len(dataset) <= n:
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(n))
+
+
+def _trainer_args(cls, output_dir: str, cfg: PipelineConfig, **kwargs):
+    return cls(
+        output_dir=output_dir, seed=cfg.seed, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
+        logging_steps=10, report_to="none", disable_tqdm=False, use_cpu=not torch.cuda.is_available(),
+        per_device_eval_batch_size=cfg.eval_batch_size, **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
+    """Everything that determines the distilled student, hashed: same key, same student."""
+    spec = {
+        "target": os.path.abspath(target_path) if os.path.isdir(target_path) else target_path,
+        "layers": cfg.keep_layers(), "data": cfg.distill_dataset, "steps": cfg.distill_max_steps,
+        "lr": cfg.distill_learning_rate, "batch": cfg.distill_batch_size, "block": cfg.distill_block_size,
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[str, dict]:
+    """Distil (or reuse) the student; returns its folder and its stage record."""
+    from .assets import cache_dir, load_text_dataset
+    from .distill import DistillationConfig, DistillationTrainer, make_student
+
+    final = os.path.join(cache_dir(), "students", student_cache_key(cfg, target_path))
+    record = stage_done(final)
+    if record is not None:
+        return final, {**record, "reused": True}
+    partial = final + ".partial"
+    os.makedirs(partial, exist_ok=True)
+    start = time.perf_counter()
+    teacher = _load_lm(target_path, masked)
+    tokenizer = _load_tokenizer(target_path)
+    student = make_student(teacher, cfg.keep_layers())
+    text = load_text_dataset(cfg.distill_dataset, split="train")
+    args = _trainer_args(
+        DistillationConfig, os.path.join(partial, "checkpoints"), cfg, max_steps=cfg.distill_max_steps,
+        learning_rate=cfg.distill_learning_rate, per_device_train_batch_size=cfg.distill_batch_size,
+        block_size=cfg.distill_block_size, dataset_text_field=cfg.text_column,
+    )
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=text, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
+    student.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    record = {"stage": "distill", "teacher": target_path, "keep_layers": cfg.keep_layers(),
+              "steps": trainer.state.global_step, "wall_time_s": time.perf_counter() - start,
+              "log_history": trainer.state.log_history}
+    return final, _finish_stage(partial, final, record)
+
+
+def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, stage: str, dp: bool) -> dict:
+    """Tune a prompt on `model_path` with the private training split (the user's stage). Returns the record."""
+    from peft import get_peft_model
+
+    from .assets import load_text_dataset
+    from .tuning import DPConfig, DPPromptTrainer, PromptTrainer, PromptTrainingConfig
+
+    record = stage_done(folder)
+    if record is not None:
+        return {**record, "reused": True}
+    partial = folder + ".partial"
+    start = time.perf_counter()
+    train = _subset(load_text_dataset(cfg.private_dataset, split=cfg.private_train_split), cfg.max_train_examples,
+                    cfg.seed)
+    tokenizer = _load_tokenizer(model_path)
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(_load_lm(model_path, masked), cfg.post_config(model_path))
+    args = _trainer_args(
+        PromptTrainingConfig, os.path.join(partial, "checkpoints"), cfg, max_steps=cfg.tune_max_steps,
+        learning_rate=cfg.tune_learning_rate, per_device_train_batch_size=cfg.tune_batch_size,
+        text_column=cfg.text_column, label_column=cfg.label_column,
+    )
+    common = dict(train_dataset=train, processing_class=tokenizer)
+    if dp:
+        dp_config = DPConfig(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
+                             max_grad_norm=cfg.dp_max_grad_norm, accountant=cfg.accountant)
+        trainer = DPPromptTrainer(model, args, dp_config=dp_config, **common)
+    else:
+        trainer = PromptTrainer(model, args, **common)
+    trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
+    trainer.save_model(partial)
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    record = {"stage": stage, "model": model_path, "steps": trainer.state.global_step, "num_train_examples": len(train),
+              "privacy": trainer.privacy_report() if dp else None, "wall_time_s": time.perf_counter() - start,
+              "log_history": trainer.state.log_history}
+    return _finish_stage(partial, folder, record)
+
+
+def _public_splits(cfg: PipelineConfig):
+    from .assets import load_text_dataset
+
+    public = load_text_dataset(cfg.public_dataset, split=cfg.public_split).shuffle(seed=cfg.seed)
+    n_train, n_eval = cfg.num_public_examples, cfg.num_public_eval_examples
+    if len(public) < n_train + n_eval:
+        raise ValueError(f"The public dataset has {len(public)} examples, fewer than num_public_examples + "
+                         f"num_public_eval_examples = {n_train + n_eval}; lower them.")
+    return public.select(range(n_train)), public.select(range(n_train, n_train + n_eval))
+
+
+def _load_prompted(model_path: str, adapter: str, masked: bool):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_load_lm(model_path, masked), adapter, config=POSTConfig.from_pretrained(adapter))
+
+
+def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, source_prompt: str, masked: bool,
+                   folder: str) -> dict:
+    """Transfer p_s to the target with public data only (the provider's stage). Returns the record."""
+    from peft import get_peft_model
+
+    from .evaluation import evaluate_prompt
+    from .transfer import TransferConfig, TransferTrainer, suggest_alpha
+
+    record = stage_done(folder)
+    if record is not None:
+        return {**record, "reused": True}
+    partial = folder + ".partial"
+    start = time.perf_counter()
+    public_train, public_eval = _public_splits(cfg)
+    tokenizer = _load_tokenizer(target_path)
+    source = _load_prompted(student_path, source_prompt, masked)
+    task = source.active_peft_config
+    alpha, alpha_inputs = cfg.alpha, None
+    if alpha is None:
+        # The heuristic's accuracies come from PUBLIC labelled data: the provider holds no private data.
+        zs = evaluate_prompt(_load_lm(target_path, masked), tokenizer, public_eval, task, text_column=cfg.text_column,
+                             label_column=cfg.label_column, batch_size=cfg.eval_batch_size, desc="alpha: zero-shot")
+        src = evaluate_prompt(source, tokenizer, public_eval, task, text_column=cfg.text_column,
+                              label_column=cfg.label_column, batch_size=cfg.eval_batch_size, desc="alpha: source")
+        alpha = suggest_alpha(zs["accuracy"], src["accuracy"], task.num_classes)
+        alpha_inputs = {"public_zero_shot": zs["accuracy"], "public_source": src["accuracy"]}
+    torch.manual_seed(cfg.seed)
+    target = get_peft_model(_load_lm(target_path, masked), cfg.post_config(target_path))
+    args = _trainer_args(
+        TransferConfig, os.path.join(partial, "checkpoints"), cfg, max_steps=cfg.transfer_max_steps,
+        learning_rate=cfg.transfer_learning_rate, per_device_train_batch_size=cfg.transfer_batch_size,
+        alpha=alpha, temperature=cfg.temperature, text_column=cfg.text_column, label_column=cfg.label_column,
+        public_dataset_name=cfg.public_dataset, eval_strategy="steps",
+        eval_steps=max(cfg.transfer_max_steps // 5, 1),
+    )
+    trainer = TransferTrainer(target, source, args, public_dataset=public_train, public_eval_dataset=public_eval,
+                              processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
+    trainer.save_model(partial)
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    record = {"stage": "transfer", "alpha": alpha, "alpha_inputs": alpha_inputs, "steps": trainer.state.global_step,
+              "num_public_examples": len(public_train), "wall_time_s": time.perf_counter() - start,
+              "log_history": trainer.state.log_history}
+    return _finish_stage(partial, folder, record)
+
+
+def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, folders: dict, masked: bool) -> dict:
+    """Accuracy of every method on the private test split: scored once, used for nothing but the report."""
+    from .assets import load_text_dataset
+    from .evaluation import evaluate_prompt
+    from .transfer import direct_transfer
+
+    test = _subset(load_text_dataset(cfg.private_dataset, split=cfg.private_test_split), cfg.max_test_examples, cfg.seed)
+    tokenizer = _load_tokenizer(target_path)
+    task = cfg.post_config()
+    kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, batch_size=cfg.eval_batch_size)
+    target = _load_lm(target_path, masked)
+    results = {"zero_shot": evaluate_prompt(target, tokenizer, test, task, desc="zero-shot", **kw)}
+    source = _load_prompted(student_path, folders["tune"], masked)
+    results["student_prompt"] = evaluate_prompt(source, tokenizer, test, task, desc="student p_s", **kw)
+    direct = direct_transfer(source, target)
+    results["direct_transfer"] = evaluate_prompt(direct, tokenizer, test, task, desc="direct transfer", **kw)
+    results["post"] = evaluate_prompt(_load_prompted(target_path, folders["transfer"], masked), tokenizer, test, task,
+                                      desc="POST", **kw)
+    if "full_tuning" in folders:
+        results["full_prompt_tuning"] = evaluate_prompt(_load_prompted(target_path, folders["full_tuning"], masked),
+                                                        tokenizer, test, task, desc="full PT", **kw)
+    return {"num_test_examples": len(test), "results": results}
+
+
+STAGES = ("distill", "tune", "transfer", "full_tuning", "evaluate")
+
+
+class StageMissing(ValueError):
+    """A stage subcommand needs an earlier stage's output that is not there yet."""
+
+
+def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optional[str] = None):
+    """Run the stages in order, skipping finished ones, then write the report; returns the `POSTResults`.
+
+    ``only`` runs a single stage (the `peft-post <stage>` subcommands): earlier stages must already be done.
+    """
+    from .assets import resolve_model
+    from .report import POSTResults, StageStats, curve_from_log_history, track_stage, write_report
+
+    if only is not None and only not in STAGES:
+        raise ValueError(f"`only` must be one of {STAGES}, got {only!r}.")
+    if only == "full_tuning" and not cfg.full_baseline:
+        raise ValueError("The full_tuning stage runs only with --full_baseline.")
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    atomic_write_json(os.path.join(cfg.run_dir, "config.json"), dataclasses.asdict(cfg))
+    masked = "{mask}" in cfg.template
+    target_path = resolve_model(cfg.target_model)
+    folders = {"tune": os.path.join(cfg.run_dir, "source_prompt"),
+               "transfer": os.path.join(cfg.run_dir, "transferred_prompt"),
+               "full_tuning": os.path.join(cfg.run_dir, "full_prompt")}
+    stages: list = []
+    records: dict = {}
+    student = {"path": None if cfg.student_model is None else resolve_model(cfg.student_model)}
+
+    def distill():
+        student["path"], record = distill_stage(cfg, target_path, masked)
+        return record
+
+    steps = {
+        "distill": distill,
+        "tune": lambda: tune_stage(cfg, student["path"], masked, folders["tune"], "tune", cfg.dp),
+        "transfer": lambda: transfer_stage(cfg, target_path, student["path"], folders["tune"], masked,
+                                           folders["transfer"]),
+        "full_tuning": lambda: tune_stage(cfg, target_path, masked, folders["full_tuning"], "full_tuning", False),
+        "evaluate": lambda: evaluate_stage(cfg, target_path, student["path"], folders, masked),
+    }
+    planned = [s for s in STAGES if (s != "distill" or cfg.student_model is None)
+               and (s != "full_tuning" or cfg.full_baseline)]
+    evaluation_path = os.path.join(cfg.run_dir, "evaluation.json")
+    ran_fresh = False
+    for name in planned:
+        if only is not None and STAGES.index(name) > STAGES.index(only):
+            break
+        if name == "evaluate" and not ran_fresh and only is None and os.path.isfile(evaluation_path):
+            with open(evaluation_path, encoding="utf-8") as f:
+                records[name] = json.load(f)
+            stages.append(StageStats(name=name, wall_time_s=records[name]["wall_time_s"], reused=True))
+            continue
+        if only is not None and name != only and name != "distill":
+            record = stage_done(folders[name]) if name in folders else None
+            if record is None:
+                raise StageMissing(f"Stage {name!r} has not run in {cfg.run_dir}; run `peft-post {name}` first.")
+            records[name] = {**record, "reused": True}
+            stages.append(StageStats(name=name, wall_time_s=float(record.get("wall_time_s", 0.0)), reused=True))
+            continue
+        fresh: list = []
+        with track_stage(name, fresh):
+            record = steps[name]()
+        records[name] = record
+        if record.get("reused"):
+            stages.append(StageStats(name=name, wall_time_s=float(record.get("wall_time_s", 0.0)), reused=True))
+        else:
+            ran_fresh = True
+            stages.append(fresh[0])
+            if name == "evaluate":
+                record["wall_time_s"] = fresh[0].wall_time_s
+                atomic_write_json(evaluation_path, record)
+    if "evaluate" not in records:
+        return None
+    evaluation, tune, transfer = records["evaluate"], records["tune"], records["transfer"]
+    notes = []
+    if cfg.preset == "quick":
+        notes.append("Preset 'quick': a first look with tiny budgets; it is not expected to beat zero-shot.")
+    if transfer.get("alpha_inputs"):
+        notes.append(f"alpha={transfer['alpha']:.3f} from the paper's heuristic on the public held-out split "
+                     f"(zero-shot {transfer['alpha_inputs']['public_zero_shot']:.3f}, "
+                     f"source {transfer['alpha_inputs']['public_source']:.3f}).")
+    results = POSTResults(
+        target_model=cfg.target_model, private_dataset=cfg.private_dataset,
+        num_test_examples=evaluation["num_test_examples"],
+        accuracy={m: r["accuracy"] for m, r in evaluation["results"].items()},
+        student_model=cfg.student_model or f"{cfg.target_model} layers {cfg.student_layers}",
+        public_dataset=cfg.public_dataset, num_public_examples=cfg.num_public_examples,
+        privacy=_ledger(tune.get("privacy")), stages=stages,
+        transfer_curve=curve_from_log_history(transfer.get("log_history", [])), transfer_alpha=transfer["alpha"],
+        preset=cfg.preset, seed=cfg.seed, command=command or " ".join(shlex.quote(a) for a in sys.argv), notes=notes,
+    )
+    write_report(results, cfg.run_dir)
+    return results
+
+
+def _ledger(privacy: Optional[dict]) -> Optional[dict]:
+    if privacy is None:
+        return None
+    keys = ("epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate", "steps")
+    return {k: privacy[k] for k in keys}

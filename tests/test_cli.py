@@ -1,0 +1,111 @@
+import json
+import os
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from peft_post.cli import main
+from peft_post.pipeline import PipelineConfig
+from peft_post.testing import build_tiny_model, tiny_sentiment_rows
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("PEFT_POST_CACHE", str(tmp_path / "cache"))
+    target = str(tmp_path / "target")
+    build_tiny_model("llama", tokenizer, target, num_layers=4)
+    private = str(tmp_path / "private")
+    DatasetDict({"train": Dataset.from_list(tiny_sentiment_rows(24, seed=1)),
+                 "test": Dataset.from_list(tiny_sentiment_rows(10, seed=2))}).save_to_disk(private)
+    public = str(tmp_path / "public.csv")
+    Dataset.from_list(tiny_sentiment_rows(20, seed=3)).to_csv(public)
+    distill = str(tmp_path / "distill.csv")
+    Dataset.from_list([{"text": r["text"]} for r in tiny_sentiment_rows(40, seed=4)]).to_csv(distill)
+    run_dir = str(tmp_path / "run")
+    args = ["--run_dir", run_dir, "--preset", "quick", "--target_model", target, "--student_layers", "0,-1",
+            "--distill_dataset", distill, "--private_dataset", private, "--public_dataset", public,
+            "--num_public_examples", "12", "--num_public_eval_examples", "8", "--distill_max_steps", "3",
+            "--tune_max_steps", "3", "--transfer_max_steps", "3", "--num_virtual_tokens", "4",
+            "--tune_batch_size", "8", "--transfer_batch_size", "4", "--save_steps", "2", "--eval_batch_size", "8",
+            "--label_words", "bad,awful|good,great"]
+    return run_dir, args
+
+
+def test_run_end_to_end_then_resume_skips_finished_stages(tiny_run, capsys):
+    run_dir, args = tiny_run
+    assert main(["run", *args, "--full_baseline", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "POST" in out
+    report = json.loads(open(os.path.join(run_dir, "report.json")).read())
+    for name in ("source_prompt", "transferred_prompt", "full_prompt"):
+        assert os.path.isfile(os.path.join(run_dir, name, "stage.json"))
+        assert os.path.isfile(os.path.join(run_dir, name, "adapter_model.safetensors"))
+        assert not os.path.exists(os.path.join(run_dir, name + ".partial"))
+    assert os.path.isfile(os.path.join(run_dir, "report.md")) and os.path.isfile(os.path.join(run_dir, "report.png"))
+    evaluation = json.loads(open(os.path.join(run_dir, "evaluation.json")).read())
+    for method in ("zero_shot", "student_prompt", "direct_transfer", "post", "full_prompt_tuning"):
+        assert report["accuracy"][method] == evaluation["results"][method]["accuracy"]
+        assert evaluation["results"][method]["num_examples"] == report["num_test_examples"] == 10
+    ledger = report["privacy"]
+    assert ledger["accountant"] == "prv" and ledger["steps"] == 3 and ledger["epsilon"] <= 8.0
+    assert [s["name"] for s in report["stages"]] == ["distill", "tune", "transfer", "full_tuning", "evaluate"]
+    assert not any(s["reused"] for s in report["stages"])
+    md = open(os.path.join(run_dir, "report.md")).read()
+    assert f"{100 * report['accuracy']['post']:.1f}" in md
+
+    mtime = os.path.getmtime(os.path.join(run_dir, "transferred_prompt", "stage.json"))
+    assert main(["run", *args, "--full_baseline", "true"]) == 0
+    again = json.loads(open(os.path.join(run_dir, "report.json")).read())
+    assert all(s["reused"] for s in again["stages"])
+    assert again["accuracy"] == report["accuracy"]
+    assert os.path.getmtime(os.path.join(run_dir, "transferred_prompt", "stage.json")) == mtime
+
+
+def test_stage_subcommands_need_earlier_stages(tiny_run, capsys):
+    run_dir, args = tiny_run
+    assert main(["transfer", *args]) == 2
+    assert "run `peft-post tune` first" in capsys.readouterr().err
+    assert main(["tune", *args]) == 0
+    assert os.path.isfile(os.path.join(run_dir, "source_prompt", "stage.json"))
+    assert not os.path.exists(os.path.join(run_dir, "transferred_prompt"))
+
+
+def test_config_file_and_overrides(tmp_path, tiny_run):
+    run_dir, args = tiny_run
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"alpha": 0.3, "dp": False}))
+    from peft_post.cli import _parse
+
+    cfg = _parse(PipelineConfig, ["--config", str(path), *args, "--alpha", "0.6"], "peft-post run")
+    assert cfg.alpha == 0.6 and cfg.dp is False and cfg.run_dir == run_dir
+    path.write_text(yaml.safe_dump({"not_a_field": 1}))
+    with pytest.raises(SystemExit):
+        _parse(PipelineConfig, ["--config", str(path)], "peft-post run")
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--alpha", "1.5"], "alpha"),
+        (["--target_epsilon", "0"], "target_epsilon"),
+        (["--student_layers", "a,b"], "student_layers"),
+        (["--preset", "huge"], "preset"),
+        (["--label_words", "good"], "label_words"),
+        (["--tune_max_steps", "0"], "tune_max_steps"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(flags, match, capsys, tmp_path):
+    assert main(["run", "--run_dir", str(tmp_path / "r"), *flags]) == 2
+    assert match in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_help_for_every_command(capsys):
+    assert main(["--help"]) == 0
+    for command in ("run", "distill", "tune", "transfer", "evaluate", "push"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"peft-post {command}" in capsys.readouterr().out
