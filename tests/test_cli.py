@@ -109,3 +109,13 @@ def test_help_for_every_command(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert f"peft-post {command}" in capsys.readouterr().out
+
+
+def test_every_config_dataclass_renders_argparse_help():
+    """argparse formats help with %: a bare '%' in any help string breaks `--help` of the CLI and the examples."""
+    from transformers import HfArgumentParser
+
+    from peft_post import DistillationConfig, DPConfig, PromptTrainingConfig, TransferConfig
+
+    for cls in (PipelineConfig, PromptTrainingConfig, DPConfig, TransferConfig, DistillationConfig):
+        assert HfArgumentParser(cls).format_help()

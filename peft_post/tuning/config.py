@@ -23,7 +23,7 @@ class PromptTrainingConfig(TrainingArguments):
         metadata={
             "help": "Adam learning rate of the prompt. Prompts need far larger rates than weights: measured on "
             "SmolLM2 (DESIGN §5), lr 1e-2 left the loss flat for 300 steps, 3e-2 gave the best distilled student "
-            "(69.9%) and 1e-1 the best full model (84.4% in 160 steps). 3e-2 is the safe default; try 1e-1 on "
+            "(69.9 percent) and 1e-1 the best full model (84.4 percent in 160 steps). 3e-2 is the safe default; try 1e-1 on "
             "larger models."
         },
     )
