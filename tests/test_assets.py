@@ -131,7 +131,8 @@ VADER_LINES = {
                ("4", "0.3", "caf\xe9 was ok \"quoted\"")],
     "amazon": [("1_1", "-0.9", "Broke after a week."), ("1_2", "1.5", "Great value.")],
     "nyt": [("1_1", "0.4", "The city plans a parade."), ("1_2", "-2", "A grim budget.")],
-    "movie": [("1", "2.2", "A three-hour cinema master class."), ("2", "-1.5", "Dull as dishwater.")],
+    "movie": [("1", "2.2", "A three-hour cinema master class."), ("2", "-1.5", "Dull as dishwater."),
+              ("3", "1.1", "We\u2019ve seen it before, but it\u2019s charming.")],
 }
 RT_ROWS = (
     [("fresh", f"A good film number {i}.") for i in range(30)]
@@ -141,9 +142,9 @@ RT_ROWS = (
 )
 
 
-def _vader_bytes(rows):
+def _vader_bytes(rows, encoding):
     lines = ["id\tsentiment\ttext"] + ["\t".join(r) for r in rows]
-    return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+    return ("\r\n".join(lines) + "\r\n").encode(encoding)
 
 
 def _rt_bytes():
@@ -158,7 +159,9 @@ def _rt_bytes():
 @pytest.fixture
 def fake_data(index, monkeypatch):
     """Fixture wheels with the real member names but tiny contents; ASSETS re-pinned to their checksums."""
-    members = {A.ASSETS[A.VADER_SETS[k]].member: _vader_bytes(v) for k, v in VADER_LINES.items()}
+    # tweets in latin-1 (not valid UTF-8: the fallback), the rest UTF-8 like the real wheel
+    members = {A.ASSETS[A.VADER_SETS[k]].member: _vader_bytes(v, "latin-1" if k == "tweets" else "utf-8")
+               for k, v in VADER_LINES.items()}
     members[A.ASSETS["trec"].member] = b"DESC:manner How did serfdom develop ?\nLOC:city What is the capital ?\n"
     members[A.ASSETS["sms_spam"].member] = b',spam,text\n0,0,"Ok lar, joking"\n1,1,Free entry now\n'
     rt_member = A.ASSETS["rotten_tomatoes"].member
@@ -220,7 +223,7 @@ def test_remove_overlap_with_private_data(fake_data):
     private = A.load_rotten_tomatoes(test_size=10)
     priv_texts = list(private["train"]["text"]) + list(private["test"]["text"])
     movie, removed = A.remove_overlap(A.load_vader("movie"), priv_texts)
-    assert removed == 1 and list(movie["text"]) == ["Dull as dishwater."]
+    assert removed == 1 and list(movie["text"]) == ["Dull as dishwater.", "We\u2019ve seen it before, but it\u2019s charming."]
 
 
 def test_load_text_dataset_sources(fake_data, tmp_path, monkeypatch):
@@ -230,7 +233,7 @@ def test_load_text_dataset_sources(fake_data, tmp_path, monkeypatch):
     assert set(rt) == {"train", "test"}
     assert len(A.load_text_dataset("embedded:vader_amazon", split="train")) == 2
     # embedded public sets never hold a sentence of the embedded private task
-    assert list(A.load_text_dataset("embedded:vader_movie", split="train")["text"]) == ["Dull as dishwater."]
+    assert list(A.load_text_dataset("embedded:vader_movie", split="train")["text"])[0] == "Dull as dishwater."
     with pytest.raises(ValueError, match="Unknown embedded dataset"):
         A.load_text_dataset("embedded:imdb")
     with pytest.raises(ValueError, match="no split 'validation'.*\\['train'\\]"):
