@@ -278,3 +278,18 @@ def test_load_from_a_local_folder_and_refuse_the_wrong_base_model(load_tiny, tok
         load_transferred_prompt(wide, str(tmp_path / "prompt"))
     with pytest.raises(ValueError, match="PeftModel"):
         load_transferred_prompt(model, str(tmp_path / "prompt"))
+
+
+def test_a_named_adapter_is_pushed_to_the_repo_root_and_loads_under_its_name(fake_hub, load_tiny):
+    model = get_peft_model(load_tiny("gpt2"), post_config("gpt2"), adapter_name="sentiment")
+    torch.manual_seed(2)
+    set_prompt(model, 0.1 * torch.randn_like(get_prompt(model, "sentiment")), "sentiment")
+    push_transferred_prompt(model, "alice/named", token=TOKEN, base_model="org/tiny-gpt2", adapter_name="sentiment")
+    assert set(fake_hub.repos["alice/named"].files) == {
+        "README.md", "adapter_config.json", "adapter_model.safetensors", POST_CONFIG_NAME,
+    }
+    loaded = load_transferred_prompt(load_tiny("gpt2"), "alice/named", token=TOKEN, adapter_name="sentiment")
+    assert isinstance(loaded.peft_config["sentiment"], POSTConfig)
+    torch.testing.assert_close(get_prompt(loaded, "sentiment"), get_prompt(model, "sentiment"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="adapter named 'default'"):
+        push_transferred_prompt(model, "alice/named", token=TOKEN, base_model="org/tiny-gpt2")
