@@ -13,8 +13,14 @@ from .tasks import TaskTemplate, Verbalizer, VerbalizerCollator, label_positions
 from .tuning import DPConfig, DPPromptTrainer, PromptTrainer, PromptTrainingConfig
 from .losses import transfer_loss
 from .transfer import TransferConfig, TransferTrainer, direct_transfer, suggest_alpha
+from .assets import default_model_path, load_text_dataset
+from .report import POSTResults, write_report
 
 __all__ = [
+    "POSTResults",
+    "default_model_path",
+    "load_text_dataset",
+    "write_report",
     "DistillationConfig",
     "DistillationTrainer",
     "make_student",
