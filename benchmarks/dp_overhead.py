@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 because on a shared 2-core box 2 threads ran ~20x slower (OpenMP contention)")
     parser.add_argument("--no-opacus", action="store_true", help="skip the naive Opacus reference")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "dp_overhead.json"))
     a = parser.parse_args()
