@@ -333,3 +333,14 @@ def test_accountant_state_round_trip():
     assert fresh.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
     with pytest.raises(ValueError, match="same DPConfig.accountant"):
         privacy.load_accountant_state(create_accountant("prv"), state)
+
+
+def test_fixed_size_batches_warn_and_are_still_accounted(load_tiny, tokenizer, tmp_path):
+    model = peft_model(load_tiny, "gpt2")
+    with pytest.warns(UserWarning, match="not a proven bound"):
+        trainer = DPPromptTrainer(model, args(tmp_path), DPConfig(noise_multiplier=1.0, target_delta=1e-3,
+                                                                  poisson_sampling=False, accountant="rdp"),
+                                  train_dataset=tiny_sentiment_dataset(16), processing_class=tokenizer)
+    trainer.train()
+    report = trainer.privacy_report()
+    assert report["steps"] == 2 and report["poisson_sampling"] is False

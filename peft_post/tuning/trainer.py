@@ -182,6 +182,7 @@ class PromptTrainer(Trainer):
     # ---- saving ----
 
     def _provenance(self) -> dict:
+        # Deliberately no fingerprint of the training texts: the data is private, and a hash of it is not DP.
         return {
             "stage": self._stage,
             "trainer": type(self).__name__,
@@ -345,10 +346,6 @@ class DPPromptTrainer(PromptTrainer):
             poisson_sampling=self.dp_config.poisson_sampling,
             secure_mode=self.dp_config.secure_mode,
         )
-
-    def _provenance(self) -> dict:
-        # No dataset fingerprint here: a hash of the private texts is not differentially private.
-        return super()._provenance()
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
