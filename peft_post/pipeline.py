@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from .assets import DEFAULT_DISTILLATION_DATASET, DEFAULT_MODEL, DEFAULT_PRIVATE_DATASET, DEFAULT_PUBLIC_DATASET
 from .config import POSTConfig
 from .io import atomic_write_json
 
@@ -57,7 +58,7 @@ class PipelineConfig:
                   "may not beat zero-shot; its report says so)."},
     )
     target_model: str = field(
-        default="embedded:smollm2-135m-instruct",
+        default=DEFAULT_MODEL,
         metadata={"help": "The large model Φ_t: 'embedded:smollm2-135m-instruct', a Hub id or a local folder."},
     )
     student_model: Optional[str] = field(
@@ -68,7 +69,7 @@ class PipelineConfig:
         default=None, metadata={"help": "Comma-separated target layers the student keeps, e.g. '0,1,-2,-1'."}
     )
     distill_dataset: str = field(
-        default="embedded:distillation_text",
+        default=DEFAULT_DISTILLATION_DATASET,
         metadata={"help": "Public text for distillation (never the private task): embedded name, file or Hub id."},
     )
     distill_max_steps: Optional[int] = field(default=None, metadata={"help": "Distillation optimizer steps."})
@@ -76,7 +77,7 @@ class PipelineConfig:
     distill_batch_size: int = field(default=16, metadata={"help": "Distillation blocks per step."})
     distill_block_size: int = field(default=64, metadata={"help": "Tokens per distillation block."})
     private_dataset: str = field(
-        default="embedded:rotten_tomatoes",
+        default=DEFAULT_PRIVATE_DATASET,
         metadata={"help": "The user's private task: embedded name, local CSV/JSON or Hub id, with train/test splits."},
     )
     private_train_split: str = field(default="train", metadata={"help": "Split the prompt is tuned on."})
@@ -84,7 +85,7 @@ class PipelineConfig:
     max_train_examples: Optional[int] = field(default=None, metadata={"help": "Cap on private training examples."})
     max_test_examples: Optional[int] = field(default=None, metadata={"help": "Cap on private test examples scored."})
     public_dataset: str = field(
-        default="embedded:vader_tweets",
+        default=DEFAULT_PUBLIC_DATASET,
         metadata={"help": "Public transfer data with labels (labels only score the public held-out part)."},
     )
     public_split: str = field(default="train", metadata={"help": "Split of the public dataset."})
