@@ -100,7 +100,7 @@ def test_student_keeps_exactly_the_chosen_layers(kind, tokenizer):
     assert student.config.hidden_size == teacher.config.hidden_size
     if kind == "gemma3":
         assert student.config.layer_types == ["sliding_attention", "full_attention"]
-        assert not student.model.layers[1].self_attn.is_sliding if hasattr(student.model.layers[1].self_attn, "is_sliding") else True
+        assert student.model.layers[0].self_attn.is_sliding and not student.model.layers[1].self_attn.is_sliding
 
 
 def test_student_tied_embeddings_stay_tied_in_training(tokenizer):
