@@ -27,7 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from peft_post import POSTConfig, evaluate_prompt
 from peft_post.assets import cache_dir, default_model_path, load_distillation_text, load_rotten_tomatoes
 from peft_post.distill import (DistillationConfig, DistillationTrainer, TeacherCache, evaluate_distillation,
-                               make_student, prepare_distillation_dataset)
+                               make_student, prepare_distillation_dataset,
+                               with_task_template)
 from peft_post.distill.cache import apply_head, hidden_and_logits, pad_right
 from peft_post.io import atomic_write_json
 from peft_post.losses import distillation_kl_loss, distillation_loss, topk_distillation_kl_loss
@@ -59,10 +60,7 @@ def parse_student(spec: str) -> tuple[str, list[int]]:
 def public_corpus(fraction_templated: float, seed: int):
     """Public distillation text; a fixed fraction wrapped in the task template *without* labels, so the student
     copies what the teacher would say at the label slot. No private (Rotten Tomatoes) text is used."""
-    data = load_distillation_text().shuffle(seed=seed)
-    cut = int(len(data) * fraction_templated)
-    return data.map(lambda row, i: {"text": TEMPLATE.format(text=row["text"]) if i < cut else row["text"]},
-                    with_indices=True).shuffle(seed=seed + 1)
+    return with_task_template(load_distillation_text(), TEMPLATE, fraction_templated, seed)
 
 
 class BudgetCallback(TrainerCallback):

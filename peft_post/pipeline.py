@@ -34,8 +34,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Chosen by measurement on 2 CPU cores with SmolLM2-135M-Instruct; see docs/pipeline.md for the figures.
     "default": dict(
         student_layers="0,1,2,3,26,27,28,29", distill_max_steps=300, distill_learning_rate=1e-3,
-        max_train_examples=2000, max_test_examples=1000, tune_max_steps=300, tune_learning_rate=3e-2,
-        num_public_examples=256, num_public_eval_examples=128, transfer_max_steps=300, transfer_learning_rate=1e-2,
+        max_train_examples=100_000, max_test_examples=1000, tune_max_steps=300, tune_learning_rate=3e-2,
+        num_public_examples=256, num_public_eval_examples=128, transfer_max_steps=200, transfer_learning_rate=1e-2,
         num_virtual_tokens=20,
     ),
     "quick": dict(
@@ -74,7 +74,12 @@ class PipelineConfig:
     )
     distill_max_steps: Optional[int] = field(default=None, metadata={"help": "Distillation optimizer steps."})
     distill_learning_rate: Optional[float] = field(default=None, metadata={"help": "Distillation learning rate."})
-    distill_batch_size: int = field(default=16, metadata={"help": "Distillation blocks per step."})
+    distill_batch_size: int = field(default=8, metadata={"help": "Distillation blocks per step."})
+    distill_templated_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Share of the distillation texts wrapped in the task template (without a label), so the "
+                  "student learns the teacher's behaviour at the label slot. Causal LMs only."},
+    )
     distill_block_size: int = field(default=64, metadata={"help": "Tokens per distillation block."})
     private_dataset: str = field(
         default=DEFAULT_PRIVATE_DATASET,
@@ -115,7 +120,7 @@ class PipelineConfig:
     accountant: str = field(default="prv", metadata={"help": "Opacus accountant: 'prv' or 'rdp'."})
     transfer_max_steps: Optional[int] = field(default=None, metadata={"help": "Fixed number of transfer steps."})
     transfer_learning_rate: Optional[float] = field(default=None, metadata={"help": "Transfer Adam learning rate."})
-    transfer_batch_size: int = field(default=16, metadata={"help": "Public examples per transfer step."})
+    transfer_batch_size: int = field(default=8, metadata={"help": "Public examples per transfer step."})
     alpha: Optional[float] = field(
         default=None,
         metadata={"help": "POST α in [0, 1]; None picks it with the paper's heuristic on the PUBLIC held-out split."},
@@ -146,6 +151,8 @@ class PipelineConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+        if not 0 <= self.distill_templated_fraction <= 1:
+            raise ValueError(f"`distill_templated_fraction` must be in [0, 1], got {self.distill_templated_fraction!r}.")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise ValueError(f"`alpha` must be in [0, 1] or None (heuristic), got {self.alpha!r}.")
         if self.target_delta is not None and not 0 < self.target_delta < 1:
@@ -244,7 +251,7 @@ def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
         "target": os.path.abspath(target_path) if os.path.isdir(target_path) else target_path,
         "layers": cfg.keep_layers(), "data": cfg.distill_dataset, "steps": cfg.distill_max_steps,
         "lr": cfg.distill_learning_rate, "batch": cfg.distill_batch_size, "block": cfg.distill_block_size,
-        "seed": cfg.seed,
+        "templated": cfg.distill_templated_fraction, "template": cfg.template, "seed": cfg.seed,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -252,7 +259,7 @@ def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
 def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[str, dict]:
     """Distil (or reuse) the student; returns its folder and its stage record."""
     from .assets import cache_dir, load_text_dataset
-    from .distill import DistillationConfig, DistillationTrainer, make_student
+    from .distill import DistillationConfig, DistillationTrainer, make_student, with_task_template
 
     final = os.path.join(cache_dir(), "students", student_cache_key(cfg, target_path))
     record = stage_done(final)
@@ -265,6 +272,8 @@ def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[
     tokenizer = _load_tokenizer(target_path)
     student = make_student(teacher, cfg.keep_layers())
     text = load_text_dataset(cfg.distill_dataset, split="train")
+    if not masked and cfg.distill_templated_fraction > 0:
+        text = with_task_template(text, cfg.template, cfg.distill_templated_fraction, cfg.seed, cfg.text_column)
     args = _trainer_args(
         DistillationConfig, os.path.join(partial, "checkpoints"), cfg, max_steps=cfg.distill_max_steps,
         learning_rate=cfg.distill_learning_rate, per_device_train_batch_size=cfg.distill_batch_size,

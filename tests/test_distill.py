@@ -403,3 +403,22 @@ def test_topk_cache_error_shrinks_with_k_and_costs_more_bytes_per_token_than_hid
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
     assert errors[0] > 0.01  # k=4 is visibly approximate on this flat-tailed teacher
     assert hidden_cache.nbytes == len(rows) * ids.shape[1] * teacher.config.hidden_size * 4
+
+
+def test_with_task_template_wraps_exactly_the_requested_share():
+    from datasets import Dataset
+
+    from peft_post.distill import with_task_template
+
+    data = Dataset.from_dict({"text": [f"text {i}" for i in range(20)]})
+    out = with_task_template(data, "Review: {text}\nSentiment:", 0.25, seed=3)
+    wrapped = [t for t in out["text"] if t.startswith("Review: ")]
+    assert len(out) == 20 and len(wrapped) == 5
+    assert all(t.endswith("\nSentiment:") for t in wrapped)
+    assert {t.removeprefix("Review: ").removesuffix("\nSentiment:") for t in out["text"]} == set(data["text"])
+    assert out["text"] == with_task_template(data, "Review: {text}\nSentiment:", 0.25, seed=3)["text"]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="fraction"):
+            with_task_template(data, "Review: {text}", bad)
+    with pytest.raises(ValueError, match="mask"):
+        with_task_template(data, "{text} It was {mask}.", 0.5)

@@ -3,7 +3,8 @@
 from .cache import TeacherCache
 from .config import DistillationConfig
 from .student import find_layers, make_student
-from .trainer import DistillationCollator, DistillationTrainer, evaluate_distillation, prepare_distillation_dataset
+from .trainer import (DistillationCollator, DistillationTrainer, evaluate_distillation, prepare_distillation_dataset,
+                      with_task_template)
 
 __all__ = [
     "DistillationCollator",
@@ -14,4 +15,5 @@ __all__ = [
     "find_layers",
     "make_student",
     "prepare_distillation_dataset",
+    "with_task_template",
 ]

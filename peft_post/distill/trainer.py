@@ -43,6 +43,26 @@ def prepare_distillation_dataset(dataset, tokenizer, block_size: int, text_field
     return Dataset.from_dict({"input_ids": blocks})
 
 
+def with_task_template(dataset, template: str, fraction: float, seed: int = 0, text_field: str = "text"):
+    """Wrap a seeded `fraction` of the texts in the task `template` (no label), then shuffle.
+
+    The student then learns what the teacher predicts *at the label slot* on public text, which is what a prompt
+    tuned on the student has to act through. A masked-LM template's ``{mask}`` becomes the tokenizer's mask token
+    only later, so pass causal templates here.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"`fraction` of templated texts must be in [0, 1], got {fraction!r}.")
+    if template.count("{text}") != 1:
+        raise ValueError(f"`template` must contain '{{text}}' exactly once, got {template!r}.")
+    if "{mask}" in template:
+        raise ValueError("with_task_template takes causal-LM templates (no '{mask}').")
+    data = dataset.shuffle(seed=seed)
+    cut = int(len(data) * fraction)
+    prefix, suffix = template.split("{text}")
+    return data.map(lambda row, i: {text_field: prefix + row[text_field] + suffix if i < cut else row[text_field]},
+                    with_indices=True).shuffle(seed=seed + 1)
+
+
 class DistillationCollator:
     """Right-pads causal-LM blocks (labels = input ids on real tokens, -100 on padding) or masks MLM blocks with
     `DataCollatorForLanguageModeling`; carries each row's dataset index for the teacher cache."""
