@@ -103,3 +103,27 @@ def tiny_sentiment_dataset(n: int = 32, seed: int = 0):
     from datasets import Dataset
 
     return Dataset.from_list(tiny_sentiment_rows(n, seed))
+
+
+TINY_LEDGER = {"epsilon": 8.0, "delta": 1e-5, "accountant": "prv", "noise_multiplier": 0.73, "max_grad_norm": 1.0,
+               "sample_rate": 0.0125, "steps": 320}
+
+
+def tiny_post_config(kind: str, **overrides):
+    """A `POSTConfig` with every POST field set (a DP ledger, provenance), for a tiny model of `kind`."""
+    from .config import POSTConfig
+
+    masked = kind in MASKED_KINDS
+    fields = dict(
+        task_type="FEATURE_EXTRACTION" if masked else "CAUSAL_LM",
+        num_virtual_tokens=3,
+        template="{text} It was {mask}." if masked else "Review: {text}\nSentiment:",
+        label_words=[["bad", "awful"], ["good", "great"]],
+        source_model_name_or_path="org/tiny-source",
+        transfer_alpha=0.4,
+        transfer_temperature=1.5,
+        privacy=dict(TINY_LEDGER),
+        provenance={"stage": "transfer", "public_size": 12},
+    )
+    fields.update(overrides)
+    return POSTConfig(**fields)

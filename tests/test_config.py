@@ -7,28 +7,11 @@ import torch
 from peft import PeftModel, PromptTuningConfig, get_peft_model
 
 from peft_post import POST_CONFIG_NAME, POSTConfig, label_logits
-from peft_post.testing import tiny_sentiment_rows
+from peft_post.testing import TINY_LEDGER, tiny_post_config, tiny_sentiment_rows
 from peft_post.tasks import TaskTemplate, VerbalizerCollator
 
-LEDGER = {"epsilon": 8.0, "delta": 1e-5, "accountant": "prv", "noise_multiplier": 0.7, "max_grad_norm": 1.0,
-          "sample_rate": 0.01, "steps": 300}
-
-
-def post_config(kind, **kw):
-    masked = kind in ("roberta", "bert")
-    base = dict(
-        task_type="FEATURE_EXTRACTION" if masked else "CAUSAL_LM",
-        num_virtual_tokens=3,
-        template="{text} It was {mask}." if masked else "Review: {text}\nSentiment:",
-        label_words=[["bad", "awful"], ["good", "great"]],
-        source_model_name_or_path="tiny/source",
-        transfer_alpha=0.4,
-        transfer_temperature=1.5,
-        privacy=dict(LEDGER),
-        provenance={"stage": "transfer", "public_size": 12},
-    )
-    base.update(kw)
-    return POSTConfig(**base)
+LEDGER = TINY_LEDGER
+post_config = tiny_post_config
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,10 @@ from peft_post import POST_CONFIG_NAME, POSTConfig, build_model_card, label_logi
 from peft_post import push_transferred_prompt
 from peft_post.prompts import get_prompt, set_prompt
 from peft_post.tasks import TaskTemplate, VerbalizerCollator
-from peft_post.testing import tiny_sentiment_rows
+from peft_post.testing import TINY_LEDGER, tiny_post_config, tiny_sentiment_rows
 
 TOKEN = "hf_fake_write_token"
-LEDGER = {"epsilon": 8.0, "delta": 1e-5, "accountant": "prv", "noise_multiplier": 0.73, "max_grad_norm": 1.0,
-          "sample_rate": 0.0125, "steps": 320}
+LEDGER = TINY_LEDGER
 PROVENANCE = {"stage": "transfer", "public_data": "vader/movieReviewSnippets", "public_size": 64, "steps": 150,
               "seed": 3}
 EVALUATION = {
@@ -31,20 +30,7 @@ EVALUATION = {
 
 
 def post_config(kind, **kw):
-    masked = kind in ("roberta", "bert")
-    base = dict(
-        task_type="FEATURE_EXTRACTION" if masked else "CAUSAL_LM",
-        num_virtual_tokens=3,
-        template="{text} It was {mask}." if masked else "Review: {text}\nSentiment:",
-        label_words=[["bad", "awful"], ["good", "great"]],
-        source_model_name_or_path="org/tiny-source",
-        transfer_alpha=0.4,
-        transfer_temperature=1.5,
-        privacy=dict(LEDGER),
-        provenance=dict(PROVENANCE),
-    )
-    base.update(kw)
-    return POSTConfig(**base)
+    return tiny_post_config(kind, **{"provenance": dict(PROVENANCE), **kw})
 
 
 def prompted(load_tiny, kind, seed=0, **kw):
