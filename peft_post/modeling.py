@@ -25,12 +25,32 @@ def base_model_of(model) -> torch.nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def require_prompt_model(model, name: str = "model") -> None:
+    """Raise `ValueError` unless `model` is a prompt-tuning `PeftModel`."""
+    if not isinstance(model, PeftModel) or not getattr(model, "prompt_encoder", None):
+        raise ValueError(
+            f"`{name}` must be a prompt-tuning PeftModel (get_peft_model(model, POSTConfig(...))), "
+            f"got {type(model).__name__}."
+        )
+
+
 def prompt_parameter(model: PeftModel, adapter_name: Optional[str] = None) -> torch.nn.Parameter:
     """The (n, d) soft-prompt parameter of a prompt-tuning `PeftModel`."""
-    if not isinstance(model, PeftModel) or not getattr(model, "prompt_encoder", None):
-        raise ValueError("Expected a prompt-tuning PeftModel (get_peft_model(model, POSTConfig(...))).")
+    require_prompt_model(model)
     name = adapter_name or model.active_adapter
     return model.prompt_encoder[name].embedding.weight
+
+
+def require_only_prompt_trainable(model, name: str = "model") -> torch.nn.Parameter:
+    """The prompt parameter, after checking it is the one and only trainable parameter of `model`."""
+    prompt = prompt_parameter(model)
+    if not prompt.requires_grad or any(p.requires_grad and p is not prompt for p in model.parameters()):
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        raise ValueError(
+            f"Only the soft prompt of `{name}` may train, but the trainable parameters are {trainable}; build it with "
+            "get_peft_model (which freezes the base model) and do not unfreeze base weights."
+        )
+    return prompt
 
 
 def is_masked_lm(model) -> bool:

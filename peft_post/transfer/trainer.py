@@ -20,7 +20,8 @@ from transformers import Trainer
 from ..config import POSTConfig
 from ..evaluation import evaluate_prompt
 from ..losses import transfer_loss
-from ..modeling import base_model_of, is_masked_lm, label_logits, prompt_parameter
+from ..modeling import (base_model_of, is_masked_lm, label_logits, prompt_parameter, require_only_prompt_trainable,
+                        require_prompt_model)
 from ..prompts import get_prompt, prompt_from_text, set_prompt
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset, dataset_fingerprint
 from .cache import TransferCache, build_transfer_cache, frozen_logits, select_support
@@ -52,14 +53,6 @@ def suggest_alpha(zero_shot_acc: float, source_acc: float, num_classes: int) -> 
     return float(min(max((zero_shot_acc - random_guess) / (source_acc - random_guess), 0.0), 1.0))
 
 
-def _check_prompt_model(model, name: str) -> None:
-    if not isinstance(model, PeftModel) or not getattr(model, "prompt_encoder", None):
-        raise ValueError(
-            f"`{name}` must be a prompt-tuning PeftModel (get_peft_model(model, POSTConfig(...))), "
-            f"got {type(model).__name__}."
-        )
-
-
 def _vocab_size(model) -> int:
     base = base_model_of(model)
     head = base.get_output_embeddings()
@@ -85,7 +78,7 @@ def direct_transfer(source_peft_model, target_model, adapter_name: str = "defaul
     source's) or a prompt-tuning `PeftModel` (its prompt is overwritten). Needs the same hidden size, prompt length
     and vocabulary size; a clear error otherwise. The source's privacy ledger is copied unchanged.
     """
-    _check_prompt_model(source_peft_model, "source_peft_model")
+    require_prompt_model(source_peft_model, "source_peft_model")
     p_s = get_prompt(source_peft_model)
     source_cfg = source_peft_model.active_peft_config
     d_t = _hidden_size(target_model)
@@ -100,7 +93,7 @@ def direct_transfer(source_peft_model, target_model, adapter_name: str = "defaul
             "tokens): POST needs one tokenizer shared by both models."
         )
     if isinstance(target_model, PeftModel):
-        _check_prompt_model(target_model, "target_model")
+        require_prompt_model(target_model, "target_model")
         set_prompt(target_model, p_s)  # raises on a prompt-length mismatch
         peft_model = target_model
     else:
@@ -182,8 +175,8 @@ class TransferTrainer(Trainer):
     ):
         if not isinstance(args, TransferConfig):
             raise ValueError(f"`args` must be a TransferConfig, got {type(args).__name__}.")
-        _check_prompt_model(model, "model")
-        _check_prompt_model(source_model, "source_model")
+        require_prompt_model(model, "model")
+        require_prompt_model(source_model, "source_model")
         if model is source_model or base_model_of(model) is base_model_of(source_model):
             raise ValueError("`model` (target) and `source_model` must be different models.")
         if processing_class is None:
@@ -213,13 +206,7 @@ class TransferTrainer(Trainer):
                     f"{len(overlap)} texts of public_eval_dataset also lie in public_dataset: the held-out accuracy "
                     "is optimistic."
                 )
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        prompt = prompt_parameter(model)
-        if not prompt.requires_grad or any(p.requires_grad and p is not prompt for p in model.parameters()):
-            raise ValueError(
-                f"Only the target prompt may train, but the trainable parameters are {trainable}; build the target "
-                "with get_peft_model (it freezes the base model) and do not unfreeze base weights."
-            )
+        prompt = require_only_prompt_trainable(model, "model")
         target_template = TaskTemplate.from_config(target_cfg, tokenizer)
         if source_tokenizer is not tokenizer:
             source_template = TaskTemplate.from_config(target_cfg, source_tokenizer)

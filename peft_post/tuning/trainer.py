@@ -19,7 +19,7 @@ from ..config import POSTConfig, validate_privacy_ledger
 from ..evaluation import accuracy_report, predict_class_scores
 from ..io import atomic_write_json
 from ..losses import verbalizer_loss
-from ..modeling import base_model_of, label_logits, prompt_parameter
+from ..modeling import base_model_of, label_logits, prompt_parameter, require_only_prompt_trainable, require_prompt_model
 from ..prompts import prompt_norms
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
 from . import privacy
@@ -27,11 +27,7 @@ from .config import DPConfig, PromptTrainingConfig
 
 
 def _post_config(model) -> POSTConfig:
-    if not isinstance(model, PeftModel) or not getattr(model, "prompt_encoder", None):
-        raise ValueError(
-            "PromptTrainer trains the soft prompt of a prompt-tuning PeftModel: pass "
-            "`get_peft_model(model, POSTConfig(...))`."
-        )
+    require_prompt_model(model)
     config = model.peft_config[model.active_adapter]
     if not isinstance(config, POSTConfig):
         raise ValueError(
@@ -89,13 +85,7 @@ class PromptTrainer(Trainer):
             for d in sets:
                 if d is not None:
                     check_classification_dataset(d, self.text_column, self.label_column, self.verbalizer.num_classes, name)
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        prompt = prompt_parameter(model)
-        if not prompt.requires_grad or len(trainable) != 1:
-            raise ValueError(
-                f"Only the soft prompt may train, but the trainable parameters are {trainable}; build the model with "
-                "`get_peft_model` (which freezes the base model) and do not unfreeze base weights."
-            )
+        require_only_prompt_trainable(model)
         if getattr(args, "disable_dropout", True):
             _disable_dropout(base_model_of(model))
         if data_collator is None:
