@@ -409,7 +409,7 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
     results["direct_transfer"] = evaluate_prompt(direct, tokenizer, test, task, desc="direct transfer", **kw)
     results["post"] = evaluate_prompt(_load_prompted(target_path, folders["transfer"], masked), tokenizer, test, task,
                                       desc="POST", **kw)
-    if "full_tuning" in folders:
+    if cfg.full_baseline:
         results["full_prompt_tuning"] = evaluate_prompt(_load_prompted(target_path, folders["full_tuning"], masked),
                                                         tokenizer, test, task, desc="full PT", **kw)
     return {"num_test_examples": len(test), "results": results}

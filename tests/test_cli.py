@@ -33,32 +33,39 @@ def tiny_run(tmp_path, tokenizer, monkeypatch):
 
 def test_run_end_to_end_then_resume_skips_finished_stages(tiny_run, capsys):
     run_dir, args = tiny_run
+    assert main(["run", *args]) == 0
+    assert "POST" in capsys.readouterr().out
+    first = json.loads(open(os.path.join(run_dir, "report.json")).read())
+    assert first["accuracy"]["full_prompt_tuning"] is None
+    assert not os.path.exists(os.path.join(run_dir, "full_prompt"))
+
+    # Adding the baseline runs only the new stage (and the evaluation); the others are reused as they are.
+    mtime = os.path.getmtime(os.path.join(run_dir, "transferred_prompt", "stage.json"))
     assert main(["run", *args, "--full_baseline", "true"]) == 0
-    out = capsys.readouterr().out
-    assert "POST" in out
     report = json.loads(open(os.path.join(run_dir, "report.json")).read())
     for name in ("source_prompt", "transferred_prompt", "full_prompt"):
         assert os.path.isfile(os.path.join(run_dir, name, "stage.json"))
         assert os.path.isfile(os.path.join(run_dir, name, "adapter_model.safetensors"))
         assert not os.path.exists(os.path.join(run_dir, name + ".partial"))
+    assert os.path.getmtime(os.path.join(run_dir, "transferred_prompt", "stage.json")) == mtime
     assert os.path.isfile(os.path.join(run_dir, "report.md")) and os.path.isfile(os.path.join(run_dir, "report.png"))
     evaluation = json.loads(open(os.path.join(run_dir, "evaluation.json")).read())
     for method in ("zero_shot", "student_prompt", "direct_transfer", "post", "full_prompt_tuning"):
         assert report["accuracy"][method] == evaluation["results"][method]["accuracy"]
         assert evaluation["results"][method]["num_examples"] == report["num_test_examples"] == 10
+    for method in ("zero_shot", "student_prompt", "direct_transfer", "post"):
+        assert report["accuracy"][method] == first["accuracy"][method]
     ledger = report["privacy"]
     assert ledger["accountant"] == "prv" and ledger["steps"] == 3 and ledger["epsilon"] <= 8.0
-    assert [s["name"] for s in report["stages"]] == ["distill", "tune", "transfer", "full_tuning", "evaluate"]
-    assert not any(s["reused"] for s in report["stages"])
+    stages = {s["name"]: s["reused"] for s in report["stages"]}
+    assert stages == {"distill": True, "tune": True, "transfer": True, "full_tuning": False, "evaluate": False}
     md = open(os.path.join(run_dir, "report.md")).read()
     assert f"{100 * report['accuracy']['post']:.1f}" in md
 
-    mtime = os.path.getmtime(os.path.join(run_dir, "transferred_prompt", "stage.json"))
     assert main(["run", *args, "--full_baseline", "true"]) == 0
     again = json.loads(open(os.path.join(run_dir, "report.json")).read())
     assert all(s["reused"] for s in again["stages"])
     assert again["accuracy"] == report["accuracy"]
-    assert os.path.getmtime(os.path.join(run_dir, "transferred_prompt", "stage.json")) == mtime
 
 
 def test_stage_subcommands_need_earlier_stages(tiny_run, capsys):
