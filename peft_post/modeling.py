@@ -67,6 +67,16 @@ def _head(base) -> Optional[torch.nn.Module]:
     return None
 
 
+def require_single_process(args, trainer: str) -> None:
+    """Refuse a multi-process run: `label_logits` calls the backbone directly, which would bypass DDP's forward and
+    with it the gradient all-reduce, so each process would silently train its own prompt."""
+    if args.world_size > 1:
+        raise ValueError(
+            f"{trainer} runs on one process (world_size={args.world_size}): its label-slot forward bypasses "
+            "DistributedDataParallel, so gradients would not be synchronised. Launch a single process."
+        )
+
+
 def _position_ids(base, mask: torch.Tensor) -> Optional[torch.Tensor]:
     """Positions counted over real tokens only, so left padding gives the same logits as right padding.
 

@@ -21,7 +21,7 @@ from ..config import POSTConfig
 from ..evaluation import evaluate_prompt
 from ..losses import transfer_loss
 from ..modeling import (base_model_of, is_masked_lm, label_logits, prompt_parameter, require_only_prompt_trainable,
-                        require_prompt_model)
+                        require_prompt_model, require_single_process)
 from ..prompts import get_prompt, prompt_from_text, set_prompt
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset, dataset_fingerprint
 from .cache import TransferCache, build_transfer_cache, frozen_logits, select_support
@@ -207,6 +207,7 @@ class TransferTrainer(Trainer):
                     "is optimistic."
                 )
         prompt = require_only_prompt_trainable(model, "model")
+        require_single_process(args, "TransferTrainer")
         target_template = TaskTemplate.from_config(target_cfg, tokenizer)
         if source_tokenizer is not tokenizer:
             source_template = TaskTemplate.from_config(target_cfg, source_tokenizer)

@@ -19,7 +19,8 @@ from ..config import POSTConfig, validate_privacy_ledger
 from ..evaluation import accuracy_report, predict_class_scores
 from ..io import atomic_write_json
 from ..losses import verbalizer_loss
-from ..modeling import base_model_of, label_logits, prompt_parameter, require_only_prompt_trainable, require_prompt_model
+from ..modeling import (base_model_of, label_logits, prompt_parameter, require_only_prompt_trainable,
+                        require_prompt_model, require_single_process)
 from ..prompts import prompt_norms
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
 from . import privacy
@@ -86,6 +87,7 @@ class PromptTrainer(Trainer):
                 if d is not None:
                     check_classification_dataset(d, self.text_column, self.label_column, self.verbalizer.num_classes, name)
         require_only_prompt_trainable(model)
+        require_single_process(args, type(self).__name__)
         if getattr(args, "disable_dropout", True):
             _disable_dropout(base_model_of(model))
         if data_collator is None:
