@@ -9,7 +9,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, Trainer
 
 from ..losses import distillation_kl_loss, distillation_loss
-from ..modeling import base_model_of, is_masked_lm
+from ..modeling import base_model_of, is_masked_lm, require_single_process
 from .cache import TeacherCache, apply_head, hidden_and_logits, pad_right
 from .config import DistillationConfig
 
@@ -105,6 +105,7 @@ class DistillationTrainer(Trainer):
                  eval_teacher_cache: Optional[TeacherCache] = None, data_collator=None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise ValueError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
+        require_single_process(args, "DistillationTrainer")
         if processing_class is None:
             raise ValueError("Pass the teacher's tokenizer as `processing_class`: it tokenizes the text and pads.")
         tokenizer = processing_class
