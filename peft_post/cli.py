@@ -3,7 +3,7 @@
     peft-post run                     # every stage on the embedded default (SmolLM2 + Rotten Tomatoes), DP ε=8
     peft-post run --preset quick      # a first look in a few minutes
     peft-post run --config run.yaml --dp false
-    peft-post tune --run_dir runs/post  # one stage; earlier stages must be done
+    peft-post tune --run_dir runs/post  # one stage; earlier run-folder stages must be done
     peft-post push --adapter runs/post/transferred_prompt --repo_id me/my-prompt --base_model org/model
 """
 

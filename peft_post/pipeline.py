@@ -425,7 +425,8 @@ class StageMissing(ValueError):
 def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optional[str] = None):
     """Run the stages in order, skipping finished ones, then write the report; returns the `POSTResults`.
 
-    ``only`` runs a single stage (the `peft-post <stage>` subcommands): earlier stages must already be done.
+    ``only`` runs a single stage (the `peft-post <stage>` subcommands): the earlier run-folder stages must already be
+    done; the student, which lives in the shared cache, is distilled on demand when it is missing.
     """
     from .assets import resolve_model
     from .report import POSTResults, StageStats, curve_from_log_history, track_stage, write_report
