@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from .assets import DEFAULT_DISTILLATION_DATASET, DEFAULT_MODEL, DEFAULT_PRIVATE_DATASET, DEFAULT_PUBLIC_DATASET
-from .config import POSTConfig
+from .config import PRIVACY_KEYS, POSTConfig
 from .io import atomic_write_json
 
 STAGE_FILE = "stage.json"
@@ -362,17 +362,19 @@ def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, sou
     tokenizer = _load_tokenizer(target_path)
     source = _load_prompted(student_path, source_prompt, masked)
     task = source.active_peft_config
+    target_base = _load_lm(target_path, masked)
     alpha, alpha_inputs = cfg.alpha, None
     if alpha is None:
         # The heuristic's accuracies come from PUBLIC labelled data: the provider holds no private data.
-        zs = evaluate_prompt(_load_lm(target_path, masked), tokenizer, public_eval, task, text_column=cfg.text_column,
+        zs = evaluate_prompt(target_base, tokenizer, public_eval, task, text_column=cfg.text_column,
                              label_column=cfg.label_column, batch_size=cfg.eval_batch_size, desc="alpha: zero-shot")
         src = evaluate_prompt(source, tokenizer, public_eval, task, text_column=cfg.text_column,
                               label_column=cfg.label_column, batch_size=cfg.eval_batch_size, desc="alpha: source")
         alpha = suggest_alpha(zs["accuracy"], src["accuracy"], task.num_classes)
         alpha_inputs = {"public_zero_shot": zs["accuracy"], "public_source": src["accuracy"]}
     torch.manual_seed(cfg.seed)
-    target = get_peft_model(_load_lm(target_path, masked), cfg.post_config(target_path))
+    # Prompt tuning leaves the base weights untouched, so the model scored zero-shot above is the one wrapped here.
+    target = get_peft_model(target_base, cfg.post_config(target_path))
     args = _trainer_args(
         TransferConfig, os.path.join(partial, "checkpoints"), cfg, max_steps=cfg.transfer_max_steps,
         learning_rate=cfg.transfer_learning_rate, per_device_train_batch_size=cfg.transfer_batch_size,
@@ -516,5 +518,4 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
 def _ledger(privacy: Optional[dict]) -> Optional[dict]:
     if privacy is None:
         return None
-    keys = ("epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate", "steps")
-    return {k: privacy[k] for k in keys}
+    return {k: privacy[k] for k in PRIVACY_KEYS}
