@@ -94,7 +94,12 @@ def evaluate_prompt(
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     verbalizer = Verbalizer.from_config(config, tokenizer)
     check_classification_dataset(dataset, text_column, label_column, verbalizer.num_classes, "dataset")
-    collator = VerbalizerCollator(TaskTemplate.from_config(config, tokenizer), text_column, label_column)
+    template = TaskTemplate.from_config(config, tokenizer)
+    collator = VerbalizerCollator(template, text_column, label_column)
+    # Accuracy does not depend on order, and batching rows of similar length removes most of the padding the
+    # model would otherwise run on (1.8x faster on Rotten Tomatoes: benchmarks/eval_speed.py).
+    lengths = [len(template.encode(text)) for text in dataset[text_column]]
+    dataset = dataset.select(np.argsort(lengths, kind="stable").tolist())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     chosen = prompt if prompt is not None else ("auto" if use_prompt else None)
     scores, labels = predict_class_scores(model, loader, verbalizer, chosen, desc, disable_progress)
