@@ -200,7 +200,14 @@ def stage_done(folder: str) -> Optional[dict]:
 
 
 def _finish_stage(partial: str, final: str, record: dict) -> dict:
-    """Publish a stage: write its record into the partial folder, then rename it into place (atomic)."""
+    """Publish a stage: write its record into the partial folder, then rename it into place (atomic).
+
+    The record carries the stage's peak resident memory (`track_stage` reset the high-water mark on entry), so a
+    later run that reuses the stage still reports what it cost.
+    """
+    from .report import peak_rss_mb
+
+    record = {**record, "peak_memory_mb": round(peak_rss_mb(), 1)}
     atomic_write_json(os.path.join(partial, STAGE_FILE), record)
     if os.path.isdir(final):
         shutil.rmtree(final)
@@ -431,7 +438,7 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
     done; the student, which lives in the shared cache, is distilled on demand when it is missing.
     """
     from .assets import resolve_model
-    from .report import POSTResults, StageStats, curve_from_log_history, track_stage, write_report
+    from .report import POSTResults, curve_from_log_history, track_stage, write_report
 
     if only is not None and only not in STAGES:
         raise ValueError(f"`only` must be one of {STAGES}, got {only!r}.")
@@ -470,27 +477,28 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
         if name == "evaluate" and not ran_fresh and only is None and os.path.isfile(evaluation_path):
             with open(evaluation_path, encoding="utf-8") as f:
                 records[name] = json.load(f)
-            stages.append(StageStats(name=name, wall_time_s=records[name]["wall_time_s"], reused=True))
+            stages.append(_stage_stats(name, records[name], reused=True))
             continue
         if only is not None and name != only and name != "distill":
             record = stage_done(folders[name]) if name in folders else None
             if record is None:
                 raise StageMissing(f"Stage {name!r} has not run in {cfg.run_dir}; run `peft-post {name}` first.")
             records[name] = {**record, "reused": True}
-            stages.append(StageStats(name=name, wall_time_s=float(record.get("wall_time_s", 0.0)), reused=True))
+            stages.append(_stage_stats(name, record, reused=True))
             continue
         fresh: list = []
         with track_stage(name, fresh):
             record = steps[name]()
         records[name] = record
         if record.get("reused"):
-            stages.append(StageStats(name=name, wall_time_s=float(record.get("wall_time_s", 0.0)), reused=True))
+            stages.append(_stage_stats(name, record, reused=True))
         else:
             ran_fresh = True
-            stages.append(fresh[0])
             if name == "evaluate":
                 record["wall_time_s"] = fresh[0].wall_time_s
+                record["peak_memory_mb"] = fresh[0].peak_memory_mb
                 atomic_write_json(evaluation_path, record)
+            stages.append(_stage_stats(name, record, reused=False))
     if "evaluate" not in records:
         return None
     evaluation, tune, transfer = records["evaluate"], records["tune"], records["transfer"]
@@ -513,6 +521,15 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
     )
     write_report(results, cfg.run_dir)
     return results
+
+
+def _stage_stats(name: str, record: dict, reused: bool):
+    """A stage's report row from its record, so a fresh and a reused run of it report the same figures."""
+    from .report import StageStats
+
+    peak = record.get("peak_memory_mb")
+    return StageStats(name=name, wall_time_s=float(record.get("wall_time_s", 0.0)), reused=reused,
+                      peak_memory_mb=None if peak is None else float(peak))
 
 
 def _ledger(privacy: Optional[dict]) -> Optional[dict]:

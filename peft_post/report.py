@@ -368,7 +368,8 @@ def curve_from_log_history(log_history: list[dict], accuracy_key: str = "eval_ac
 
 
 # ------------------------------------------------------------------------------------------------ stage measuring
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (since the last `track_stage` reset, on Linux)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -404,4 +405,4 @@ def track_stage(name: str, stages: list) -> Iterator[None]:
     start = time.perf_counter()
     yield  # a stage that raises is not recorded: it did not finish
     stages.append(StageStats(name=name, wall_time_s=time.perf_counter() - start,
-                             peak_memory_mb=round(_peak_rss_mb(), 1)))
+                             peak_memory_mb=round(peak_rss_mb(), 1)))

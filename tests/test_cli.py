@@ -66,6 +66,11 @@ def test_run_end_to_end_then_resume_skips_finished_stages(tiny_run, capsys):
     again = json.loads(open(os.path.join(run_dir, "report.json")).read())
     assert all(s["reused"] for s in again["stages"])
     assert again["accuracy"] == report["accuracy"]
+    # A reused stage reports the wall time and peak memory measured when it ran.
+    for runs in (first, report):
+        assert all(s["peak_memory_mb"] > 0 for s in runs["stages"])
+    assert [(s["wall_time_s"], s["peak_memory_mb"]) for s in again["stages"]] == \
+        [(s["wall_time_s"], s["peak_memory_mb"]) for s in report["stages"]]
 
 
 def test_stage_subcommands_need_earlier_stages(tiny_run, capsys):
