@@ -400,8 +400,38 @@ def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, sou
     return _finish_stage(partial, folder, record)
 
 
+EVALUATION_FILE = "test_evaluation.json"
+
+
+def _evaluation_key(cfg: PipelineConfig, target_path: str, method: str) -> str:
+    """Everything a test-split score depends on besides the prompt folder it is stored in, hashed."""
+    spec = {"method": method, "target": os.path.abspath(target_path) if os.path.isdir(target_path) else target_path,
+            "data": cfg.private_dataset, "split": cfg.private_test_split, "n": cfg.max_test_examples,
+            "seed": cfg.seed, "template": cfg.template, "labels": cfg.label_word_lists(),
+            "columns": [cfg.text_column, cfg.label_column]}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached_evaluation(folder: str, key: str, compute) -> dict:
+    """``compute()``, stored in `folder` under `key`: a prompt folder copied into another run (an α sweep reusing one
+    source prompt) carries its scores with it, and the prompt is not scored twice."""
+    path = os.path.join(folder, EVALUATION_FILE)
+    cached = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+    if key not in cached:
+        cached[key] = compute()
+        atomic_write_json(path, cached)
+    return cached[key]
+
+
 def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, folders: dict, masked: bool) -> dict:
-    """Accuracy of every method on the private test split: scored once, used for nothing but the report."""
+    """Accuracy of every method on the private test split: scored once, used for nothing but the report.
+
+    Each score is kept beside what it scores (the prompt's stage folder; the zero-shot score in the run folder), so a
+    run that reuses a stage folder reuses its scores too.
+    """
     from .assets import load_text_dataset
     from .evaluation import evaluate_prompt
     from .transfer import direct_transfer
@@ -410,17 +440,24 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
     tokenizer = _load_tokenizer(target_path)
     task = cfg.post_config()
     kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, batch_size=cfg.eval_batch_size)
-    target = _load_lm(target_path, masked)
-    results = {"zero_shot": evaluate_prompt(target, tokenizer, test, task, desc="zero-shot", **kw)}
-    source = _load_prompted(student_path, folders["tune"], masked)
-    results["student_prompt"] = evaluate_prompt(source, tokenizer, test, task, desc="student p_s", **kw)
-    direct = direct_transfer(source, target)
-    results["direct_transfer"] = evaluate_prompt(direct, tokenizer, test, task, desc="direct transfer", **kw)
-    results["post"] = evaluate_prompt(_load_prompted(target_path, folders["transfer"], masked), tokenizer, test, task,
-                                      desc="POST", **kw)
+
+    def score(method: str, folder: str, load, desc: str) -> dict:
+        return _cached_evaluation(folder, _evaluation_key(cfg, target_path, method),
+                                  lambda: evaluate_prompt(load(), tokenizer, test, task, desc=desc, **kw))
+
+    results = {
+        "zero_shot": score("zero_shot", cfg.run_dir, lambda: _load_lm(target_path, masked), "zero-shot"),
+        "student_prompt": score("student_prompt", folders["tune"],
+                                lambda: _load_prompted(student_path, folders["tune"], masked), "student p_s"),
+        "direct_transfer": score("direct_transfer", folders["tune"], lambda: direct_transfer(
+            _load_prompted(student_path, folders["tune"], masked), _load_lm(target_path, masked)), "direct transfer"),
+        "post": score("post", folders["transfer"], lambda: _load_prompted(target_path, folders["transfer"], masked),
+                      "POST"),
+    }
     if cfg.full_baseline:
-        results["full_prompt_tuning"] = evaluate_prompt(_load_prompted(target_path, folders["full_tuning"], masked),
-                                                        tokenizer, test, task, desc="full PT", **kw)
+        results["full_prompt_tuning"] = score(
+            "full_prompt_tuning", folders["full_tuning"],
+            lambda: _load_prompted(target_path, folders["full_tuning"], masked), "full PT")
     return {"num_test_examples": len(test), "results": results}
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 from datasets import Dataset, DatasetDict
@@ -71,6 +72,29 @@ def test_run_end_to_end_then_resume_skips_finished_stages(tiny_run, capsys):
         assert all(s["peak_memory_mb"] > 0 for s in runs["stages"])
     assert [(s["wall_time_s"], s["peak_memory_mb"]) for s in again["stages"]] == \
         [(s["wall_time_s"], s["peak_memory_mb"]) for s in report["stages"]]
+
+
+def test_a_copied_source_prompt_is_reused_with_its_test_scores(tiny_run, tmp_path):
+    # An α sweep: the source prompt folder is copied into a new run, which then only transfers and scores POST.
+    run_dir, args = tiny_run
+    assert main(["run", *args, "--alpha", "1.0"]) == 0
+    first = json.loads(open(os.path.join(run_dir, "report.json")).read())
+    scores = os.path.join(run_dir, "source_prompt", "test_evaluation.json")
+    assert len(json.loads(open(scores).read())) == 2  # student p_s and direct transfer
+    sweep = str(tmp_path / "alpha0")
+    os.makedirs(sweep)
+    shutil.copytree(os.path.join(run_dir, "source_prompt"), os.path.join(sweep, "source_prompt"))
+    mtime = os.path.getmtime(os.path.join(sweep, "source_prompt", "test_evaluation.json"))
+    argv = [*args, "--alpha", "0.0"]
+    argv[argv.index("--run_dir") + 1] = sweep
+    assert main(["run", *argv]) == 0
+    report = json.loads(open(os.path.join(sweep, "report.json")).read())
+    assert {s["name"]: s["reused"] for s in report["stages"]} == {
+        "distill": True, "tune": True, "transfer": False, "evaluate": False}
+    assert os.path.getmtime(os.path.join(sweep, "source_prompt", "test_evaluation.json")) == mtime
+    for method in ("zero_shot", "student_prompt", "direct_transfer"):
+        assert report["accuracy"][method] == first["accuracy"][method]
+    assert report["transfer_alpha"] == 0.0 and first["transfer_alpha"] == 1.0
 
 
 def test_stage_subcommands_need_earlier_stages(tiny_run, capsys):
