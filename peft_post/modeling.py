@@ -7,6 +7,7 @@ and an explicit `(B, n, d)` prompt can be passed, which is how DP training gets 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -67,14 +68,71 @@ def _head(base) -> Optional[torch.nn.Module]:
     return None
 
 
-def require_single_process(args, trainer: str) -> None:
-    """Refuse a multi-process run: `label_logits` calls the backbone directly, which would bypass DDP's forward and
-    with it the gradient all-reduce, so each process would silently train its own prompt."""
+def require_single_process(args, trainer: str, reason: str) -> None:
+    """Refuse a multi-process run of a trainer that cannot be exactly correct under one, saying why."""
     if args.world_size > 1:
+        raise ValueError(f"{trainer} runs on one process only (world_size={args.world_size}): {reason}")
+
+
+def require_data_parallel(trainer) -> None:
+    """Refuse a distributed backend other than DistributedDataParallel (call after `Trainer.__init__`).
+
+    One process and DDP (``accelerate launch`` / ``torchrun``, CPU or GPU) are supported: `forward_through` routes
+    the trainable forward through DDP's wrapper. FSDP, DeepSpeed and the like shard or own the parameters, and the
+    label-slot forward was never checked against them.
+    """
+    kind = trainer.accelerator.distributed_type
+    if kind.name != "NO" and not kind.name.startswith("MULTI_"):
         raise ValueError(
-            f"{trainer} runs on one process (world_size={args.world_size}): its label-slot forward bypasses "
-            "DistributedDataParallel, so gradients would not be synchronised. Launch a single process."
+            f"{type(trainer).__name__} runs on one process or with DistributedDataParallel (`accelerate launch "
+            f"--num_processes N`, torchrun), not with {kind.name}: launch it without an FSDP/DeepSpeed config."
         )
+
+
+def unwrap_model(model) -> torch.nn.Module:
+    """The model inside the wrappers Trainer/accelerate put around it (DDP, torch.compile), else the model itself."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
+def forward_through(model: torch.nn.Module, fn, *args, **kwargs):
+    """``fn(bare, *args, **kwargs)``, with ``bare = unwrap_model(model)``, run as the forward of ``model``.
+
+    Under multi-process training Trainer hands `compute_loss` a `DistributedDataParallel` wrapper, whose forward is
+    what arms the gradient all-reduce of the next backward; a computation that calls the bare model's parts itself
+    (the label-slot forward: backbone, then the head at one position) would skip it and every process would silently
+    train alone. So the bare model's ``forward`` is shadowed by ``fn`` for this one call. An unwrapped model has
+    ``fn`` called directly; a multi-process forward with gradients through any other wrapper raises instead.
+    """
+    bare = unwrap_model(model)
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: route through the DDP module it compiled
+    if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        if torch.is_grad_enabled() and _world_size() > 1:
+            raise ValueError(
+                f"A multi-process training forward reached {type(ddp).__name__}, not a DistributedDataParallel "
+                "wrapper: its gradients would not be synchronised. Launch with plain DDP (`accelerate launch`, torchrun)."
+            )
+        return fn(bare, *args, **kwargs)
+    inner = ddp.module
+    # accelerate may have put its own (autocast) forward on the instance; it is restored afterwards.
+    saved = inner.__dict__.get("forward", _NOTHING)
+    inner.forward = functools.partial(fn, bare)
+    try:
+        return ddp(*args, **kwargs)
+    finally:
+        if saved is _NOTHING:
+            del inner.forward
+        else:
+            inner.forward = saved
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+_NOTHING = object()
 
 
 def _position_ids(base, mask: torch.Tensor) -> Optional[torch.Tensor]:

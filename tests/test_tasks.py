@@ -115,23 +115,3 @@ def test_label_logits_match_peft_forward_for_both_paddings(kind, load_tiny, toke
     )
     with pytest.raises(ValueError, match="prompt"):
         label_logits(model, **right, prompt=torch.zeros(4, 7))
-
-
-def test_trainers_refuse_multiple_processes(monkeypatch, load_tiny, tokenizer, sentiment_dataset, tmp_path):
-    """label_logits bypasses DDP's forward (no gradient all-reduce), so a multi-process run must fail loudly."""
-    from peft_post import (DistillationConfig, DistillationTrainer, PromptTrainer, PromptTrainingConfig,
-                           TransferConfig, TransferTrainer)
-
-    model = get_peft_model(load_tiny("gpt2"), POSTConfig(num_virtual_tokens=2))
-    source = get_peft_model(load_tiny("llama"), POSTConfig(num_virtual_tokens=2))
-    for cls in (PromptTrainingConfig, TransferConfig, DistillationConfig):
-        monkeypatch.setattr(cls, "world_size", property(lambda self: 2))
-    with pytest.raises(ValueError, match="one process"):
-        PromptTrainer(model, PromptTrainingConfig(str(tmp_path / "p"), use_cpu=True), train_dataset=sentiment_dataset,
-                      processing_class=tokenizer)
-    with pytest.raises(ValueError, match="one process"):
-        TransferTrainer(model, source, TransferConfig(str(tmp_path / "t"), alpha=0.5, use_cpu=True),
-                        public_dataset=sentiment_dataset, processing_class=tokenizer)
-    with pytest.raises(ValueError, match="one process"):
-        DistillationTrainer(load_tiny("llama"), load_tiny("llama"), DistillationConfig(str(tmp_path / "d"), use_cpu=True),
-                            train_dataset=sentiment_dataset, processing_class=tokenizer)

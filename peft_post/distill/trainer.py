@@ -9,7 +9,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, Trainer
 
 from ..losses import distillation_kl_loss, distillation_loss
-from ..modeling import base_model_of, is_masked_lm, require_single_process
+from ..modeling import base_model_of, is_masked_lm, require_data_parallel
 from .cache import TeacherCache, apply_head, hidden_and_logits, pad_right
 from .config import DistillationConfig
 
@@ -105,7 +105,6 @@ class DistillationTrainer(Trainer):
                  eval_teacher_cache: Optional[TeacherCache] = None, data_collator=None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise ValueError(f"`args` must be a DistillationConfig, got {type(args).__name__}.")
-        require_single_process(args, "DistillationTrainer")
         if processing_class is None:
             raise ValueError("Pass the teacher's tokenizer as `processing_class`: it tokenizes the text and pads.")
         tokenizer = processing_class
@@ -147,6 +146,10 @@ class DistillationTrainer(Trainer):
 
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, **kwargs)
+        require_data_parallel(self)
+        # The loss is a per-batch mean (scaled for accumulation by training_step); Trainer need not count the tokens
+        # of every batch, a collective under multi-process training.
+        self.model_accepts_loss_kwargs = False
         self.teacher = teacher_base.to(self.args.device).eval().requires_grad_(False)
         self.teacher_cache = teacher_cache
         self.eval_teacher_cache = eval_teacher_cache
@@ -169,7 +172,10 @@ class DistillationTrainer(Trainer):
         index = inputs.pop(INDEX_COLUMN, None)
         input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         mask = attention_mask.bool()
-        s_hidden, s_logits = hidden_and_logits(model, input_ids, attention_mask)
+        # The student's own forward, called through `model`: under multi-process training that is the DDP wrapper,
+        # whose forward arms the gradient all-reduce. The LM loss needs the logits at every position anyway.
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        s_hidden, s_logits = out.hidden_states[-1], out.logits
         cache = self.teacher_cache if model.training else self.eval_teacher_cache
         topk = t_logits = t_hidden = None
         with torch.no_grad():
@@ -202,10 +208,14 @@ class DistillationTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         prefix = "" if mode == "train" else "eval_"
-        for key, values in self._metrics[mode].items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
+        parts = {prefix + key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
         self._metrics[mode].clear()
+        if parts and self.accelerator.num_processes > 1:
+            # Each process saw its own shard: log the mean over all of them, as Trainer does for the loss (Trainer
+            # calls `log` on every process, so this collective is met everywhere).
+            means = self.accelerator.reduce(torch.tensor(list(parts.values()), device=self.args.device), "mean")
+            parts = dict(zip(parts, means.tolist()))
+        logs.update(parts)
         super().log(logs, start_time)
 
 

@@ -20,8 +20,8 @@ from transformers import Trainer
 from ..config import POSTConfig
 from ..evaluation import evaluate_prompt
 from ..losses import transfer_loss
-from ..modeling import (base_model_of, is_masked_lm, label_logits, prompt_parameter, require_only_prompt_trainable,
-                        require_prompt_model, require_single_process)
+from ..modeling import (base_model_of, forward_through, is_masked_lm, label_logits, prompt_parameter,
+                        require_data_parallel, require_only_prompt_trainable, require_prompt_model, unwrap_model)
 from ..prompts import get_prompt, prompt_from_text, set_prompt
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset, dataset_fingerprint
 from .cache import TransferCache, build_transfer_cache, frozen_logits, select_support
@@ -207,7 +207,6 @@ class TransferTrainer(Trainer):
                     "is optimistic."
                 )
         prompt = require_only_prompt_trainable(model, "model")
-        require_single_process(args, "TransferTrainer")
         target_template = TaskTemplate.from_config(target_cfg, tokenizer)
         if source_tokenizer is not tokenizer:
             source_template = TaskTemplate.from_config(target_cfg, source_tokenizer)
@@ -249,6 +248,7 @@ class TransferTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        require_data_parallel(self)
         if _device_type(source_model) != self.args.device.type:
             self.source_model.to(self.args.device)
 
@@ -355,8 +355,11 @@ class TransferTrainer(Trainer):
         # Trainer switched the model to train mode; the frozen target base must not apply dropout (b_t is a fixed
         # function of x, and the cache holds its eval-mode value). The prompt itself has no dropout.
         model.eval()
-        frozen = self.frozen_inputs(model, inputs)
-        a_t = label_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["label_positions"])
+        # `model` is the DDP wrapper under multi-process training: the frozen no-grad forwards use the bare model,
+        # and only the trainable one goes through the wrapper so that p_t's gradient is all-reduced.
+        frozen = self.frozen_inputs(unwrap_model(model), inputs)
+        a_t = forward_through(model, label_logits, inputs["input_ids"], inputs["attention_mask"],
+                              inputs["label_positions"])
         if frozen["support"] is not None:
             a_t = a_t.gather(1, frozen["support"])
         loss = transfer_loss(

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import speed_metrics
 
@@ -19,8 +20,8 @@ from ..config import POSTConfig, validate_privacy_ledger
 from ..evaluation import accuracy_report, predict_class_scores
 from ..io import atomic_write_json
 from ..losses import verbalizer_loss
-from ..modeling import (base_model_of, label_logits, prompt_parameter, require_only_prompt_trainable,
-                        require_prompt_model, require_single_process)
+from ..modeling import (base_model_of, forward_through, label_logits, prompt_parameter, require_data_parallel,
+                        require_only_prompt_trainable, require_prompt_model, require_single_process)
 from ..prompts import prompt_norms
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
 from . import privacy
@@ -87,7 +88,6 @@ class PromptTrainer(Trainer):
                 if d is not None:
                     check_classification_dataset(d, self.text_column, self.label_column, self.verbalizer.num_classes, name)
         require_only_prompt_trainable(model)
-        require_single_process(args, type(self).__name__)
         if getattr(args, "disable_dropout", True):
             _disable_dropout(base_model_of(model))
         if data_collator is None:
@@ -102,6 +102,7 @@ class PromptTrainer(Trainer):
             data_collator=data_collator,
             **kwargs,
         )
+        require_data_parallel(self)
         # The loss is a sum over examples divided by the examples of the whole accumulated batch (counted below),
         # so gradient accumulation gives exactly the full-batch mean gradient.
         self.model_accepts_loss_kwargs = False
@@ -113,9 +114,9 @@ class PromptTrainer(Trainer):
         return sum(int(b["labels"].shape[0]) for b in batch_samples) or None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = label_logits(
-            model, inputs["input_ids"], inputs["attention_mask"], inputs["label_positions"], prompt="auto"
-        )
+        # Through `model`, which is the DDP wrapper under multi-process training, so the prompt's gradient is all-reduced.
+        logits = forward_through(model, label_logits, inputs["input_ids"], inputs["attention_mask"],
+                                 inputs["label_positions"])
         index, weight = self.verbalizer.index.to(logits.device), self.verbalizer.weight.to(logits.device)
         total = verbalizer_loss(logits, inputs["labels"], index, weight, reduction="sum")
         divisor = num_items_in_batch if num_items_in_batch else inputs["labels"].shape[0]
@@ -143,7 +144,11 @@ class PromptTrainer(Trainer):
             )
         self._memory_tracker.start()
         start = time.time()
-        loader = self.get_eval_dataloader(eval_dataset)
+        data = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        # Not prepared by accelerate, which would hand each process only its shard: every process scores the whole
+        # set, so the metrics are the set's under any number of processes.
+        loader = DataLoader(data, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers)
         scores, labels = predict_class_scores(
             self.model, loader, self.verbalizer, prompt="auto", disable_progress=self.args.disable_tqdm
         )
@@ -231,8 +236,12 @@ class DPPromptTrainer(PromptTrainer):
                 "accumulating several Poisson batches changes the sampling the accountant analyses. To save memory, "
                 "set DPConfig(max_physical_batch_size=...), which splits each Poisson batch exactly."
             )
-        if args.world_size > 1:
-            raise ValueError("DPPromptTrainer runs on one process; distributed Poisson sampling is not supported.")
+        require_single_process(
+            args, "DPPromptTrainer",
+            "each process would draw its own Poisson batches, clip and add its own noise, and count its own privacy "
+            "steps, so the reported epsilon would not describe the released prompt. Launch one process (plain "
+            "`python`); non-private PromptTrainer, TransferTrainer and DistillationTrainer do run on several.",
+        )
         if train_dataset is None:
             raise ValueError("DP training needs `train_dataset`: N sets the sampling rate and δ.")
         if isinstance(train_dataset, torch.utils.data.IterableDataset):

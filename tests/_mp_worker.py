@@ -1,0 +1,114 @@
+"""Worker of tests/test_multiprocess.py: trains each multi-process stage on tiny models, saves what it trained.
+
+``accelerate launch --multi_gpu --num_processes 2 tests/_mp_worker.py WORKDIR OUT`` runs every stage with per-device
+batch 2 (global 4) and writes ``OUT/<stage>-<rank>.pt``; the test imports the same functions for the one-process
+reference with batch 4. WORKDIR holds the tokenizer and models that `test_multiprocess.py` prepared.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import transformers as tf
+from datasets import Dataset
+from peft import get_peft_model
+
+from peft_post import (DistillationConfig, DistillationTrainer, POSTConfig, PromptTrainer, PromptTrainingConfig,
+                       TransferConfig, TransferTrainer, make_student)
+from peft_post.distill import prepare_distillation_dataset
+from peft_post.modeling import prompt_parameter
+from peft_post.testing import tiny_corpus, tiny_sentiment_dataset
+
+STEPS = 3
+TASK = dict(num_virtual_tokens=4, label_words=[["bad", "awful"], ["good", "great"]], prompt_tuning_init="TEXT",
+            prompt_tuning_init_text="predict if sentiment of this review")
+# SGD: the update is linear in the gradient, so equal gradients give equal parameters. Adam's first step is
+# lr·g/(|g| + eps), which would blow the float noise of near-zero gradient entries up to a visible difference.
+COMMON = dict(max_steps=STEPS, optim="sgd", seed=0, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+              logging_steps=STEPS, dataloader_drop_last=True)
+
+
+def _tokenizer(workdir):
+    return tf.AutoTokenizer.from_pretrained(os.path.join(workdir, "tokenizer"))
+
+
+def _causal(workdir, name):
+    return tf.AutoModelForCausalLM.from_pretrained(os.path.join(workdir, name)).eval()
+
+
+def _prompted(workdir, name, tokenizer):
+    config = POSTConfig(tokenizer_name_or_path=os.path.join(workdir, "tokenizer"), **TASK)
+    return get_peft_model(_causal(workdir, name), config)
+
+
+def train_transfer(workdir, out, batch, accumulation=1):
+    """p_t after transferring the source's p_s (a perturbed prompt saved by the test) into the target."""
+    tokenizer = _tokenizer(workdir)
+    source = _prompted(workdir, "source", tokenizer)
+    with torch.no_grad():
+        prompt_parameter(source).copy_(torch.load(os.path.join(workdir, "source_prompt.pt")))
+    target = _prompted(workdir, "target", tokenizer)
+    args = TransferConfig(os.path.join(out, "transfer"), alpha=0.5, learning_rate=1.0,
+                          per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, **COMMON)
+    trainer = TransferTrainer(target, source, args, public_dataset=tiny_sentiment_dataset(8), processing_class=tokenizer)
+    start = prompt_parameter(target).detach().clone()
+    trainer.train()
+    return {"start": start, "prompt": prompt_parameter(target).detach().clone()}
+
+
+def train_prompt(workdir, out, batch):
+    """The prompt after non-private prompt tuning."""
+    tokenizer = _tokenizer(workdir)
+    model = _prompted(workdir, "target", tokenizer)
+    args = PromptTrainingConfig(os.path.join(out, "prompt"), learning_rate=10.0, per_device_train_batch_size=batch,
+                                **COMMON)
+    trainer = PromptTrainer(model, args, train_dataset=tiny_sentiment_dataset(8), eval_dataset=tiny_sentiment_dataset(6, 1),
+                            processing_class=tokenizer)
+    start = prompt_parameter(model).detach().clone()
+    trainer.train()
+    metrics = trainer.evaluate()
+    # A training forward that skips the DDP wrapper must raise under several processes (and only then).
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    try:
+        trainer.compute_loss(model, batch)
+        refused = False
+    except ValueError:
+        refused = True
+    return {"start": start, "prompt": prompt_parameter(model).detach().clone(), "accuracy": metrics["eval_accuracy"],
+            "num_examples": metrics["eval_num_examples"], "refuses_unwrapped": refused}
+
+
+def train_distillation(workdir, out, batch):
+    """The student's trainable weights and the logged loss terms after distillation."""
+    tokenizer = _tokenizer(workdir)
+    teacher = _causal(workdir, "teacher")
+    student = make_student(teacher, [0, 3])
+    # Full blocks only: each process's loss is a mean over its tokens, and the mean of two equal-sized shards' means
+    # is the mean over the whole batch only when every row holds the same number of tokens.
+    blocks = prepare_distillation_dataset(Dataset.from_dict({"text": tiny_corpus()[:16]}), tokenizer, 16)
+    blocks = blocks.filter(lambda row: len(row["input_ids"]) == 16)
+    args = DistillationConfig(os.path.join(out, "distill"), learning_rate=0.5, block_size=16,
+                              per_device_train_batch_size=batch, **COMMON)
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=blocks, processing_class=tokenizer)
+    start = {k: v.detach().clone() for k, v in student.named_parameters() if v.requires_grad}
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "loss_kl" in h)
+    return {"start": start, "weights": {k: v.detach().clone() for k, v in student.named_parameters() if v.requires_grad},
+            "log": {k: logged[k] for k in ("loss", "loss_kl", "loss_lm", "loss_cos")}}
+
+
+def main(workdir, out):
+    rank = int(os.environ["RANK"])
+    results = {
+        "transfer": train_transfer(workdir, out, batch=1, accumulation=2),
+        "prompt": train_prompt(workdir, out, batch=2),
+        "distill": train_distillation(workdir, out, batch=2),
+    }
+    for stage, result in results.items():
+        torch.save(result, os.path.join(out, f"{stage}-{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,127 @@
+"""Multi-process (DDP, gloo on CPU) training gives one process's result; DP prompt tuning refuses several processes."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+from peft import get_peft_model
+
+import _mp_worker
+from peft_post import DPConfig, DPPromptTrainer, POSTConfig, PromptTrainingConfig
+from peft_post.modeling import prompt_parameter, require_data_parallel
+from test_distill import deep_model
+from test_transfer import _sharpen
+
+WORKER = os.path.join(os.path.dirname(__file__), "_mp_worker.py")
+TOL = dict(rtol=0, atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tokenizer, tiny_model_dirs, tmp_path_factory):
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("mp")
+    tokenizer.save_pretrained(str(path / "tokenizer"))
+    # Sharpened (see test_transfer): config-built models barely react to a prompt, so every gradient would be ~0.
+    for name, kind in (("source", "llama"), ("target", "gpt2")):
+        _sharpen(tf.AutoModelForCausalLM.from_pretrained(tiny_model_dirs[kind])).save_pretrained(str(path / name))
+    deep_model("llama", tokenizer, init_range=0.2).save_pretrained(str(path / "teacher"))
+    source = _mp_worker._prompted(str(path), "source", tokenizer)
+    torch.manual_seed(0)
+    p_s = prompt_parameter(source).detach()
+    torch.save(p_s + 3.0 * torch.randn_like(p_s), str(path / "source_prompt.pt"))  # a "tuned" p_s, far from init
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def two_processes(workdir, tmp_path_factory):
+    """The worker's results on ranks 0 and 1 of an `accelerate launch` with 2 CPU processes, per-device batch 2."""
+    out = str(tmp_path_factory.mktemp("mp-out"))
+    # `--multi_gpu` is accelerate's DDP launcher; without a GPU it starts CPU processes on gloo (`--cpu` would start
+    # only one process).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), WORKER, workdir, out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.time()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    print(f"2-process launch: {time.time() - start:.1f} s")
+    return {stage: [torch.load(os.path.join(out, f"{stage}-{rank}.pt")) for rank in (0, 1)]
+            for stage in ("transfer", "prompt", "distill")}
+
+
+def _same_on_both_ranks(results, key):
+    a, b = (r[key] for r in results)
+    for name in (a if isinstance(a, dict) else {"": a}):
+        x, y = (a[name], b[name]) if name else (a, b)
+        assert torch.equal(x, y), f"ranks disagree on {key} {name}: gradients were not synchronised"
+
+
+def _check_moved_and_matches(start, multi, single):
+    """The run moved the tensor by far more than the tolerance, and 2 processes ended where 1 did."""
+    assert (single - start).abs().max() > 1000 * TOL["atol"]
+    torch.testing.assert_close(multi, single, **TOL)
+
+
+def test_transfer_with_two_processes_and_accumulation_equals_one_process(two_processes, workdir, tmp_path):
+    # 2 processes x per-device 1 x accumulation 2 (DDP's no_sync path) against 1 process x batch 4.
+    single = _mp_worker.train_transfer(workdir, str(tmp_path), batch=4)
+    _same_on_both_ranks(two_processes["transfer"], "prompt")
+    _check_moved_and_matches(single["start"], two_processes["transfer"][0]["prompt"], single["prompt"])
+
+
+def test_prompt_tuning_with_two_processes_equals_one_process(two_processes, workdir, tmp_path):
+    single = _mp_worker.train_prompt(workdir, str(tmp_path), batch=4)
+    multi = two_processes["prompt"]
+    _same_on_both_ranks(multi, "prompt")
+    _check_moved_and_matches(single["start"], multi[0]["prompt"], single["prompt"])
+    # Every process scores the whole held-out set, not its shard.
+    assert [r["num_examples"] for r in multi] == [6, 6] and single["num_examples"] == 6
+    assert [r["accuracy"] for r in multi] == [single["accuracy"]] * 2
+    assert [r["refuses_unwrapped"] for r in multi] == [True, True] and not single["refuses_unwrapped"]
+
+
+def test_distillation_with_two_processes_equals_one_process(two_processes, workdir, tmp_path):
+    single = _mp_worker.train_distillation(workdir, str(tmp_path), batch=4)
+    multi = two_processes["distill"]
+    _same_on_both_ranks(multi, "weights")
+    assert multi[0]["weights"].keys() == single["weights"].keys()
+    for name, value in single["weights"].items():
+        torch.testing.assert_close(multi[0]["weights"][name], value, **TOL, msg=name)
+    moved = max((value - single["start"][name]).abs().max() for name, value in single["weights"].items())
+    assert moved > 1000 * TOL["atol"]
+    # The logged loss terms are means over both shards, as one process computes them over the whole batch.
+    for rank in (0, 1):
+        for key, value in single["log"].items():
+            assert multi[rank]["log"][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_dp_prompt_trainer_refuses_several_processes(monkeypatch, load_tiny, tokenizer, sentiment_dataset, tmp_path):
+    model = get_peft_model(load_tiny("gpt2"), POSTConfig(num_virtual_tokens=2))
+    monkeypatch.setattr(PromptTrainingConfig, "world_size", property(lambda self: 2))
+    args = PromptTrainingConfig(str(tmp_path), use_cpu=True)
+    with pytest.raises(ValueError, match=r"one process only \(world_size=2\).*Poisson.*epsilon"):
+        DPPromptTrainer(model, args, DPConfig(noise_multiplier=1.0), train_dataset=sentiment_dataset,
+                        processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("backend", [DistributedType.FSDP, DistributedType.DEEPSPEED])
+def test_backends_other_than_ddp_are_refused(backend):
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=backend))
+    with pytest.raises(ValueError, match=f"DistributedDataParallel.*not with {backend.name}"):
+        require_data_parallel(trainer)
+    for fine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        require_data_parallel(SimpleNamespace(accelerator=SimpleNamespace(distributed_type=fine)))
