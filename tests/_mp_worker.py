@@ -55,7 +55,8 @@ def train_transfer(workdir, out, batch, accumulation=1):
     trainer = TransferTrainer(target, source, args, public_dataset=tiny_sentiment_dataset(8), processing_class=tokenizer)
     start = prompt_parameter(target).detach().clone()
     trainer.train()
-    return {"start": start, "prompt": prompt_parameter(target).detach().clone()}
+    return {"start": start, "prompt": prompt_parameter(target).detach().clone(),
+            "batch_size": trainer.record_provenance()["batch_size"]}
 
 
 def train_prompt(workdir, out, batch):

@@ -81,6 +81,7 @@ def test_transfer_with_two_processes_and_accumulation_equals_one_process(two_pro
     single = _mp_worker.train_transfer(workdir, str(tmp_path), batch=4)
     _same_on_both_ranks(two_processes["transfer"], "prompt")
     _check_moved_and_matches(single["start"], two_processes["transfer"][0]["prompt"], single["prompt"])
+    assert [r["batch_size"] for r in two_processes["transfer"]] == [4, 4] and single["batch_size"] == 4
 
 
 def test_prompt_tuning_with_two_processes_equals_one_process(two_processes, workdir, tmp_path):

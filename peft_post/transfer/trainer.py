@@ -414,7 +414,8 @@ class TransferTrainer(Trainer):
             "steps": int(self.state.global_step),
             "seed": int(args.seed),
             "learning_rate": float(args.learning_rate),
-            "batch_size": int(args.per_device_train_batch_size * args.gradient_accumulation_steps),
+            # The global batch of one optimizer step: every process contributes its per-device batches.
+            "batch_size": int(args.train_batch_size * args.gradient_accumulation_steps * args.world_size),
             "cache": "off" if not args.cache_source_outputs else ("full" if args.cache_top_k is None else "top_k"),
             "top_k": args.cache_top_k,
             "init": self._init,
