@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from peft_post.testing import build_tiny_model, build_tokenizer, tiny_sentiment_dataset
+from datasets import Dataset, DatasetDict
+
+from peft_post.testing import build_tiny_model, build_tokenizer, tiny_sentiment_dataset, tiny_sentiment_rows
 
 torch.set_num_threads(2)
 
@@ -36,3 +38,25 @@ def load_tiny(tiny_model_dirs):
 @pytest.fixture
 def sentiment_dataset():
     return tiny_sentiment_dataset(32)
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("PEFT_POST_CACHE", str(tmp_path / "cache"))
+    target = str(tmp_path / "target")
+    build_tiny_model("llama", tokenizer, target, num_layers=4)
+    private = str(tmp_path / "private")
+    DatasetDict({"train": Dataset.from_list(tiny_sentiment_rows(24, seed=1)),
+                 "test": Dataset.from_list(tiny_sentiment_rows(10, seed=2))}).save_to_disk(private)
+    public = str(tmp_path / "public.csv")
+    Dataset.from_list(tiny_sentiment_rows(20, seed=3)).to_csv(public)
+    distill = str(tmp_path / "distill.csv")
+    Dataset.from_list([{"text": r["text"]} for r in tiny_sentiment_rows(40, seed=4)]).to_csv(distill)
+    run_dir = str(tmp_path / "run")
+    args = ["--run_dir", run_dir, "--preset", "quick", "--target_model", target, "--student_layers", "0,-1",
+            "--distill_dataset", distill, "--private_dataset", private, "--public_dataset", public,
+            "--num_public_examples", "12", "--num_public_eval_examples", "8", "--distill_max_steps", "3",
+            "--tune_max_steps", "3", "--transfer_max_steps", "3", "--num_virtual_tokens", "4",
+            "--tune_batch_size", "8", "--transfer_batch_size", "4", "--save_steps", "2", "--eval_batch_size", "8",
+            "--label_words", "bad,awful|good,great"]
+    return run_dir, args

@@ -1,0 +1,178 @@
+"""The paper's utility table on the embedded default: a grid of `peft-post run`s sharing every stage they can.
+
+Each cell of the grid (seed × DP or not × public set × α) is an ordinary pipeline run folder under ``--root``. A
+cell reuses what its siblings already made by copying their finished stage folders before it runs: the distilled
+student lives in the shared cache; the source prompt depends only on (seed, DP); the full-tuning baseline only on
+the seed. Stage folders carry their own test scores (`test_evaluation.json`), so an α sweep transfers and scores
+POST only. Rerunning the same command resumes: finished cells are read back, not rerun.
+
+    python benchmarks/utility.py --seeds 0 --dp false true --alphas heuristic --full-baseline \\
+        --set tune_learning_rate=0.1           # writes benchmarks/results/utility.json and prints the table
+
+``--set key=value`` sets any `PipelineConfig` field for every cell, ``--dp-set`` for the DP cells only (DP wants a
+larger expected batch). A root keeps the settings it was made with: other settings need another ``--root``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import time
+
+from transformers import HfArgumentParser
+
+from peft_post.io import atomic_write_json
+from peft_post.pipeline import PipelineConfig, run_pipeline
+
+RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "utility.json")
+METHODS = ("zero_shot", "full_prompt_tuning", "student_prompt", "direct_transfer", "post")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/utility", help="folder of the grid's run folders")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--dp", nargs="+", default=["false", "true"], choices=("false", "true"))
+    p.add_argument("--public", nargs="+", default=["embedded:vader_amazon"], help="public transfer sets")
+    p.add_argument("--alphas", nargs="+", default=["heuristic"],
+                   help="α values in [0, 1], or 'heuristic' for the paper's rule on the public held-out split")
+    p.add_argument("--full-baseline", action="store_true", help="also tune a prompt on the target (upper bound)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a PipelineConfig field for every cell, e.g. tune_learning_rate=0.1 (repeatable)")
+    p.add_argument("--dp-set", dest="dp_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a PipelineConfig field for the DP cells only, after --set (e.g. a larger expected batch)")
+    p.add_argument("--out", default=RESULT)
+    return p.parse_args(argv)
+
+
+def _overrides(pairs: list[str]) -> list[str]:
+    """``KEY=VALUE`` pairs as `peft-post run` flags, checked against `PipelineConfig` by its own parser."""
+    flags = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a PipelineConfig field.")
+        if key in ("run_dir", "seed", "dp", "public_dataset", "alpha", "full_baseline"):
+            raise SystemExit(f"--set {key}=...: the grid sets {key} itself; use the dedicated flag.")
+        flags += [f"--{key}", value]
+    _config(flags)
+    return flags
+
+
+def _config(flags: list[str]) -> PipelineConfig:
+    return HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(args=flags)[0]
+
+
+def _seed_stage(cell_dir: str, stage: str, donors: list[str]) -> None:
+    """Copy a finished `stage` folder from the first donor run that has one (the stage is identical there)."""
+    target = os.path.join(cell_dir, stage)
+    if os.path.isfile(os.path.join(target, "stage.json")):
+        return
+    for donor in donors:
+        source = os.path.join(donor, stage)
+        if os.path.isfile(os.path.join(source, "stage.json")):
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+            return
+
+
+def _summary(cells: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds of each (DP, public set, α) setting."""
+    groups: dict = {}
+    for cell in cells:
+        groups.setdefault((cell["dp"], cell["public_dataset"], cell["alpha_setting"]), []).append(cell)
+    rows = []
+    for (dp, public, alpha), members in groups.items():
+        row = {"dp": dp, "public_dataset": public, "alpha_setting": alpha, "seeds": [m["seed"] for m in members],
+               "alpha": [m["alpha"] for m in members]}
+        for method in METHODS:
+            values = [m["accuracy"][method] for m in members if m["accuracy"].get(method) is not None]
+            if values:
+                row[method] = {"mean": statistics.fmean(values),
+                               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+        if row.get("full_prompt_tuning") and row.get("post"):
+            row["post_recovers_full"] = row["post"]["mean"] / row["full_prompt_tuning"]["mean"]
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| DP | public | α | " + " | ".join(METHODS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(METHODS))]
+    for row in rows:
+        cells = []
+        for method in METHODS:
+            stat = row.get(method)
+            cells.append("—" if stat is None else
+                         f"{100 * stat['mean']:.1f}" + (f" ± {100 * stat['std']:.1f}" if stat["n"] > 1 else ""))
+        alpha = row["alpha_setting"] if row["alpha_setting"] != "heuristic" else \
+            "heuristic (" + ", ".join(f"{a:.2f}" for a in row["alpha"]) + ")"
+        dp = "ε = 8" if row["dp"] else "no"
+        public = row["public_dataset"].replace("embedded:", "")
+        lines.append(f"| {dp} | {public} | {alpha} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    overrides = _overrides(args.overrides)
+    dp_overrides = _overrides(args.overrides + args.dp_overrides)
+    os.makedirs(args.root, exist_ok=True)
+    grid_file = os.path.join(args.root, "grid.json")
+    if os.path.isfile(grid_file):
+        with open(grid_file, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous != {"set": overrides, "dp_set": dp_overrides}:
+            raise SystemExit(f"{args.root} was made with {previous}; use another --root for these settings.")
+    atomic_write_json(grid_file, {"set": overrides, "dp_set": dp_overrides})
+    command = "python benchmarks/utility.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    start = time.perf_counter()
+    cells = []
+    for seed in args.seeds:
+        full_donors: list[str] = []
+        for dp in (d == "true" for d in args.dp):
+            tune_donors: list[str] = []
+            for public in args.public:
+                for alpha in args.alphas:
+                    name = f"seed{seed}-{'dp' if dp else 'nodp'}-{public.replace('embedded:', '').replace('/', '_')}"
+                    cell_dir = os.path.join(args.root, f"{name}-alpha-{alpha}")
+                    os.makedirs(cell_dir, exist_ok=True)
+                    _seed_stage(cell_dir, "source_prompt", tune_donors)
+                    if args.full_baseline:
+                        _seed_stage(cell_dir, "full_prompt", full_donors)
+                    cfg = _config([*(dp_overrides if dp else overrides), "--run_dir", cell_dir, "--seed", str(seed),
+                                   "--dp", str(dp), "--public_dataset", public,
+                                   "--full_baseline", str(args.full_baseline),
+                                   *([] if alpha == "heuristic" else ["--alpha", alpha])])
+                    cell_start = time.perf_counter()
+                    results = run_pipeline(cfg, command=command)
+                    report = results.to_dict()
+                    cells.append({
+                        "run_dir": cell_dir, "seed": seed, "dp": dp, "public_dataset": public, "alpha_setting": alpha,
+                        "alpha": report["transfer_alpha"], "accuracy": report["accuracy"],
+                        "privacy": report["privacy"], "stages": report["stages"], "notes": report["notes"],
+                        "cell_wall_time_s": time.perf_counter() - cell_start,
+                    })
+                    tune_donors.append(cell_dir)
+                    full_donors.append(cell_dir)
+                    print(f"[utility] {cell_dir}: " + ", ".join(
+                        f"{m} {100 * v:.1f}" for m, v in report["accuracy"].items() if v is not None), flush=True)
+    rows = _summary(cells)
+    table = markdown(rows)
+    print(table)
+    atomic_write_json(args.out, {
+        "command": command, "machine": "2 CPU cores (shared), no GPU",
+        "overrides": {"set": overrides, "dp_set": dp_overrides}, "config": dataclasses.asdict(_config(overrides)),
+        "dp_config": dataclasses.asdict(_config(dp_overrides)), "wall_time_s": time.perf_counter() - start,
+        "summary": rows, "cells": cells, "markdown": table,
+    })
+
+
+if __name__ == "__main__":
+    main()

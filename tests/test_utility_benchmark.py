@@ -1,0 +1,54 @@
+"""benchmarks/utility.py on tiny models: the grid shares stages across cells and summarises what it ran."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+BENCHMARK = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "utility.py")
+
+
+@pytest.fixture
+def utility():
+    spec = importlib.util.spec_from_file_location("utility_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _as_set_flags(args):
+    pairs = dict(zip(args[::2], args[1::2]))
+    public = pairs.pop("--public_dataset")
+    pairs.pop("--run_dir")
+    return public, [f"--set={k[2:]}={v}" for k, v in pairs.items()]
+
+
+def test_grid_shares_the_source_prompt_across_alphas_and_summarises(utility, tiny_run, tmp_path):
+    _, args = tiny_run
+    public, flags = _as_set_flags(args)
+    root, out = str(tmp_path / "grid"), str(tmp_path / "utility.json")
+    argv = ["--root", root, "--out", out, "--dp", "false", "true", "--public", public, "--alphas", "heuristic", "0.5",
+            *flags, "--dp-set=tune_batch_size=4"]
+    utility.main(argv)
+    result = json.loads(open(out).read())
+    cells = result["cells"]
+    assert [(c["dp"], c["alpha_setting"]) for c in cells] == [
+        (False, "heuristic"), (False, "0.5"), (True, "heuristic"), (True, "0.5")]
+    for dp in (False, True):
+        first, second = [c for c in cells if c["dp"] is dp]
+        reused = {s["name"]: s["reused"] for s in second["stages"]}
+        assert reused["tune"] and not reused["transfer"]  # the α cell copied the source prompt, then transferred
+        for method in ("zero_shot", "student_prompt", "direct_transfer"):
+            assert first["accuracy"][method] == second["accuracy"][method]
+        assert second["alpha"] == 0.5
+    assert cells[2]["privacy"]["epsilon"] <= 8.0 and cells[0]["privacy"] is None
+    assert result["dp_config"]["tune_batch_size"] == 4 and result["config"]["tune_batch_size"] == 8
+    assert len(result["summary"]) == 4 and result["markdown"].count("\n") == 5
+    # Rerunning resumes: every stage of every cell is read back.
+    utility.main(argv)
+    again = json.loads(open(out).read())
+    assert all(s["reused"] for c in again["cells"] for s in c["stages"])
+    assert [c["accuracy"] for c in again["cells"]] == [c["accuracy"] for c in cells]
+    with pytest.raises(SystemExit, match="another --root"):
+        utility.main([*argv, "--set=tune_learning_rate=0.5"])
