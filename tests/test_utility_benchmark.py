@@ -52,3 +52,19 @@ def test_grid_shares_the_source_prompt_across_alphas_and_summarises(utility, tin
     assert [c["accuracy"] for c in again["cells"]] == [c["accuracy"] for c in cells]
     with pytest.raises(SystemExit, match="another --root"):
         utility.main([*argv, "--set=tune_learning_rate=0.5"])
+
+
+def test_cost_benchmark_reads_each_stage_cost_from_one_run(tiny_run, tmp_path):
+    spec = importlib.util.spec_from_file_location("cost_benchmark", BENCHMARK.replace("utility.py", "cost.py"))
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    run_dir, args = tiny_run
+    public, flags = _as_set_flags(args)
+    out = str(tmp_path / "cost.json")
+    cost.main(["--run-dir", run_dir, "--out", out, f"--set=public_dataset={public}", *flags])
+    result = json.loads(open(out).read())
+    stages = result["stages"]
+    assert result["time_ratio_full_over_post"] == pytest.approx(
+        stages["full_tuning"]["wall_time_s"] / (stages["tune"]["wall_time_s"] + stages["transfer"]["wall_time_s"]))
+    assert result["budget"]["tune_steps"] == 3 and result["accuracy"]["full_prompt_tuning"] is not None
+    assert all(stages[s]["peak_memory_mb"] > 0 for s in ("tune", "transfer", "full_tuning"))
