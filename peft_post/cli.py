@@ -4,6 +4,7 @@
     peft-post run --preset quick      # a first look in a few minutes
     peft-post run --config run.yaml --dp false
     peft-post tune --run_dir runs/post  # one stage; earlier run-folder stages must be done
+    peft-post audit --dp false --tune_max_steps 60   # membership-inference audit of the tuning recipe (LiRA)
     peft-post push --adapter runs/post/transferred_prompt --repo_id me/my-prompt --base_model org/model
 """
 
@@ -18,9 +19,10 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
+from .audit import AuditConfig
 from .pipeline import STAGES, PipelineConfig, run_pipeline
 
-COMMANDS = ("run",) + STAGES + ("push",)
+COMMANDS = ("run",) + STAGES + ("audit", "push")
 HELP = {
     "run": "Run every stage in order (skipping finished ones) and write the report.",
     "distill": "Stage 1 (provider): distil the student from the target, cached for later runs.",
@@ -28,6 +30,7 @@ HELP = {
     "transfer": "Stage 3 (provider): transfer p_s to the target with public data only.",
     "full_tuning": "Baseline: tune a prompt directly on the target (needs --full_baseline).",
     "evaluate": "Score every method on the private test split and write report.json/md/png.",
+    "audit": "Membership-inference audit (LiRA) of p_s tuned on the student with this recipe: AUC, TPR at low FPR.",
     "push": "Upload a transferred prompt with an honest model card to the Hub.",
 }
 
@@ -47,7 +50,9 @@ class PushArguments:
 
 
 def _parse(dataclass_type, argv: list[str], prog: str):
-    parser = HfArgumentParser(dataclass_type, prog=prog, description=HELP.get(prog.split()[-1]))
+    """Parse `argv` into `dataclass_type`, or into each of a tuple of dataclass types (returning a tuple)."""
+    types = dataclass_type if isinstance(dataclass_type, tuple) else (dataclass_type,)
+    parser = HfArgumentParser(types, prog=prog, description=HELP.get(prog.split()[-1]))
     parser.add_argument("--config", default=None, help="YAML or JSON file of arguments; flags override it.")
     config_path = None
     if "--config" in argv:
@@ -73,8 +78,8 @@ def _parse(dataclass_type, argv: list[str], prog: str):
         for action in parser._actions:  # a required field given by the file is no longer required on the CLI
             if action.dest in values:
                 action.required = False
-    (parsed,) = parser.parse_args_into_dataclasses(args=argv, args_filename=None, look_for_args_file=False)[:1]
-    return parsed
+    parsed = parser.parse_args_into_dataclasses(args=argv, args_filename=None, look_for_args_file=False)[:len(types)]
+    return tuple(parsed) if isinstance(dataclass_type, tuple) else parsed[0]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -92,15 +97,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if command == "push":
             return _push(_parse(PushArguments, rest, prog))
+        if command == "audit":
+            return _audit(*_parse((PipelineConfig, AuditConfig), rest, prog), command=_command_line(command, rest))
         cfg = _parse(PipelineConfig, rest, prog)
         results = run_pipeline(cfg, only=None if command == "run" else command,
-                               command=" ".join(["peft-post", command, *map(shlex.quote, rest)]))
+                               command=_command_line(command, rest))
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     if results is not None:
         with open(os.path.join(cfg.run_dir, "report.md"), encoding="utf-8") as f:
             print(f.read())
+    return 0
+
+
+def _command_line(command: str, rest: list[str]) -> str:
+    return " ".join(["peft-post", command, *map(shlex.quote, rest)])
+
+
+def _audit(cfg: PipelineConfig, audit: AuditConfig, command: str) -> int:
+    from .audit import run_audit
+
+    result = run_audit(cfg, audit, command=command)
+    tpr = result["tpr_at_fpr"]["0.01"]
+    print(f"LiRA membership inference on {'DP' if cfg.dp else 'non-private'} prompts "
+          f"({result['num_shadows']} shadows x {result['num_examples']} examples = {result['num_pairs']} pairs)")
+    tpr_text = "n/a (under 100 non-member pairs)" if tpr is None else f"{tpr:.3f}"
+    print(f"  AUC {result['auc']:.3f}   TPR@1%FPR {tpr_text}   loss-attack AUC {result['loss_attack']['auc']:.3f}")
+    print(f"  shadow accuracy: train {result['shadow_train_accuracy']:.3f}, "
+          f"held-out {result['shadow_test_accuracy']:.3f}")
+    if result["privacy"]:
+        print(f"  shadows' DP: epsilon {result['privacy']['epsilon']:.2f} at delta {result['privacy']['delta']:.2g}")
     return 0
 
 

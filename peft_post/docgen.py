@@ -18,6 +18,7 @@ def _config_classes() -> dict:
     from peft import PromptTuningConfig
     from transformers import TrainingArguments
 
+    from .audit import AuditConfig
     from .config import POSTConfig
     from .distill import DistillationConfig
     from .pipeline import PipelineConfig
@@ -31,6 +32,7 @@ def _config_classes() -> dict:
         "TransferConfig": (TransferConfig, TrainingArguments),
         "DistillationConfig": (DistillationConfig, TrainingArguments),
         "PipelineConfig": (PipelineConfig, None),
+        "AuditConfig": (AuditConfig, None),
     }
 
 

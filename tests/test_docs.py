@@ -8,7 +8,8 @@ from peft_post.docgen import _config_classes, render_fields, update_docs
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 PAGES = {"POSTConfig": "config.md", "PromptTrainingConfig": "tuning.md", "DPConfig": "privacy.md",
-         "TransferConfig": "transfer.md", "DistillationConfig": "distillation.md", "PipelineConfig": "pipeline.md"}
+         "TransferConfig": "transfer.md", "DistillationConfig": "distillation.md", "PipelineConfig": "pipeline.md",
+         "AuditConfig": "audit.md"}
 
 
 @pytest.mark.parametrize("name", sorted(PAGES))
