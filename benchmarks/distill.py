@@ -14,7 +14,6 @@ top-k cache's KL error, one-time cache cost and size, and peak RSS. The best stu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics

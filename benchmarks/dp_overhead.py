@@ -12,7 +12,6 @@ are WRONG for a PEFT prompt, see tests/test_privacy.py) and runs PEFT's own full
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random

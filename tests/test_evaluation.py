@@ -5,7 +5,7 @@ from peft import get_peft_model
 
 from peft_post import POSTConfig, evaluate_prompt, get_prompt, load_accuracy_metric, prompt_from_text, set_prompt
 from peft_post.evaluation import accuracy_report
-from peft_post.tasks import TaskTemplate, Verbalizer, VerbalizerCollator
+from peft_post.tasks import Verbalizer
 
 
 def test_evaluate_known_accuracy_with_a_hand_built_prompt(load_tiny, tokenizer):

@@ -4,9 +4,7 @@ import os
 import subprocess
 import sys
 
-import pytest
 from datasets import Dataset, DatasetDict
-from peft import PeftModel
 
 from peft_post import POSTConfig
 from peft_post.testing import build_tiny_model, tiny_sentiment_rows

@@ -10,7 +10,7 @@ from peft_post import POSTConfig, TransferConfig, TransferTrainer, direct_transf
 from peft_post.losses import temperature_kl
 from peft_post.modeling import label_logits, prompt_parameter
 from peft_post.prompts import get_prompt, prompt_from_text
-from peft_post.tasks import Verbalizer, dataset_fingerprint
+from peft_post.tasks import dataset_fingerprint
 from peft_post.testing import build_tiny_model, tiny_sentiment_dataset
 from peft_post.transfer import select_support
 
