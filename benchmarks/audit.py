@@ -1,0 +1,83 @@
+"""LiRA membership-inference audit of soft prompts on the default student (SmolLM2-135M-Instruct, 8 layers, distilled
+by the default preset) and Rotten Tomatoes, without DP and with DP (ε = 8): `peft_post.audit.run_audit` per setting.
+
+The student is the default pipeline's cached one; the script waits for it (another run may still be distilling it)
+rather than distilling it itself. Results go to results/audit.json with the command; the audit folders under
+--audit-root keep every shadow's scores, so a rerun with the same flags resumes.
+
+    python benchmarks/audit.py --num-examples 256 --num-shadows 8 --steps 80 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+from peft_post.assets import cache_dir, resolve_model  # noqa: E402
+from peft_post.audit import AuditConfig, run_audit  # noqa: E402
+from peft_post.io import atomic_write_json  # noqa: E402
+from peft_post.pipeline import PipelineConfig, student_cache_key  # noqa: E402
+
+SETTINGS = {"non_dp": dict(dp=False), "dp_eps8": dict(dp=True, target_epsilon=8.0)}
+
+
+def wait_for_student(cfg: PipelineConfig, timeout_s: float) -> str:
+    folder = os.path.join(cache_dir(), "students", student_cache_key(cfg, resolve_model(cfg.target_model)))
+    deadline = time.time() + timeout_s
+    while not os.path.isfile(os.path.join(folder, "stage.json")):
+        if time.time() > deadline:
+            raise SystemExit(f"No distilled student at {folder} after {timeout_s:.0f} s; run `peft-post distill` first.")
+        print(f"waiting for the default student at {folder} ...", flush=True)
+        time.sleep(30)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-examples", type=int, default=256)
+    parser.add_argument("--num-shadows", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=80, help="Prompt-tuning steps of each shadow.")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--audit-root", default="runs/audit_bench")
+    parser.add_argument("--wait-s", type=float, default=3600, help="How long to wait for the default student.")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "audit.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base = PipelineConfig()  # the default preset: its student, data, template, prompt length and tuning settings
+    student = wait_for_student(base, args.wait_s)
+    results = {}
+    for name in args.settings:
+        cfg = PipelineConfig(student_model=student, tune_max_steps=args.steps, save_steps=max(args.steps // 2, 1),
+                             run_dir=args.audit_root, **SETTINGS[name])
+        audit = AuditConfig(num_examples=args.num_examples, num_shadows=args.num_shadows,
+                            audit_dir=os.path.join(args.audit_root, name))
+        result = run_audit(cfg, audit, command=" ".join(map(shlex.quote, sys.argv)))
+        result["s_per_shadow"] = result["shadow_wall_time_s"] / args.num_shadows
+        results[name] = result
+        tpr = result["tpr_at_fpr"]
+        print(f"{name}: AUC {result['auc']:.3f}  TPR@1%FPR {tpr['0.01']}  TPR@0.1%FPR {tpr['0.001']}  "
+              f"loss-attack AUC {result['loss_attack']['auc']:.3f}  train/held-out accuracy "
+              f"{result['shadow_train_accuracy']:.3f}/{result['shadow_test_accuracy']:.3f}  "
+              f"eps {(result['privacy'] or {}).get('epsilon')}  {result['wall_time_s']:.0f} s", flush=True)
+    atomic_write_json(args.out, {
+        "command": "python " + " ".join(map(shlex.quote, ["benchmarks/audit.py", *sys.argv[1:]])),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
+        "student": student,
+        "results": results,
+    })
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
