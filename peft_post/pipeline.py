@@ -34,13 +34,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Chosen by measurement on 2 CPU cores with SmolLM2-135M-Instruct; see docs/pipeline.md for the figures.
     "default": dict(
         student_layers="0,1,2,3,26,27,28,29", distill_max_steps=300, distill_learning_rate=1e-3,
-        max_train_examples=100_000, max_test_examples=1000, tune_max_steps=300, tune_learning_rate=3e-2,
+        max_train_examples=100_000, max_test_examples=1000,
+        tune_max_steps=300, tune_learning_rate=3e-2, tune_batch_size=16,
         num_public_examples=256, num_public_eval_examples=128, transfer_max_steps=200, transfer_learning_rate=1e-2,
         num_virtual_tokens=20,
     ),
     "quick": dict(
         student_layers="0,1,28,29", distill_max_steps=20, distill_learning_rate=1e-3,
-        max_train_examples=256, max_test_examples=200, tune_max_steps=20, tune_learning_rate=3e-2,
+        max_train_examples=256, max_test_examples=200,
+        tune_max_steps=20, tune_learning_rate=3e-2, tune_batch_size=16,
         num_public_examples=64, num_public_eval_examples=64, transfer_max_steps=20, transfer_learning_rate=1e-2,
         num_virtual_tokens=10,
     ),
@@ -112,7 +114,11 @@ class PipelineConfig:
     )
     tune_max_steps: Optional[int] = field(default=None, metadata={"help": "Prompt-tuning optimizer steps."})
     tune_learning_rate: Optional[float] = field(default=None, metadata={"help": "Prompt-tuning Adam learning rate."})
-    tune_batch_size: int = field(default=16, metadata={"help": "Prompt-tuning (expected, under DP) batch size."})
+    tune_batch_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Prompt-tuning batch size (the expected batch under DP, where larger batches drown less "
+                  "of the signal in noise)."},
+    )
     dp: bool = field(default=True, metadata={"help": "Tune p_s with differential privacy (DP-SGD on the prompt)."})
     target_epsilon: float = field(default=8.0, metadata={"help": "DP budget ε (the paper uses 8)."})
     target_delta: Optional[float] = field(default=None, metadata={"help": "DP δ; None = 1/N."})
