@@ -36,7 +36,7 @@ FPR_LEVELS = (0.01, 0.001)
 # Keeps a Gaussian whose shadows all gave the same φ from dividing by zero; far below any real spread of φ.
 MIN_STD = 1e-8
 # Changing these does not change what the shadows learn or how they are scored, so a rerun may differ in them.
-_RESUME_FREE = ("run_dir", "audit_dir", "save_steps", "eval_batch_size")
+_RESUME_FREE = ("run_dir", "audit_dir", "save_steps", "eval_batch_size", "bootstrap_resamples")
 
 
 @dataclass
@@ -62,6 +62,10 @@ class AuditConfig:
         metadata={"help": "Folder of the audit (shadow scores, audit.json); a rerun into it reuses finished shadows. "
                   "None: <run_dir>/audit_dp or <run_dir>/audit_non_dp."},
     )
+    bootstrap_resamples: int = field(
+        default=1000,
+        metadata={"help": "Bootstrap resamples (of shadows and examples) for the AUC's 95 percent interval; 0 skips it."},
+    )
 
     def __post_init__(self):
         if not isinstance(self.num_shadows, int) or self.num_shadows < 4 or self.num_shadows % 2:
@@ -72,6 +76,8 @@ class AuditConfig:
                              f"{self.num_examples!r}.")
         if self.variance not in VARIANCES:
             raise ValueError(f"`variance` must be one of {VARIANCES}, got {self.variance!r}.")
+        if not isinstance(self.bootstrap_resamples, int) or self.bootstrap_resamples < 0:
+            raise ValueError(f"`bootstrap_resamples` must be an int >= 0, got {self.bootstrap_resamples!r}.")
         if self.variance == "per_example" and self.num_shadows < 6:
             raise ValueError(f"`variance='per_example'` needs num_shadows >= 6 (two IN shadows besides the attacked "
                              f"one), got {self.num_shadows}; use variance='global'.")
@@ -173,16 +179,38 @@ def tpr_at_fpr(scores: np.ndarray, members: np.ndarray, fpr: float) -> Optional[
     return float(tprs[fprs <= fpr].max())
 
 
-def attack_metrics(scores: np.ndarray, membership: np.ndarray) -> dict:
-    """AUC and TPR at `FPR_LEVELS` of a membership score over all (shadow, example) pairs."""
+def bootstrap_auc_interval(scores: np.ndarray, membership: np.ndarray, num_resamples: int = 1000, seed: int = 0,
+                           level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the AUC over (K, N) pairs, resampling shadows and examples independently (with
+    replacement), since pairs that share a shadow or an example are not independent draws."""
+    from sklearn.metrics import roc_auc_score
+
+    scores, membership = np.atleast_2d(scores), np.atleast_2d(np.asarray(membership, dtype=bool))
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(num_resamples):
+        rows = rng.integers(0, scores.shape[0], scores.shape[0])
+        cols = rng.integers(0, scores.shape[1], scores.shape[1])
+        members = membership[np.ix_(rows, cols)].ravel()
+        if members.any() and not members.all():
+            aucs.append(roc_auc_score(members, scores[np.ix_(rows, cols)].ravel()))
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
+
+
+def attack_metrics(scores: np.ndarray, membership: np.ndarray, num_resamples: int = 0) -> dict:
+    """AUC (with a bootstrap 95% interval when `num_resamples` > 0, see `bootstrap_auc_interval`) and TPR at
+    `FPR_LEVELS` of a membership score over all (shadow, example) pairs: arrays of one shape, (K, N) or flat."""
     from sklearn.metrics import roc_auc_score
 
     members = np.asarray(membership, dtype=bool).ravel()
     flat = np.asarray(scores, dtype=np.float64).ravel()
     if members.all() or not members.any():
         raise ValueError("The membership labels need both members and non-members.")
+    interval = bootstrap_auc_interval(scores, membership, num_resamples) if num_resamples > 0 else None
     return {
         "auc": float(roc_auc_score(members, flat)),
+        "auc_interval": interval,
         "tpr_at_fpr": {str(level): tpr_at_fpr(flat, members, level) for level in FPR_LEVELS},
         "num_pairs": int(members.size),
         "num_member_pairs": int(members.sum()),
@@ -257,6 +285,7 @@ def _train_shadow(cfg, student_path: str, masked: bool, examples, in_mask: np.nd
                                      max_train_examples=int(in_mask.sum()), seed=seed)
     prompt_dir = os.path.join(folder, "prompt")
     record = tune_stage(shadow_cfg, student_path, masked, prompt_dir, "audit_shadow", cfg.dp)
+    start = time.perf_counter()
     scores, labels = _class_scores(_load_prompted(student_path, prompt_dir, masked), _load_tokenizer(student_path),
                                    examples, cfg)
     # The shadow's copy of private data is not needed once its prompt is trained and scored.
@@ -272,7 +301,8 @@ def _train_shadow(cfg, student_path: str, masked: bool, examples, in_mask: np.nd
         "steps": record["steps"],
         "privacy": record["privacy"],
         "seed": seed,
-        "wall_time_s": record["wall_time_s"],
+        "tune_wall_time_s": record["wall_time_s"],
+        "wall_time_s": record["wall_time_s"] + time.perf_counter() - start,
     }
 
 
@@ -321,8 +351,8 @@ def run_audit(cfg, audit: AuditConfig, command: Optional[str] = None) -> dict:
         privacy = {k: ledgers[0][k] for k in PRIVACY_KEYS}
         privacy["epsilon"] = max(ledger["epsilon"] for ledger in ledgers)
     result = {
-        **attack_metrics(lira, membership),
-        "loss_attack": attack_metrics(confidences, membership),
+        **attack_metrics(lira, membership, audit.bootstrap_resamples),
+        "loss_attack": attack_metrics(confidences, membership, audit.bootstrap_resamples),
         "num_shadows": audit.num_shadows,
         "num_examples": audit.num_examples,
         "shadow_train_size": audit.num_examples // 2,

@@ -123,7 +123,8 @@ def _audit(cfg: PipelineConfig, audit: AuditConfig, command: str) -> int:
     print(f"LiRA membership inference on {'DP' if cfg.dp else 'non-private'} prompts "
           f"({result['num_shadows']} shadows x {result['num_examples']} examples = {result['num_pairs']} pairs)")
     tpr_text = "n/a (under 100 non-member pairs)" if tpr is None else f"{tpr:.3f}"
-    print(f"  AUC {result['auc']:.3f}   TPR@1%FPR {tpr_text}   loss-attack AUC {result['loss_attack']['auc']:.3f}")
+    interval = " (95%% interval %.3f-%.3f)" % tuple(result["auc_interval"]) if result["auc_interval"] else ""
+    print(f"  AUC {result['auc']:.3f}{interval}   TPR@1%FPR {tpr_text}   loss-attack AUC {result['loss_attack']['auc']:.3f}")
     print(f"  shadow accuracy: train {result['shadow_train_accuracy']:.3f}, "
           f"held-out {result['shadow_test_accuracy']:.3f}")
     if result["privacy"]:

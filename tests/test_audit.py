@@ -9,8 +9,8 @@ from datasets import Dataset, DatasetDict
 from scipy.stats import norm
 from sklearn.metrics import roc_curve
 
-from peft_post.audit import (AuditConfig, attack_metrics, lira_scores, logit_confidence, membership_matrix, run_audit,
-                             tpr_at_fpr)
+from peft_post.audit import (AuditConfig, attack_metrics, bootstrap_auc_interval, lira_scores, logit_confidence,
+                             membership_matrix, run_audit, tpr_at_fpr)
 from peft_post.cli import main
 from peft_post.pipeline import PipelineConfig
 from peft_post.testing import tiny_sentiment_rows
@@ -108,6 +108,22 @@ def test_metrics_match_a_brute_force_pair_count_and_threshold_sweep():
     assert result["tpr_at_fpr"]["0.001"] == tprs[fprs <= 0.001].max()
 
 
+def test_bootstrap_interval_brackets_the_auc_narrows_with_more_pairs_and_is_seeded():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (40, 400):
+        m = membership_matrix(8, n, seed=0)
+        phi = rng.normal(size=m.shape) + 0.5 * m
+        lo, hi = bootstrap_auc_interval(phi, m, num_resamples=300, seed=1)
+        assert lo < attack_metrics(phi, m)["auc"] < hi
+        assert (lo, hi) == bootstrap_auc_interval(phi, m, num_resamples=300, seed=1)
+        assert attack_metrics(phi, m, num_resamples=300)["auc_interval"] == bootstrap_auc_interval(phi, m, 300)
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+    m = membership_matrix(4, 20, seed=0)
+    assert bootstrap_auc_interval(10.0 * m, m, num_resamples=50) == (1.0, 1.0)
+
+
 def test_tpr_at_an_fpr_finer_than_the_negatives_allow_is_none():
     members = np.array([False] * 50 + [True] * 60)
     assert tpr_at_fpr(np.arange(110.0), members, 0.01) is None
@@ -124,6 +140,7 @@ def test_tpr_at_an_fpr_finer_than_the_negatives_allow_is_none():
         (dict(num_examples=7), "num_examples"),
         (dict(variance="median"), "variance"),
         (dict(variance="per_example", num_shadows=4), "num_shadows >= 6"),
+        (dict(bootstrap_resamples=-1), "bootstrap_resamples"),
     ],
 )
 def test_bad_audit_config_raises(kwargs, match):
@@ -185,7 +202,7 @@ def test_overfit_prompts_are_audited_well_above_chance_and_a_rerun_reuses_every_
     audit = AuditConfig(num_examples=16, num_shadows=4, audit_dir=str(tmp_path / "audit"))
     result = run_audit(cfg, audit, command="test")
     # Measured: AUC 0.859 (loss attack 0.837); train accuracy 1.0 while held-out sits at chance on random labels.
-    assert result["auc"] > 0.8
+    assert result["auc"] > 0.8 and result["auc_interval"][0] < result["auc"] < result["auc_interval"][1]
     assert result["shadow_train_accuracy"] == 1.0 and result["shadow_test_accuracy"] < 0.7
     assert result["num_pairs"] == 64 and result["num_member_pairs"] == 32
     # 32 non-member pairs cannot realise a 1 % false-positive rate.
