@@ -1,71 +1,159 @@
-"""What POST saves: full prompt tuning on the target against (student prompt tuning + transfer), one pipeline run.
+"""What POST saves: full prompt tuning on the target against (student prompt tuning + transfer).
 
-Both tunings see the same private examples for the same number of steps and batch size (so the same epochs), on the
-same machine, in one `run_pipeline` call (non-DP, so the comparison is of the methods, not of DP-SGD). The student's
-distillation is the provider's one-time cost, shared by every later task; it is reported but not charged to the
-task. Wall time and peak resident memory are those each stage recorded when it ran; pointing ``--run-dir`` at a
-finished run (e.g. a cell of benchmarks/utility.py with --full-baseline) reads them back without rerunning.
+Time: the three training steps (prompt tuning on the target, prompt tuning on the student, one POST transfer step on
+the target) are built with the library's own trainers on the same private batches and timed interleaved, round after
+round, in one process, so that whatever else the machine does weighs on all three alike; the medians are scaled by
+the preset's step counts (both tunings: the same steps and batch, i.e. the same epochs), and the transfer's one-time
+work (its cache of frozen logits) is timed once and added. Whole-stage wall times of a run are not used for the
+ratio: on a shared machine they mostly measure what else was running.
+Memory: the peak resident memory each stage recorded in a finished `--run-dir` with `--full_baseline` (per-stage
+peaks are taken in separate stages of one run; they are not comparable within one process).
 
-    python benchmarks/cost.py --run-dir runs/cost        # writes benchmarks/results/cost.json
+The student's distillation is the provider's one-time cost, shared by every later task; it is not charged here.
+
+    python benchmarks/cost.py --run-dir runs/nodp    # writes benchmarks/results/cost.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import shlex
+import statistics
 import sys
+import tempfile
+import time
 
+import torch
+from peft import get_peft_model
 from transformers import HfArgumentParser
 
+from peft_post.assets import load_text_dataset, resolve_model
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import PipelineConfig, run_pipeline
+from peft_post.pipeline import (PipelineConfig, _load_lm, _load_prompted, _load_tokenizer, _public_splits, _subset,
+                                distill_stage, stage_done)
+from peft_post.transfer import TransferConfig, TransferTrainer
+from peft_post.tuning import PromptTrainer, PromptTrainingConfig
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cost.json")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="runs/cost")
+    p.add_argument("--run-dir", help="a finished non-DP run with --full_baseline: stage memory and its source prompt")
+    p.add_argument("--rounds", type=int, default=7, help="timed steps of each kind (after one warm-up)")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a PipelineConfig field (repeatable), e.g. tune_learning_rate=0.1")
+                   help="a PipelineConfig field (repeatable), e.g. tune_max_steps=300")
     p.add_argument("--out", default=RESULT)
     return p.parse_args(argv)
 
 
+def _stepper(trainer, num_steps: int):
+    """One optimizer step of `trainer` on its next training batch, as the Trainer's loop does it; returns seconds."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=num_steps)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, read by `training_step`
+    batches = itertools.cycle(trainer.get_train_dataloader())
+
+    def step() -> float:
+        batch = next(batches)
+        start = time.perf_counter()
+        trainer.training_step(trainer.model, batch)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad()
+        return time.perf_counter() - start
+
+    return step
+
+
 def main(argv=None):
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     flags = []
     for pair in args.overrides:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a PipelineConfig field.")
         flags += [f"--{key}", value]
+    work = tempfile.mkdtemp(prefix="post-cost-")
     cfg = HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(
-        args=[*flags, "--run_dir", args.run_dir, "--dp", "false", "--full_baseline", "true"])[0]
-    report = run_pipeline(cfg, command="python benchmarks/cost.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv)).to_dict()
-    stages = {s["name"]: s for s in report["stages"]}
-    post = ("tune", "transfer")
-    time_post = sum(stages[s]["wall_time_s"] for s in post)
-    time_full = stages["full_tuning"]["wall_time_s"]
-    memory_post = max(stages[s]["peak_memory_mb"] or 0.0 for s in post)
-    memory_full = stages["full_tuning"]["peak_memory_mb"]
+        args=[*flags, "--run_dir", args.run_dir or work, "--dp", "false"])[0]
+    target_path = resolve_model(cfg.target_model)
+    student_path = resolve_model(cfg.student_model) if cfg.student_model else distill_stage(cfg, target_path, False)[0]
+    train = _subset(load_text_dataset(cfg.private_dataset, split=cfg.private_train_split), cfg.max_train_examples,
+                    cfg.seed)
+    public_train, _ = _public_splits(cfg)
+
+    def prompt_trainer(model_path: str, name: str):
+        tokenizer = _load_tokenizer(model_path)
+        torch.manual_seed(cfg.seed)
+        model = get_peft_model(_load_lm(model_path, False), cfg.post_config(model_path))
+        targs = PromptTrainingConfig(output_dir=os.path.join(work, name), seed=cfg.seed, report_to="none",
+                                     use_cpu=True, max_steps=cfg.tune_max_steps, learning_rate=cfg.tune_learning_rate,
+                                     per_device_train_batch_size=cfg.tune_batch_size, text_column=cfg.text_column,
+                                     label_column=cfg.label_column)
+        return PromptTrainer(model, targs, train_dataset=train, processing_class=tokenizer)
+
+    full = prompt_trainer(target_path, "full")
+    student = prompt_trainer(student_path, "student")
+    source_folder = os.path.join(args.run_dir, "source_prompt") if args.run_dir else None
+    if source_folder and stage_done(source_folder):
+        source = _load_prompted(student_path, source_folder, False)
+    else:  # the transfer step's cost does not depend on what the source prompt learned
+        source = student.model
+    torch.manual_seed(cfg.seed)
+    target = get_peft_model(_load_lm(target_path, False), cfg.post_config(target_path))
+    transfer = TransferTrainer(
+        target, source,
+        TransferConfig(output_dir=os.path.join(work, "transfer"), seed=cfg.seed, report_to="none", use_cpu=True,
+                       max_steps=cfg.transfer_max_steps, learning_rate=cfg.transfer_learning_rate,
+                       per_device_train_batch_size=cfg.transfer_batch_size, alpha=cfg.alpha or 1.0,
+                       temperature=cfg.temperature, text_column=cfg.text_column, label_column=cfg.label_column),
+        public_dataset=public_train, processing_class=_load_tokenizer(target_path))
+    start = time.perf_counter()
+    transfer.build_cache()
+    cache_s = time.perf_counter() - start
+
+    steppers = {"full_prompt_tuning": _stepper(full, cfg.tune_max_steps),
+                "student_tuning": _stepper(student, cfg.tune_max_steps),
+                "transfer": _stepper(transfer, cfg.transfer_max_steps)}
+    times: dict = {name: [] for name in steppers}
+    for name, step in steppers.items():
+        step()  # warm-up
+    for _ in range(args.rounds):
+        for name, step in steppers.items():
+            times[name].append(step())
+    median = {name: statistics.median(v) for name, v in times.items()}
+    full_s = cfg.tune_max_steps * median["full_prompt_tuning"]
+    post_s = cfg.tune_max_steps * median["student_tuning"] + cfg.transfer_max_steps * median["transfer"] + cache_s
     result = {
-        "command": report["command"], "machine": "2 CPU cores (shared), no GPU",
+        "command": "python benchmarks/cost.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": "2 CPU cores (shared), no GPU", "threads": args.threads, "rounds": args.rounds,
+        "target": target_path, "student": student_path,
         "budget": {"tune_steps": cfg.tune_max_steps, "tune_batch_size": cfg.tune_batch_size,
                    "transfer_steps": cfg.transfer_max_steps, "transfer_batch_size": cfg.transfer_batch_size,
-                   "num_virtual_tokens": cfg.num_virtual_tokens},
-        "stages": stages,
-        "wall_time_s": {"full_prompt_tuning": time_full, "student_tuning_plus_transfer": time_post,
-                        "distillation_one_time": stages.get("distill", {}).get("wall_time_s")},
-        "peak_memory_mb": {"full_prompt_tuning": memory_full, "student_tuning_plus_transfer": memory_post},
-        "time_ratio_full_over_post": time_full / time_post,
-        "memory_ratio_full_over_post": (memory_full / memory_post) if memory_full and memory_post else None,
-        "accuracy": report["accuracy"],
+                   "num_public_examples": len(public_train), "num_virtual_tokens": cfg.num_virtual_tokens},
+        "step_seconds": times, "median_step_s": median, "transfer_cache_build_s": cache_s,
+        "per_step_ratio_target_over_student": median["full_prompt_tuning"] / median["student_tuning"],
+        "estimated_s": {"full_prompt_tuning": full_s, "student_tuning_plus_transfer": post_s},
+        "time_ratio_full_over_post": full_s / post_s,
     }
-    print(f"full prompt tuning {time_full / 60:.1f} min, {memory_full} MB; student tuning + transfer "
-          f"{time_post / 60:.1f} min, {memory_post} MB; time ratio {result['time_ratio_full_over_post']:.2f}x")
+    if args.run_dir:
+        stages = {}
+        for name, folder in (("tune", "source_prompt"), ("transfer", "transferred_prompt"),
+                             ("full_tuning", "full_prompt")):
+            record = stage_done(os.path.join(args.run_dir, folder)) or {}
+            stages[name] = {"peak_memory_mb": record.get("peak_memory_mb"), "wall_time_s": record.get("wall_time_s")}
+        result["run_stages"] = stages
+        peaks = [stages["tune"]["peak_memory_mb"], stages["transfer"]["peak_memory_mb"]]
+        if all(peaks) and stages["full_tuning"]["peak_memory_mb"]:
+            result["peak_memory_mb"] = {"full_prompt_tuning": stages["full_tuning"]["peak_memory_mb"],
+                                        "student_tuning_plus_transfer": max(peaks)}
+    print(json.dumps({k: result[k] for k in ("median_step_s", "transfer_cache_build_s", "estimated_s",
+                                              "time_ratio_full_over_post")}, indent=1))
     atomic_write_json(args.out, result)
 
 

@@ -54,17 +54,26 @@ def test_grid_shares_the_source_prompt_across_alphas_and_summarises(utility, tin
         utility.main([*argv, "--set=tune_learning_rate=0.5"])
 
 
-def test_cost_benchmark_reads_each_stage_cost_from_one_run(tiny_run, tmp_path):
+def test_cost_benchmark_times_the_three_steps_interleaved(tiny_run, tmp_path):
+    from peft_post.cli import main as cli
+
     spec = importlib.util.spec_from_file_location("cost_benchmark", BENCHMARK.replace("utility.py", "cost.py"))
     cost = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cost)
     run_dir, args = tiny_run
+    assert cli(["run", *args, "--dp", "false", "--full_baseline", "true"]) == 0
     public, flags = _as_set_flags(args)
     out = str(tmp_path / "cost.json")
-    cost.main(["--run-dir", run_dir, "--out", out, f"--set=public_dataset={public}", *flags])
+    cost.main(["--run-dir", run_dir, "--out", out, "--rounds", "2", f"--set=public_dataset={public}", *flags])
     result = json.loads(open(out).read())
-    stages = result["stages"]
+    median, budget = result["median_step_s"], result["budget"]
+    assert all(len(result["step_seconds"][k]) == 2 for k in median)
+    assert result["estimated_s"]["full_prompt_tuning"] == pytest.approx(
+        budget["tune_steps"] * median["full_prompt_tuning"])
+    assert result["estimated_s"]["student_tuning_plus_transfer"] == pytest.approx(
+        budget["tune_steps"] * median["student_tuning"] + budget["transfer_steps"] * median["transfer"]
+        + result["transfer_cache_build_s"])
     assert result["time_ratio_full_over_post"] == pytest.approx(
-        stages["full_tuning"]["wall_time_s"] / (stages["tune"]["wall_time_s"] + stages["transfer"]["wall_time_s"]))
-    assert result["budget"]["tune_steps"] == 3 and result["accuracy"]["full_prompt_tuning"] is not None
-    assert all(stages[s]["peak_memory_mb"] > 0 for s in ("tune", "transfer", "full_tuning"))
+        result["estimated_s"]["full_prompt_tuning"] / result["estimated_s"]["student_tuning_plus_transfer"])
+    assert budget["tune_steps"] == 3 and budget["tune_batch_size"] == 8
+    assert result["peak_memory_mb"]["full_prompt_tuning"] > 0
