@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         student_layers="0,1,2,3,26,27,28,29", distill_max_steps=300, distill_learning_rate=1e-3,
         max_train_examples=100_000, max_test_examples=1000,
         tune_max_steps=300, tune_learning_rate=3e-2, tune_batch_size=16,
-        num_public_examples=256, num_public_eval_examples=128, transfer_max_steps=200, transfer_learning_rate=1e-2,
+        num_public_examples=256, num_public_eval_examples=128, transfer_max_steps=120, transfer_learning_rate=1e-2,
         num_virtual_tokens=20,
     ),
     "quick": dict(
@@ -519,9 +519,12 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
             break
         if name == "evaluate" and not ran_fresh and only is None and os.path.isfile(evaluation_path):
             with open(evaluation_path, encoding="utf-8") as f:
-                records[name] = json.load(f)
-            stages.append(_stage_stats(name, records[name], reused=True))
-            continue
+                previous = json.load(f)
+            # A baseline stage copied in after the evaluation ran is scored (the others come from their caches).
+            if not cfg.full_baseline or "full_prompt_tuning" in previous["results"]:
+                records[name] = previous
+                stages.append(_stage_stats(name, previous, reused=True))
+                continue
         if only is not None and name != only and name != "distill":
             record = stage_done(folders[name]) if name in folders else None
             if record is None:

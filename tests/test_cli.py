@@ -73,6 +73,25 @@ def test_a_copied_source_prompt_is_reused_with_its_test_scores(tiny_run, tmp_pat
     assert report["transfer_alpha"] == 0.0 and first["transfer_alpha"] == 1.0
 
 
+def test_a_baseline_copied_into_a_finished_run_is_scored_from_its_cache(tiny_run, tmp_path):
+    run_dir, args = tiny_run
+    assert main(["run", *args, "--full_baseline", "true"]) == 0
+    with_baseline = json.loads(open(os.path.join(run_dir, "report.json")).read())
+    other = str(tmp_path / "other")
+    os.makedirs(other)
+    shutil.copytree(os.path.join(run_dir, "source_prompt"), os.path.join(other, "source_prompt"))
+    argv = list(args)
+    argv[argv.index("--run_dir") + 1] = other
+    assert main(["run", *argv]) == 0
+    assert json.loads(open(os.path.join(other, "report.json")).read())["accuracy"]["full_prompt_tuning"] is None
+    shutil.copytree(os.path.join(run_dir, "full_prompt"), os.path.join(other, "full_prompt"))
+    assert main(["run", *argv, "--full_baseline", "true"]) == 0
+    report = json.loads(open(os.path.join(other, "report.json")).read())
+    assert {s["name"]: s["reused"] for s in report["stages"]} == {
+        "distill": True, "tune": True, "transfer": True, "full_tuning": True, "evaluate": False}
+    assert report["accuracy"]["full_prompt_tuning"] == with_baseline["accuracy"]["full_prompt_tuning"]
+
+
 def test_stage_subcommands_need_earlier_stages(tiny_run, capsys):
     run_dir, args = tiny_run
     assert main(["transfer", *args]) == 2
