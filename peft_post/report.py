@@ -255,8 +255,8 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
         lines.append(f"| {METHOD_LABELS[m]} | {_pct(acc[m])} | {delta} |")
     lines.append("")
     verdict = "beats" if d["post_beats_zero_shot"] else "does NOT beat"
-    lines.append(f"POST {verdict} the target's zero-shot accuracy by {100 * d['post_gain_over_zero_shot']:+.2f} "
-                 "percentage points.")
+    lines.append(f"POST {verdict} the target's zero-shot accuracy ({100 * d['post_gain_over_zero_shot']:+.2f} "
+                 "percentage points).")
     if d["gap_closed"] is not None:
         lines.append(f"POST closes {100 * d['gap_closed']:.1f}% of the gap between zero-shot and full prompt tuning.")
     if dp:

@@ -70,7 +70,7 @@ def test_without_full_baseline_no_ratio_and_no_row():
 def test_post_below_zero_shot_is_reported_as_such():
     acc = dict(results()["accuracy"], post=0.70)
     md = R.render_markdown(results(accuracy=acc))
-    assert "POST does NOT beat the target's zero-shot accuracy by -7.30 percentage points." in md
+    assert "POST does NOT beat the target's zero-shot accuracy (-7.30 percentage points)." in md
     assert R.derived_metrics(results(accuracy=acc))["post_beats_zero_shot"] is False
 
 
