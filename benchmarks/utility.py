@@ -6,8 +6,10 @@ student lives in the shared cache; the source prompt depends only on (seed, DP);
 the seed. Stage folders carry their own test scores (`test_evaluation.json`), so an α sweep transfers and scores
 POST only. Rerunning the same command resumes: finished cells are read back, not rerun.
 
-    python benchmarks/utility.py --seeds 0 --dp false true --alphas heuristic --full-baseline \\
-        --set tune_learning_rate=0.1           # writes benchmarks/results/utility.json and prints the table
+    python benchmarks/utility.py --root runs/utility --seeds 0 --set tune_learning_rate=0.1 \\
+        --set transfer_max_steps=120 --dp-set tune_batch_size=128 --dp-set tune_max_steps=40 --dp false true \\
+        --alphas heuristic --dp-alphas heuristic 0 0.25 0.5 0.75 --full-baseline
+                                               # writes benchmarks/results/utility.json and prints the table
 
 ``--set key=value`` sets any `PipelineConfig` field for every cell, ``--dp-set`` for the DP cells only (DP wants a
 larger expected batch). A root keeps the settings it was made with: other settings need another ``--root``.
@@ -42,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--public", nargs="+", default=["embedded:vader_amazon"], help="public transfer sets")
     p.add_argument("--alphas", nargs="+", default=["heuristic"],
                    help="α values in [0, 1], or 'heuristic' for the paper's rule on the public held-out split")
+    p.add_argument("--dp-alphas", nargs="+", help="α values of the DP cells (default: --alphas)")
     p.add_argument("--full-baseline", action="store_true", help="also tune a prompt on the target (upper bound)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a PipelineConfig field for every cell, e.g. tune_learning_rate=0.1 (repeatable)")
@@ -139,7 +142,7 @@ def main(argv=None):
         for dp in (d == "true" for d in args.dp):
             tune_donors: list[str] = []
             for public in args.public:
-                for alpha in args.alphas:
+                for alpha in (args.dp_alphas or args.alphas) if dp else args.alphas:
                     name = f"seed{seed}-{'dp' if dp else 'nodp'}-{public.replace('embedded:', '').replace('/', '_')}"
                     cell_dir = os.path.join(args.root, f"{name}-alpha-{alpha}")
                     os.makedirs(cell_dir, exist_ok=True)
