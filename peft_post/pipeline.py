@@ -132,6 +132,11 @@ class PipelineConfig:
         metadata={"help": "POST α in [0, 1]; None picks it with the paper's heuristic on the PUBLIC held-out split."},
     )
     temperature: float = field(default=2.0, metadata={"help": "Transfer temperature T."})
+    transfer_cache_top_k: Optional[int] = field(
+        default=None,
+        metadata={"help": "Compare the transfer distributions on a small token set (the label words and the "
+                  "source's top-k tokens; see TransferConfig.cache_top_k) instead of the whole vocabulary."},
+    )
     full_baseline: bool = field(
         default=False, metadata={"help": "Also tune a prompt directly on the target: the upper bound and cost baseline."}
     )
@@ -159,6 +164,10 @@ class PipelineConfig:
                 raise ValueError(f"`{name}` must be > 0, got {value!r}.")
         if not 0 <= self.distill_templated_fraction <= 1:
             raise ValueError(f"`distill_templated_fraction` must be in [0, 1], got {self.distill_templated_fraction!r}.")
+        if self.transfer_cache_top_k is not None and (
+                not isinstance(self.transfer_cache_top_k, int) or self.transfer_cache_top_k < 1):
+            raise ValueError(f"`transfer_cache_top_k` must be None (the whole vocabulary) or an int >= 1, got "
+                             f"{self.transfer_cache_top_k!r}.")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
             raise ValueError(f"`alpha` must be in [0, 1] or None (heuristic), got {self.alpha!r}.")
         if self.target_delta is not None and not 0 < self.target_delta < 1:
@@ -392,7 +401,7 @@ def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, sou
         TransferConfig, os.path.join(partial, "checkpoints"), cfg, max_steps=cfg.transfer_max_steps,
         learning_rate=cfg.transfer_learning_rate, per_device_train_batch_size=cfg.transfer_batch_size,
         alpha=alpha, temperature=cfg.temperature, text_column=cfg.text_column, label_column=cfg.label_column,
-        public_dataset_name=cfg.public_dataset, eval_strategy="steps",
+        public_dataset_name=cfg.public_dataset, eval_strategy="steps", cache_top_k=cfg.transfer_cache_top_k,
         eval_steps=max(cfg.transfer_max_steps // 5, 1),
     )
     trainer = TransferTrainer(target, source, args, public_dataset=public_train, public_eval_dataset=public_eval,

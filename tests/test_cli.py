@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 
+from peft_post import POSTConfig
 from peft_post.cli import main
 from peft_post.pipeline import PipelineConfig
 
@@ -61,9 +62,11 @@ def test_a_copied_source_prompt_is_reused_with_its_test_scores(tiny_run, tmp_pat
     os.makedirs(sweep)
     shutil.copytree(os.path.join(run_dir, "source_prompt"), os.path.join(sweep, "source_prompt"))
     mtime = os.path.getmtime(os.path.join(sweep, "source_prompt", "test_evaluation.json"))
-    argv = [*args, "--alpha", "0.0"]
+    argv = [*args, "--alpha", "0.0", "--transfer_cache_top_k", "2"]
     argv[argv.index("--run_dir") + 1] = sweep
     assert main(["run", *argv]) == 0
+    provenance = POSTConfig.from_pretrained(os.path.join(sweep, "transferred_prompt")).provenance
+    assert (provenance["cache"], provenance["top_k"], provenance["alpha"]) == ("top_k", 2, 0.0)
     report = json.loads(open(os.path.join(sweep, "report.json")).read())
     assert {s["name"]: s["reused"] for s in report["stages"]} == {
         "distill": True, "tune": True, "transfer": False, "evaluate": False}
@@ -125,6 +128,7 @@ def test_config_file_and_overrides(tmp_path, tiny_run):
         (["--preset", "huge"], "preset"),
         (["--label_words", "good"], "label_words"),
         (["--tune_max_steps", "0"], "tune_max_steps"),
+        (["--transfer_cache_top_k", "0"], "transfer_cache_top_k"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(flags, match, capsys, tmp_path):
