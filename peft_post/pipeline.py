@@ -267,15 +267,23 @@ def _trainer_args(cls, output_dir: str, cfg: PipelineConfig, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------------ the stages
+def _spec_key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_id(path: str) -> str:
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
 def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
     """Everything that determines the distilled student, hashed: same key, same student."""
     spec = {
-        "target": os.path.abspath(target_path) if os.path.isdir(target_path) else target_path,
+        "target": _model_id(target_path),
         "layers": cfg.keep_layers(), "data": cfg.distill_dataset, "steps": cfg.distill_max_steps,
         "lr": cfg.distill_learning_rate, "batch": cfg.distill_batch_size, "block": cfg.distill_block_size,
         "templated": cfg.distill_templated_fraction, "template": cfg.template, "seed": cfg.seed,
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return _spec_key(spec)
 
 
 def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[str, dict]:
@@ -420,11 +428,10 @@ EVALUATION_FILE = "test_evaluation.json"
 
 def _evaluation_key(cfg: PipelineConfig, target_path: str, method: str) -> str:
     """Everything a test-split score depends on besides the prompt folder it is stored in, hashed."""
-    spec = {"method": method, "target": os.path.abspath(target_path) if os.path.isdir(target_path) else target_path,
-            "data": cfg.private_dataset, "split": cfg.private_test_split, "n": cfg.max_test_examples,
-            "seed": cfg.seed, "template": cfg.template, "labels": cfg.label_word_lists(),
-            "columns": [cfg.text_column, cfg.label_column]}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return _spec_key({"method": method, "target": _model_id(target_path), "data": cfg.private_dataset,
+                      "split": cfg.private_test_split, "n": cfg.max_test_examples, "seed": cfg.seed,
+                      "template": cfg.template, "labels": cfg.label_word_lists(),
+                      "columns": [cfg.text_column, cfg.label_column]})
 
 
 def _cached_evaluation(folder: str, key: str, compute) -> dict:
