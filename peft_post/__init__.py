@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .assets import default_model_path, load_text_dataset
 from .config import POST_CONFIG_NAME, POSTConfig
 from .distill import DistillationConfig, DistillationTrainer, make_student
-from .evaluation import evaluate_prompt, load_accuracy_metric
+from .evaluation import evaluate_prompt, load_accuracy_metric, score_dataset
 from .hub import build_model_card, load_transferred_prompt, push_transferred_prompt
 from .losses import class_scores, transfer_loss, verbalizer_loss
 from .modeling import label_logits
@@ -25,6 +25,7 @@ __all__ = [
     "DPConfig",
     "DPPromptTrainer",
     "evaluate_prompt",
+    "score_dataset",
     "get_prompt",
     "label_logits",
     "label_positions",

@@ -256,23 +256,12 @@ def audit_examples(cfg, num_examples: int):
     return examples
 
 
-def _class_scores(model, tokenizer, dataset, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    from torch.utils.data import DataLoader
-
-    from .evaluation import predict_class_scores
-    from .tasks import TaskTemplate, Verbalizer, VerbalizerCollator
-
-    task = cfg.post_config()
-    collator = VerbalizerCollator(TaskTemplate.from_config(task, tokenizer), cfg.text_column, cfg.label_column)
-    loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collator)
-    return predict_class_scores(model, loader, Verbalizer.from_config(task, tokenizer), desc="audit: score")
-
-
 def _train_shadow(cfg, student_path: str, masked: bool, examples, in_mask: np.ndarray, folder: str,
                   seed: int) -> dict:
     """Tune one shadow prompt on its IN half with the pipeline's tuning stage, score all N examples, save."""
     from datasets import DatasetDict
 
+    from .evaluation import score_dataset
     from .pipeline import _load_prompted, _load_tokenizer, tune_stage
 
     data_dir = os.path.join(folder, "in_data")
@@ -286,8 +275,9 @@ def _train_shadow(cfg, student_path: str, masked: bool, examples, in_mask: np.nd
     prompt_dir = os.path.join(folder, "prompt")
     record = tune_stage(shadow_cfg, student_path, masked, prompt_dir, "audit_shadow", cfg.dp)
     start = time.perf_counter()
-    scores, labels = _class_scores(_load_prompted(student_path, prompt_dir, masked), _load_tokenizer(student_path),
-                                   examples, cfg)
+    scores, labels = score_dataset(_load_prompted(student_path, prompt_dir, masked), _load_tokenizer(student_path),
+                                   examples, cfg.post_config(), text_column=cfg.text_column,
+                                   label_column=cfg.label_column, batch_size=cfg.eval_batch_size, desc="audit: score")
     # The shadow's copy of private data is not needed once its prompt is trained and scored.
     shutil.rmtree(data_dir)
     right = (scores.argmax(-1) == labels).numpy()

@@ -70,6 +70,39 @@ def predict_class_scores(
     return torch.cat(scores), torch.cat(labels)
 
 
+def score_dataset(
+    model,
+    tokenizer,
+    dataset,
+    config: POSTConfig,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    batch_size: int = 32,
+    prompt: Union[torch.Tensor, None, str] = "auto",
+    desc: str = "evaluate",
+    disable_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class scores (N, C) and labels (N,) of every row of `dataset`, in the dataset's order.
+
+    ``prompt`` is as in `label_logits`: "auto" (the adapter's), None (the base model's, unprompted) or an explicit
+    (n, d) prompt. Runs in eval mode under `torch.no_grad`, batched, with a progress bar.
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    verbalizer = Verbalizer.from_config(config, tokenizer)
+    check_classification_dataset(dataset, text_column, label_column, verbalizer.num_classes, "dataset")
+    template = TaskTemplate.from_config(config, tokenizer)
+    collator = VerbalizerCollator(template, text_column, label_column)
+    # Rows of similar length batched together leave little padding for the model to run on (1.8x faster on Rotten
+    # Tomatoes: benchmarks/eval_speed.py); the scores are put back in the dataset's order afterwards.
+    order = np.argsort([len(template.encode(text)) for text in dataset[text_column]], kind="stable")
+    loader = DataLoader(dataset.select(order.tolist()), batch_size=batch_size, shuffle=False, collate_fn=collator)
+    scores, labels = predict_class_scores(model, loader, verbalizer, prompt, desc, disable_progress)
+    inverse = torch.from_numpy(np.argsort(order, kind="stable"))
+    return scores[inverse], labels[inverse]
+
+
 def evaluate_prompt(
     model,
     tokenizer,
@@ -90,17 +123,8 @@ def evaluate_prompt(
     `PeftModel`'s base model without its prompt; ``prompt`` scores an explicit (n, d) prompt instead of the
     adapter's. Runs in eval mode under `torch.no_grad`, batched, with a progress bar.
     """
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    verbalizer = Verbalizer.from_config(config, tokenizer)
-    check_classification_dataset(dataset, text_column, label_column, verbalizer.num_classes, "dataset")
-    template = TaskTemplate.from_config(config, tokenizer)
-    collator = VerbalizerCollator(template, text_column, label_column)
-    # Accuracy does not depend on order, and batching rows of similar length removes most of the padding the
-    # model would otherwise run on (1.8x faster on Rotten Tomatoes: benchmarks/eval_speed.py).
-    lengths = [len(template.encode(text)) for text in dataset[text_column]]
-    dataset = dataset.select(np.argsort(lengths, kind="stable").tolist())
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     chosen = prompt if prompt is not None else ("auto" if use_prompt else None)
-    scores, labels = predict_class_scores(model, loader, verbalizer, chosen, desc, disable_progress)
-    return accuracy_report(scores.argmax(-1).numpy(), labels.numpy(), verbalizer.num_classes)
+    scores, labels = score_dataset(model, tokenizer, dataset, config, text_column=text_column,
+                                   label_column=label_column, batch_size=batch_size, prompt=chosen, desc=desc,
+                                   disable_progress=disable_progress)
+    return accuracy_report(scores.argmax(-1).numpy(), labels.numpy(), scores.shape[1])

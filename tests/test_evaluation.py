@@ -3,7 +3,8 @@ import torch
 from datasets import Dataset
 from peft import get_peft_model
 
-from peft_post import POSTConfig, evaluate_prompt, get_prompt, load_accuracy_metric, prompt_from_text, set_prompt
+from peft_post import (POSTConfig, evaluate_prompt, get_prompt, load_accuracy_metric, prompt_from_text, score_dataset,
+                       set_prompt)
 from peft_post.evaluation import accuracy_report
 from peft_post.tasks import Verbalizer
 
@@ -30,6 +31,21 @@ def test_evaluate_known_accuracy_with_a_hand_built_prompt(load_tiny, tokenizer):
     assert evaluate_prompt(peft_model, tokenizer, data, cfg, disable_progress=True)["accuracy"] == 0.5
     assert peft_model.training, "evaluation must restore the caller's train mode"
     assert evaluate_prompt(peft_model, tokenizer, data, cfg, use_prompt=False, disable_progress=True) == zs
+
+
+def test_score_dataset_returns_each_rows_scores_in_dataset_order(load_tiny, tokenizer):
+    # Rows of very different lengths, so the length-ordered batches differ from the dataset's order.
+    cfg = POSTConfig(num_virtual_tokens=2, label_words=[["bad"], ["good"]])
+    model = get_peft_model(load_tiny("llama"), cfg)
+    texts = ["good " * n + "film" for n in (9, 1, 5, 0, 7, 2, 8)]
+    data = Dataset.from_list([{"text": t, "label": i % 2} for i, t in enumerate(texts)])
+    scores, labels = score_dataset(model, tokenizer, data, cfg, batch_size=3, disable_progress=True)
+    assert labels.tolist() == [i % 2 for i in range(len(texts))]
+    for i in range(len(texts)):
+        alone, _ = score_dataset(model, tokenizer, data.select([i]), cfg, batch_size=1, disable_progress=True)
+        torch.testing.assert_close(scores[i], alone[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        score_dataset(model, tokenizer, data, cfg, batch_size=0)
 
 
 def test_accuracy_report_and_shipped_metric_agree():
