@@ -29,14 +29,14 @@ def test_grid_shares_the_source_prompt_across_alphas_and_summarises(utility, tin
     public, flags = _as_set_flags(args)
     root, out = str(tmp_path / "grid"), str(tmp_path / "utility.json")
     argv = ["--root", root, "--out", out, "--dp", "false", "true", "--public", public, "--alphas", "heuristic", "0.5",
-            *flags, "--dp-set=tune_batch_size=4"]
+            "--dp-alphas", "heuristic", "0.5", "0.0", *flags, "--dp-set=tune_batch_size=4"]
     utility.main(argv)
     result = json.loads(open(out).read())
     cells = result["cells"]
     assert [(c["dp"], c["alpha_setting"]) for c in cells] == [
-        (False, "heuristic"), (False, "0.5"), (True, "heuristic"), (True, "0.5")]
+        (False, "heuristic"), (False, "0.5"), (True, "heuristic"), (True, "0.5"), (True, "0.0")]
     for dp in (False, True):
-        first, second = [c for c in cells if c["dp"] is dp]
+        first, second = [c for c in cells if c["dp"] is dp][:2]
         reused = {s["name"]: s["reused"] for s in second["stages"]}
         assert reused["tune"] and not reused["transfer"]  # the α cell copied the source prompt, then transferred
         for method in ("zero_shot", "student_prompt", "direct_transfer"):
@@ -44,7 +44,8 @@ def test_grid_shares_the_source_prompt_across_alphas_and_summarises(utility, tin
         assert second["alpha"] == 0.5
     assert cells[2]["privacy"]["epsilon"] <= 8.0 and cells[0]["privacy"] is None
     assert result["dp_config"]["tune_batch_size"] == 4 and result["config"]["tune_batch_size"] == 8
-    assert len(result["summary"]) == 4 and result["markdown"].count("\n") == 5
+    assert cells[4]["alpha"] == 0.0 and cells[4]["accuracy"]["student_prompt"] == cells[2]["accuracy"]["student_prompt"]
+    assert len(result["summary"]) == 5 and result["markdown"].count("\n") == 6
     # Rerunning resumes: every stage of every cell is read back.
     utility.main(argv)
     again = json.loads(open(out).read())
