@@ -92,23 +92,36 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[tor
                       alpha_cos: float = 1.0, temperature: float = 2.0,
                       student_hidden: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
                       teacher_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                      alpha_label_slot: float = 0.0, label_slot_mask: Optional[torch.Tensor] = None,
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """α_ce·T²·KL + α_lm·LM + α_cos·(1 − cos): the stage-1 loss. Terms with weight 0 are not computed.
+    """α_ce·T²·KL + α_lm·LM + α_cos·(1 − cos) + α_label_slot·T²·KL_slot: the stage-1 loss. Terms with weight 0 are
+    not computed.
 
-    The KL term takes either full ``teacher_logits`` or ``teacher_topk=(values, indices)``. Returns the total and
-    the detached unweighted terms ({"kl", "lm", "cos"}) for logging.
+    The KL terms take either full ``teacher_logits`` or ``teacher_topk=(values, indices)``. KL_slot is the same KL
+    averaged over the ``label_slot_mask`` positions only (the label slots of templated texts); it is 0 for a batch
+    without any. Returns the total and the detached unweighted terms ({"kl", "lm", "cos", "label_slot"}) for logging.
     """
     total = student_logits.new_zeros((), dtype=torch.float32)
     parts: dict[str, torch.Tensor] = {}
-    if alpha_ce:
+
+    def kl_at(positions):
         if teacher_topk is not None:
-            kl = topk_distillation_kl_loss(student_logits, *teacher_topk, temperature=temperature, mask=mask)
-        elif teacher_logits is not None:
-            kl = distillation_kl_loss(student_logits, teacher_logits, temperature, mask)
-        else:
-            raise ValueError("alpha_ce > 0 needs `teacher_logits` or `teacher_topk`.")
+            return topk_distillation_kl_loss(student_logits, *teacher_topk, temperature=temperature, mask=positions)
+        if teacher_logits is not None:
+            return distillation_kl_loss(student_logits, teacher_logits, temperature, positions)
+        raise ValueError("alpha_ce > 0 or alpha_label_slot > 0 needs `teacher_logits` or `teacher_topk`.")
+
+    if alpha_ce:
+        kl = kl_at(mask)
         total = total + alpha_ce * kl
         parts["kl"] = kl.detach()
+    if alpha_label_slot:
+        if label_slot_mask is None:
+            raise ValueError("alpha_label_slot > 0 needs `label_slot_mask`.")
+        slots = label_slot_mask.bool() if mask is None else label_slot_mask.bool() & mask.bool()
+        slot_kl = kl_at(slots) if slots.any() else total.new_zeros(())
+        total = total + alpha_label_slot * slot_kl
+        parts["label_slot"] = slot_kl.detach()
     if alpha_lm:
         lm = lm_loss(student_logits, labels, causal)
         total = total + alpha_lm * lm

@@ -34,6 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Chosen by measurement on 2 CPU cores with SmolLM2-135M-Instruct; see docs/pipeline.md for the figures.
     "default": dict(
         student_layers="0,1,2,3,26,27,28,29", distill_max_steps=300, distill_learning_rate=1e-3,
+        distill_templated_fraction=0.5, distill_label_slot_weight=0.0,
         max_train_examples=100_000, max_test_examples=1000,
         tune_max_steps=300, tune_learning_rate=3e-2, tune_batch_size=16,
         num_public_examples=256, num_public_eval_examples=128, transfer_max_steps=120, transfer_learning_rate=1e-2,
@@ -41,6 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "quick": dict(
         student_layers="0,1,28,29", distill_max_steps=20, distill_learning_rate=1e-3,
+        distill_templated_fraction=0.5, distill_label_slot_weight=0.0,
         max_train_examples=256, max_test_examples=200,
         tune_max_steps=20, tune_learning_rate=3e-2, tune_batch_size=16,
         num_public_examples=64, num_public_eval_examples=64, transfer_max_steps=20, transfer_learning_rate=1e-2,
@@ -77,10 +79,20 @@ class PipelineConfig:
     distill_max_steps: Optional[int] = field(default=None, metadata={"help": "Distillation optimizer steps."})
     distill_learning_rate: Optional[float] = field(default=None, metadata={"help": "Distillation learning rate."})
     distill_batch_size: int = field(default=8, metadata={"help": "Distillation blocks per step."})
-    distill_templated_fraction: float = field(
-        default=0.5,
+    distill_templated_fraction: Optional[float] = field(
+        default=None,
         metadata={"help": "Share of the distillation texts wrapped in the task template (without a label), so the "
                   "student learns the teacher's behaviour at the label slot. Causal LMs only."},
+    )
+    distill_label_slot_weight: Optional[float] = field(
+        default=None,
+        metadata={"help": "Weight of the extra KL at the label slots of the templated distillation texts "
+                  "(DistillationConfig.alpha_label_slot; 0 turns it off)."},
+    )
+    distill_freeze_embeddings: bool = field(
+        default=True,
+        metadata={"help": "Freeze the student's (tied) embeddings and LM head while distilling, so soft prompts live in "
+                  "the target's input space (direct transfer and the prompt initialisation rely on it)."},
     )
     distill_block_size: int = field(default=64, metadata={"help": "Tokens per distillation block."})
     private_dataset: str = field(
@@ -162,6 +174,8 @@ class PipelineConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+        if not (isinstance(self.distill_label_slot_weight, (int, float)) and self.distill_label_slot_weight >= 0):
+            raise ValueError(f"`distill_label_slot_weight` must be >= 0, got {self.distill_label_slot_weight!r}.")
         if not 0 <= self.distill_templated_fraction <= 1:
             raise ValueError(f"`distill_templated_fraction` must be in [0, 1], got {self.distill_templated_fraction!r}.")
         if self.transfer_cache_top_k is not None and (
@@ -282,6 +296,7 @@ def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
         "layers": cfg.keep_layers(), "data": cfg.distill_dataset, "steps": cfg.distill_max_steps,
         "lr": cfg.distill_learning_rate, "batch": cfg.distill_batch_size, "block": cfg.distill_block_size,
         "templated": cfg.distill_templated_fraction, "template": cfg.template, "seed": cfg.seed,
+        "label_slot_weight": cfg.distill_label_slot_weight, "freeze_embeddings": cfg.distill_freeze_embeddings,
     }
     return _spec_key(spec)
 
@@ -308,6 +323,8 @@ def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[
         DistillationConfig, os.path.join(partial, "checkpoints"), cfg, max_steps=cfg.distill_max_steps,
         learning_rate=cfg.distill_learning_rate, per_device_train_batch_size=cfg.distill_batch_size,
         block_size=cfg.distill_block_size, dataset_text_field=cfg.text_column,
+        alpha_label_slot=cfg.distill_label_slot_weight if not masked and cfg.distill_templated_fraction > 0 else 0.0,
+        freeze_embeddings=cfg.distill_freeze_embeddings, freeze_lm_head=cfg.distill_freeze_embeddings,
     )
     trainer = DistillationTrainer(student, teacher, args, train_dataset=text, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))

@@ -422,3 +422,90 @@ def test_with_task_template_wraps_exactly_the_requested_share():
             with_task_template(data, "Review: {text}", bad)
     with pytest.raises(ValueError, match="mask"):
         with_task_template(data, "{text} It was {mask}.", 0.5)
+
+
+# ---- the label-slot term ------------------------------------------------------------------------------------------
+
+
+def test_label_slot_term_is_the_kl_averaged_over_the_slots_only():
+    s, t, hs, ht, mask, labels = fixed_batch()
+    slots = torch.zeros_like(mask)
+    slots[0, 2] = slots[1, 1] = True
+    slots[1, 4] = True  # a padding position: never counted
+    total, parts = distillation_loss(s, t, labels, mask, causal=True, alpha_ce=5, alpha_lm=2, alpha_cos=0,
+                                     temperature=2, alpha_label_slot=3, label_slot_mask=slots)
+    rows = torch.stack([s[0, 2], s[1, 1]])[:, None], torch.stack([t[0, 2], t[1, 1]])[:, None]
+    slot_kl = distillation_kl_loss(*rows, 2.0)
+    assert parts["label_slot"].item() == pytest.approx(slot_kl.item(), rel=1e-6)
+    expected = 5 * distillation_kl_loss(s, t, 2, mask) + 2 * lm_loss(s, labels, True) + 3 * slot_kl
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    # A batch without a label slot adds exactly 0; a missing mask is an error, not a silent 0.
+    _, parts = distillation_loss(s, t, labels, mask, causal=True, alpha_ce=5, alpha_lm=0, alpha_cos=0,
+                                 alpha_label_slot=3, label_slot_mask=torch.zeros_like(mask))
+    assert parts["label_slot"].item() == 0.0
+    with pytest.raises(ValueError, match="label_slot_mask"):
+        distillation_loss(s, t, labels, mask, causal=True, alpha_ce=0, alpha_lm=0, alpha_cos=0, alpha_label_slot=1)
+
+
+def test_prepared_blocks_mark_the_last_token_of_each_templated_text(tokenizer):
+    from peft_post.distill import with_task_template
+
+    data = Dataset.from_dict({"text": [f"plain text number {i}" for i in range(6)]})
+    templated = with_task_template(data, "Review: {text}\nSentiment:", 0.5, seed=1)
+    blocks = prepare_distillation_dataset(templated, tokenizer, block_size=7)
+    ids = [t for b in blocks["input_ids"] for t in b]
+    slots = [m for b in blocks["label_slot"] for m in b]
+    assert [len(b) for b in blocks["label_slot"]] == [len(b) for b in blocks["input_ids"]]
+    # Brute force: walk the texts, the slot is the last token before each templated text's EOS.
+    expected, stream = [], []
+    for text, flagged in zip(templated["text"], templated["label_slot"]):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream += piece + [tokenizer.eos_token_id]
+        expected += [0] * (len(piece) - 1) + [int(flagged)] + [0]
+    assert ids == stream[: len(ids)] and slots == expected[: len(slots)]
+    assert sum(slots) == 3 == sum(t.endswith("Sentiment:") for t in templated["text"])
+    # Without the flag column nothing is marked (and no column is added).
+    assert "label_slot" not in prepare_distillation_dataset(data, tokenizer, 7).column_names
+
+
+def test_collator_drops_the_lm_label_after_a_label_slot_and_trainer_needs_slots(tokenizer, tmp_path):
+    from peft_post.distill import DistillationCollator, with_task_template
+
+    data = with_task_template(texts(0, 40), "Review: {text}\nSentiment:", 0.5, seed=0)
+    blocks = prepare_distillation_dataset(data, tokenizer, block_size=32)
+    rows = [blocks[i] for i in range(4)]
+    batch = DistillationCollator(tokenizer, masked_lm=False)(rows)
+    slots, labels, ids = batch["label_slot"], batch["labels"], batch["input_ids"]
+    assert slots.dtype == torch.bool and slots.any()
+    after = torch.zeros_like(slots)
+    after[:, 1:] = slots[:, :-1]
+    assert (labels[after] == -100).all()
+    real = batch["attention_mask"].bool() & ~after
+    assert torch.equal(labels[real], ids[real])
+    teacher = deep_model("llama", tokenizer)
+    with pytest.raises(ValueError, match="alpha_label_slot"):
+        DistillationTrainer(make_student(teacher, [0]), teacher, config(tmp_path, alpha_label_slot=1.0),
+                            train_dataset=texts(0, 40), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="alpha_label_slot"):
+        config(tmp_path, alpha_label_slot=-1.0)
+
+
+def test_trainer_label_slot_loss_equals_formula(tokenizer, tmp_path):
+    from peft_post.distill import with_task_template
+
+    teacher = deep_model("llama", tokenizer, init_range=0.2)
+    student = make_student(teacher, [0, 3])
+    data = with_task_template(texts(0, 40), "Review: {text}\nSentiment:", 0.5, seed=0)
+    trainer = DistillationTrainer(student, teacher, config(tmp_path, alpha_label_slot=4.0, alpha_cos=0),
+                                  train_dataset=data, processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    student.eval()
+    loss = trainer.compute_loss(student, dict(batch))
+    ids, mask, labels, slots = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["label_slot"]
+    with torch.no_grad():
+        s_logits = student(input_ids=ids, attention_mask=mask).logits
+        t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+    kl = distillation_kl_loss(s_logits, t_logits, 2.0, mask.bool())
+    slot_kl = distillation_kl_loss(s_logits[slots][:, None], t_logits[slots][:, None], 2.0)
+    lm = lm_loss(s_logits, labels, True)
+    assert loss.item() == pytest.approx((5 * kl + 2 * lm + 4 * slot_kl).item(), rel=1e-4)

@@ -11,7 +11,8 @@ class DistillationConfig(TrainingArguments):
     """
     Arguments for `DistillationTrainer`. The loss is
     ``alpha_ce·T²·KL(teacher ‖ student) + alpha_lm·(CLM or MLM loss) + alpha_cos·(1 − cos(h_t, h_s))`` over
-    non-padding tokens; the defaults are the paper's (α_ce 5, α_lm 2, α_cos 1, T 2, learning rate 2.5e-4).
+    non-padding tokens, plus ``alpha_label_slot·T²·KL`` over the label slots of templated texts; the defaults are the
+    paper's (α_ce 5, α_lm 2, α_cos 1, T 2, learning rate 2.5e-4).
     ``remove_unused_columns`` defaults to False because the trainer brings its own collator.
     """
 
@@ -23,6 +24,11 @@ class DistillationConfig(TrainingArguments):
     alpha_lm: float = field(default=2.0, metadata={"help": "Weight of the student's own CLM (or MLM) loss."})
     alpha_cos: float = field(
         default=1.0, metadata={"help": "Weight of 1 − cos(h_t, h_s) between last hidden states (needs equal width)."}
+    )
+    alpha_label_slot: float = field(
+        default=0.0,
+        metadata={"help": "Weight of an extra T²·KL averaged over the label slots of templated texts only (see "
+                          "`with_task_template`): the one position a prompt tuned on the student acts through. 0 off."},
     )
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of the KL term (> 0)."})
     mlm_probability: float = field(
@@ -46,12 +52,12 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        for name in ("alpha_ce", "alpha_lm", "alpha_cos"):
+        for name in ("alpha_ce", "alpha_lm", "alpha_cos", "alpha_label_slot"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
-        if self.alpha_ce == 0 and self.alpha_lm == 0 and self.alpha_cos == 0:
-            raise ValueError("`alpha_ce`, `alpha_lm` and `alpha_cos` are all 0: the loss would be 0. Set at least one "
-                             "(paper: 5, 2, 1).")
+        if self.alpha_ce == 0 and self.alpha_lm == 0 and self.alpha_cos == 0 and self.alpha_label_slot == 0:
+            raise ValueError("`alpha_ce`, `alpha_lm`, `alpha_cos` and `alpha_label_slot` are all 0: the loss would be "
+                             "0. Set at least one (paper: 5, 2, 1).")
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature} (paper: 2).")
         if not 0 < self.mlm_probability < 1:

@@ -14,6 +14,8 @@ from .cache import TeacherCache, apply_head, hidden_and_logits, pad_right
 from .config import DistillationConfig
 
 INDEX_COLUMN = "teacher_index"
+# Marks the texts `with_task_template` wrapped; prepared blocks carry a 0/1 list with 1 at each such label slot.
+LABEL_SLOT_COLUMN = "label_slot"
 
 
 def prepare_distillation_dataset(dataset, tokenizer, block_size: int, text_field: str = "text",
@@ -30,17 +32,29 @@ def prepare_distillation_dataset(dataset, tokenizer, block_size: int, text_field
         raise ValueError(f"The dataset has no text column {text_field!r} (columns: {dataset.column_names}); set "
                          "`dataset_text_field` or pass a tokenized dataset with `input_ids`.")
     eos = [] if masked_lm or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    flagged = dataset[LABEL_SLOT_COLUMN] if LABEL_SLOT_COLUMN in dataset.column_names and not masked_lm else None
     stream: list[int] = []
-    for text in dataset[text_field]:
+    slots: list[int] = []
+    for i, text in enumerate(dataset[text_field]):
         if not isinstance(text, str):
             raise ValueError(f"Column {text_field!r} must hold strings, found {type(text).__name__}.")
-        stream += tokenizer(text, add_special_tokens=masked_lm)["input_ids"] + eos
+        ids = tokenizer(text, add_special_tokens=masked_lm)["input_ids"]
+        stream += ids + eos
+        if flagged is not None:
+            mark = [0] * (len(ids) + len(eos))
+            if flagged[i] and ids:
+                mark[len(ids) - 1] = 1
+            slots += mark
     if len(stream) < 2:
         raise ValueError("The distillation dataset tokenizes to fewer than 2 tokens.")
-    blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
-    if len(blocks[-1]) < 2:
-        blocks.pop()
-    return Dataset.from_dict({"input_ids": blocks})
+    cuts = range(0, len(stream), block_size)
+    columns = {"input_ids": [stream[i:i + block_size] for i in cuts]}
+    if flagged is not None:
+        columns[LABEL_SLOT_COLUMN] = [slots[i:i + block_size] for i in cuts]
+    if len(columns["input_ids"][-1]) < 2:
+        for blocks in columns.values():
+            blocks.pop()
+    return Dataset.from_dict(columns)
 
 
 def with_task_template(dataset, template: str, fraction: float, seed: int = 0, text_field: str = "text"):
@@ -48,7 +62,8 @@ def with_task_template(dataset, template: str, fraction: float, seed: int = 0, t
 
     The student then learns what the teacher predicts *at the label slot* on public text, which is what a prompt
     tuned on the student has to act through. A masked-LM template's ``{mask}`` becomes the tokenizer's mask token
-    only later, so pass causal templates here.
+    only later, so pass causal templates here. A boolean ``label_slot`` column flags the wrapped rows, so that
+    `prepare_distillation_dataset` can mark their label slots (``DistillationConfig.alpha_label_slot``).
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"`fraction` of templated texts must be in [0, 1], got {fraction!r}.")
@@ -59,13 +74,16 @@ def with_task_template(dataset, template: str, fraction: float, seed: int = 0, t
     data = dataset.shuffle(seed=seed)
     cut = int(len(data) * fraction)
     prefix, suffix = template.split("{text}")
-    return data.map(lambda row, i: {text_field: prefix + row[text_field] + suffix if i < cut else row[text_field]},
+    return data.map(lambda row, i: {text_field: prefix + row[text_field] + suffix if i < cut else row[text_field],
+                                    LABEL_SLOT_COLUMN: i < cut},
                     with_indices=True).shuffle(seed=seed + 1)
 
 
 class DistillationCollator:
     """Right-pads causal-LM blocks (labels = input ids on real tokens, -100 on padding) or masks MLM blocks with
-    `DataCollatorForLanguageModeling`; carries each row's dataset index for the teacher cache."""
+    `DataCollatorForLanguageModeling`; carries each row's dataset index for the teacher cache and, when blocks have
+    one, the `label_slot` mask. The token after a label slot gets no LM label: templated texts end without their
+    label, so that token (EOS or the next text) is not what a label slot should predict."""
 
     def __init__(self, tokenizer, masked_lm: bool, mlm_probability: float = 0.15):
         self.masked_lm = masked_lm
@@ -79,7 +97,14 @@ class DistillationCollator:
             batch = dict(self.mlm([{"input_ids": r["input_ids"]} for r in rows]))
         else:
             ids, mask = pad_right([list(r["input_ids"]) for r in rows], self.pad_id)
-            batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+            labels = ids.masked_fill(mask == 0, -100)
+            if LABEL_SLOT_COLUMN in rows[0]:
+                slots, _ = pad_right([list(r[LABEL_SLOT_COLUMN]) for r in rows], 0)
+                labels[:, 1:] = labels[:, 1:].masked_fill(slots[:, :-1].bool(), -100)
+                batch_slots = {LABEL_SLOT_COLUMN: slots.bool()}
+            else:
+                batch_slots = {}
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, **batch_slots}
         if index is not None:
             batch[INDEX_COLUMN] = torch.tensor(index, dtype=torch.long)
         return batch
@@ -128,6 +153,9 @@ class DistillationTrainer(Trainer):
 
         train_dataset = self._prepare(train_dataset, tokenizer, args, teacher_cache, "train_dataset")
         eval_dataset = self._prepare(eval_dataset, tokenizer, args, eval_teacher_cache, "eval_dataset")
+        if args.alpha_label_slot and train_dataset is not None and LABEL_SLOT_COLUMN not in train_dataset.column_names:
+            raise ValueError("alpha_label_slot > 0 needs label slots in `train_dataset`: wrap (part of) the texts with "
+                             "with_task_template(dataset, template, fraction), or set alpha_label_slot=0.")
         for cache in (teacher_cache, eval_teacher_cache):
             if cache is not None and args.alpha_cos and not cache.has_hidden:
                 raise ValueError("alpha_cos > 0 needs the teacher's hidden states: build the cache with "
@@ -170,6 +198,7 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         index = inputs.pop(INDEX_COLUMN, None)
+        slots = inputs.pop(LABEL_SLOT_COLUMN, None)
         input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         mask = attention_mask.bool()
         # The student's own forward, called through `model`: under multi-process training that is the DDP wrapper,
@@ -184,15 +213,16 @@ class DistillationTrainer(Trainer):
                 t_hidden = cached.get("hidden")
                 if cache.kind == "topk":
                     topk = (cached["topk_values"], cached["topk_indices"])
-                elif args.alpha_ce:
+                elif args.alpha_ce or args.alpha_label_slot:
                     t_logits = apply_head(self.teacher, t_hidden)
             else:
                 t_hidden, t_logits = hidden_and_logits(self.teacher, input_ids, attention_mask,
-                                                       need_logits=bool(args.alpha_ce))
+                                                       need_logits=bool(args.alpha_ce or args.alpha_label_slot))
         loss, parts = distillation_loss(
             s_logits, t_logits, labels, mask, causal=not self.masked_lm, alpha_ce=args.alpha_ce,
             alpha_lm=args.alpha_lm, alpha_cos=args.alpha_cos, temperature=args.temperature,
             student_hidden=s_hidden, teacher_hidden=t_hidden, teacher_topk=topk,
+            alpha_label_slot=args.alpha_label_slot if slots is not None else 0.0, label_slot_mask=slots,
         )
         mode = "train" if model.training else "eval"
         for key, value in parts.items():
