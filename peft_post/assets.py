@@ -98,10 +98,14 @@ DEFAULT_PUBLIC_DATASET = EMBEDDED_PREFIX + "vader_amazon"
 DEFAULT_DISTILLATION_DATASET = EMBEDDED_PREFIX + "distillation_text"
 DEFAULT_TEST_SIZE = 1000
 
-EMBEDDED_DATASETS = ("rotten_tomatoes", "distillation_text") + tuple(f"vader_{k}" for k in VADER_SETS)
+EMBEDDED_DATASETS = ("rotten_tomatoes", "trec", "distillation_text") + tuple(f"vader_{k}" for k in VADER_SETS)
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 
 LABEL_NAMES = ["negative", "positive"]
+# TREC's coarse answer types, named by words that are one token each for SmolLM2 (usable as label words as they are).
+TREC_COARSE = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location",
+               "NUM": "number"}
+DEFAULT_PUBLIC_SIZE = 512
 
 
 class AssetError(RuntimeError):
@@ -353,17 +357,58 @@ def load_rotten_tomatoes(
     """
     from datasets import Dataset, DatasetDict
 
-    if isinstance(test_size, bool) or not isinstance(test_size, (int, float)) or test_size <= 0:
-        raise ValueError(f"`test_size` must be a positive count or a fraction in (0, 1), got {test_size!r}.")
-    if isinstance(test_size, float) and test_size >= 1:
-        raise ValueError(f"`test_size` as a fraction must be < 1, got {test_size!r}; pass an int for a count.")
+    _check_size("test_size", test_size)
     ds = Dataset.from_list(_rotten_tomatoes_rows(cache_dir), features=_sentiment_features())
-    n_test = test_size if isinstance(test_size, int) else int(round(test_size * len(ds)))
-    if not 0 < n_test < len(ds):
-        raise ValueError(f"`test_size` ({test_size}) must leave between 1 and {len(ds) - 1} of the {len(ds)} "
-                         "examples in the test split.")
-    train_idx, test_idx = stratified_split(list(ds["label"]), n_test, seed)
+    train_idx, test_idx = stratified_split(list(ds["label"]), _count("test_size", test_size, len(ds)), seed)
     return DatasetDict({"train": ds.select(train_idx), "test": ds.select(test_idx)})
+
+
+def _check_size(name: str, size) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+        raise ValueError(f"`{name}` must be a positive count or a fraction in (0, 1), got {size!r}.")
+    if isinstance(size, float) and size >= 1:
+        raise ValueError(f"`{name}` as a fraction must be < 1, got {size!r}; pass an int for a count.")
+
+
+def _count(name: str, size, n: int) -> int:
+    count = size if isinstance(size, int) else int(round(size * n))
+    if not 0 < count < n:
+        raise ValueError(f"`{name}` ({size}) must leave between 1 and {n - 1} of the {n} examples in the split.")
+    return count
+
+
+def load_trec(seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE,
+              public_size: Union[int, float] = DEFAULT_PUBLIC_SIZE, cache_dir: Optional[str] = None):
+    """TREC questions labelled with their coarse answer type: a `DatasetDict` with ``train``, ``test`` and ``public``
+    (columns text, label; label names in `TREC_COARSE`: abbreviation, description, entity, human, location, number).
+
+    A second private task for the embedded default. ``public`` is a disjoint share of the questions that plays the
+    provider's public transfer data (``--public_dataset embedded:trec --public_split public``). Duplicate questions
+    are kept once and questions seen with two labels are dropped, so no question is in two splits. Splits are
+    stratified by label and fixed by `seed`; sizes are counts or fractions. ``embedded:distillation_text`` holds
+    these questions (unlabelled), so a TREC run distils its student on a corpus without them
+    (``load_distillation_text(sources=(...without "trec"...))`` written to a file).
+    """
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    _check_size("test_size", test_size)
+    _check_size("public_size", public_size)
+    labels: dict[str, set] = {}
+    first: dict[str, dict] = {}
+    codes = list(TREC_COARSE)
+    for coarse, question in _trec_rows(cache_dir):
+        key = normalize_text(question)
+        if coarse not in TREC_COARSE or not key:
+            continue
+        labels.setdefault(key, set()).add(coarse)
+        first.setdefault(key, {"text": question, "label": codes.index(coarse)})
+    rows = [r for k, r in first.items() if len(labels[k]) == 1]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=list(TREC_COARSE.values()))})
+    ds = Dataset.from_list(rows, features=features)
+    rest_idx, test_idx = stratified_split(list(ds["label"]), _count("test_size", test_size, len(ds)), seed)
+    rest = ds.select(rest_idx)
+    train_idx, public_idx = stratified_split(list(rest["label"]), _count("public_size", public_size, len(rest)), seed)
+    return DatasetDict({"train": rest.select(train_idx), "test": ds.select(test_idx), "public": rest.select(public_idx)})
 
 
 def stratified_split(labels: list, n_test: int, seed: int) -> tuple[list[int], list[int]]:
@@ -429,11 +474,16 @@ def _sms_texts(cache_dir: Optional[str] = None) -> list[str]:
         return [" ".join(r["text"].split()) for r in csv.DictReader(f) if r.get("text", "").strip()]
 
 
-def _trec_texts(cache_dir: Optional[str] = None) -> list[str]:
+def _trec_rows(cache_dir: Optional[str] = None) -> list[tuple[str, str]]:
     with open(fetch_asset("trec", cache_dir=cache_dir), "rb") as f:
         lines = f.read().decode("latin-1").splitlines()
-    # Each line is "COARSE:fine question"; only the question is public text for distillation.
-    return [" ".join(l.split(" ", 1)[1].split()) for l in lines if " " in l.strip()]
+    # Each line is "COARSE:fine question".
+    return [(l.split(":", 1)[0], " ".join(l.split(" ", 1)[1].split())) for l in lines if " " in l.strip()]
+
+
+def _trec_texts(cache_dir: Optional[str] = None) -> list[str]:
+    # Only the question is public text for distillation.
+    return [question for _, question in _trec_rows(cache_dir)]
 
 
 def load_distillation_text(
@@ -493,14 +543,16 @@ _LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "jso
 
 def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
     """One of `EMBEDDED_DATASETS` (without the ``embedded:`` prefix) as a `DatasetDict`; `kwargs` (``seed``,
-    ``test_size``) go to `load_rotten_tomatoes`. The public sets (``vader_*``, ``distillation_text``) have every
+    ``test_size``, and ``public_size`` for TREC) go to `load_rotten_tomatoes` / `load_trec`. The public sets (``vader_*``, ``distillation_text``) have every
     Rotten Tomatoes sentence removed (`remove_overlap`); `load_vader` and `load_distillation_text` give them raw."""
     from datasets import DatasetDict
 
-    if kwargs and name != "rotten_tomatoes":
+    if kwargs and name not in ("rotten_tomatoes", "trec"):
         raise ValueError(f"{EMBEDDED_PREFIX + name} takes no options, got {sorted(kwargs)}.")
     if name == "rotten_tomatoes":
         return load_rotten_tomatoes(cache_dir=cache_dir, **kwargs)
+    if name == "trec":
+        return load_trec(cache_dir=cache_dir, **kwargs)
     # The embedded public sets come without any sentence of the embedded private task, so the default job's
     # report never scores a sentence the transfer or the distillation saw (1 Amazon snippet, 10 453 movie ones).
     private = [r["text"] for r in _rotten_tomatoes_rows(cache_dir)]

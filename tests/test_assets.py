@@ -281,3 +281,29 @@ def test_default_model_path_reuses_cached_folder(tmp_path, monkeypatch):
     assert A.resolve_model("gpt2-xl") == "gpt2-xl"
     with pytest.raises(ValueError, match="Unknown embedded model"):
         A.resolve_model("embedded:llama")
+
+
+def test_load_trec_three_disjoint_stratified_splits(monkeypatch):
+    codes = ["ABBR"] * 10 + ["DESC"] * 30 + ["ENTY"] * 20 + ["HUM"] * 20 + ["LOC"] * 10 + ["NUM"] * 10
+    rows = [(c, f"Question {i} about {c.lower()} ?") for i, c in enumerate(codes)]
+    rows += [("HUM", "Who is it ?"), ("LOC", "Who is it ?"),  # two labels: dropped
+             ("NUM", "How many ?"), ("NUM", "How  many ?"), ("XXX", "Odd code ?")]  # duplicate kept once; bad code
+    monkeypatch.setattr(A, "_trec_rows", lambda cache_dir=None: rows)
+    d = A.load_trec(seed=0, test_size=20, public_size=0.25)
+    assert set(d) == {"train", "test", "public"}
+    assert d["train"].features["label"].names == list(A.TREC_COARSE.values())
+    sizes = {k: len(v) for k, v in d.items()}
+    assert sizes == {"test": 20, "public": 20, "train": 61}  # 101 questions: 20 test, then a quarter of 81 public
+    texts = {k: {A.normalize_text(t) for t in v["text"]} for k, v in d.items()}
+    assert not (texts["train"] & texts["test"] or texts["train"] & texts["public"] or texts["test"] & texts["public"])
+    assert "who is it ?" not in set().union(*texts.values())
+    # stratified: DESC is 30 of 101 questions, so 6 of the 20 test questions
+    assert list(d["test"]["label"]).count(1) == 6
+    by_text = dict(zip(d["train"]["text"], d["train"]["label"]))
+    assert all(by_text[t] == list(A.TREC_COARSE).index(t.split()[-2].upper()) for t in by_text if "about" in t)
+    assert A.load_trec(seed=0, test_size=20, public_size=0.25)["test"]["text"] == d["test"]["text"]
+    assert A.load_trec(seed=1, test_size=20, public_size=0.25)["test"]["text"] != d["test"]["text"]
+    assert list(A.load_embedded_dataset("trec", test_size=20, public_size=20)) == ["train", "test", "public"]
+    for bad in (dict(test_size=0), dict(public_size=1.5), dict(test_size=200)):
+        with pytest.raises(ValueError, match="size"):
+            A.load_trec(**bad)
