@@ -386,8 +386,8 @@ def load_trec(seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE,
     provider's public transfer data (``--public_dataset embedded:trec --public_split public``). Duplicate questions
     are kept once and questions seen with two labels are dropped, so no question is in two splits. Splits are
     stratified by label and fixed by `seed`; sizes are counts or fractions. ``embedded:distillation_text`` holds
-    these questions (unlabelled), so a TREC run distils its student on a corpus without them
-    (``load_distillation_text(sources=(...without "trec"...))`` written to a file).
+    these questions (unlabelled) in its ``train`` split, so a TREC run distils its student on its ``without_trec``
+    split (``--distill_split without_trec``).
     """
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
@@ -557,7 +557,10 @@ def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
     # report never scores a sentence the transfer or the distillation saw (1 Amazon snippet, 10 453 movie ones).
     private = [r["text"] for r in _rotten_tomatoes_rows(cache_dir)]
     if name == "distillation_text":
-        return DatasetDict({"train": load_distillation_text(exclude=private, cache_dir=cache_dir)})
+        # "without_trec" serves runs whose private task is embedded:trec: their student never sees those questions.
+        no_trec = tuple(src for src in DISTILLATION_SOURCES if src != "trec")
+        return DatasetDict({"train": load_distillation_text(exclude=private, cache_dir=cache_dir),
+                            "without_trec": load_distillation_text(no_trec, exclude=private, cache_dir=cache_dir)})
     if name.startswith("vader_") and name[len("vader_"):] in VADER_SETS:
         public, _ = remove_overlap(load_vader(name[len("vader_"):], cache_dir=cache_dir), private)
         return DatasetDict({"train": public})

@@ -76,6 +76,11 @@ class PipelineConfig:
         default=DEFAULT_DISTILLATION_DATASET,
         metadata={"help": "Public text for distillation (never the private task): embedded name, file or Hub id."},
     )
+    distill_split: str = field(
+        default="train",
+        metadata={"help": "Split of the distillation data ('without_trec' of embedded:distillation_text when the "
+                  "private task is embedded:trec, so the student never sees the private questions)."},
+    )
     distill_max_steps: Optional[int] = field(default=None, metadata={"help": "Distillation optimizer steps."})
     distill_learning_rate: Optional[float] = field(default=None, metadata={"help": "Distillation learning rate."})
     distill_batch_size: int = field(default=8, metadata={"help": "Distillation blocks per step."})
@@ -298,6 +303,8 @@ def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
         "templated": cfg.distill_templated_fraction, "template": cfg.template, "seed": cfg.seed,
         "label_slot_weight": cfg.distill_label_slot_weight, "freeze_embeddings": cfg.distill_freeze_embeddings,
     }
+    if cfg.distill_split != "train":  # keeps the keys of students distilled before the field existed
+        spec["split"] = cfg.distill_split
     return _spec_key(spec)
 
 
@@ -316,7 +323,7 @@ def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[
     teacher = _load_lm(target_path, masked)
     tokenizer = _load_tokenizer(target_path)
     student = make_student(teacher, cfg.keep_layers())
-    text = load_text_dataset(cfg.distill_dataset, split="train")
+    text = load_text_dataset(cfg.distill_dataset, split=cfg.distill_split)
     if not masked and cfg.distill_templated_fraction > 0:
         text = with_task_template(text, cfg.template, cfg.distill_templated_fraction, cfg.seed, cfg.text_column)
     args = _trainer_args(

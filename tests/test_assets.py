@@ -218,6 +218,10 @@ def test_distillation_text_is_public_only(fake_data):
     assert list(fewer["text"]) == ["Worst day ever.", "It is Tuesday.", "caf\xe9 was ok \"quoted\""]
     with pytest.raises(ValueError, match="never distillation text"):
         A.load_distillation_text(["tweets", "movie"])
+    embedded = A.load_embedded_dataset("distillation_text")
+    assert list(embedded["train"]["text"]) == texts  # the fixture's RT rows share no text with it
+    assert list(embedded["without_trec"]["text"]) == [t for t in texts if t != "How did serfdom develop ?"
+                                                      and t != "What is the capital ?"]
 
 
 def test_remove_overlap_with_private_data(fake_data):
