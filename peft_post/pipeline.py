@@ -312,6 +312,7 @@ def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[
     """Distil (or reuse) the student; returns its folder and its stage record."""
     from .assets import cache_dir, load_text_dataset
     from .distill import DistillationConfig, DistillationTrainer, make_student, with_task_template
+    from .evaluation import evaluate_prompt
 
     final = os.path.join(cache_dir(), "students", student_cache_key(cfg, target_path))
     record = stage_done(final)
@@ -338,8 +339,18 @@ def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[
     student.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     shutil.rmtree(args.output_dir, ignore_errors=True)
+    wall_time = time.perf_counter() - start
+    # The provider's check before handing the student out (public labelled data only): a student that cannot do
+    # the task zero-shot gives prompts that mostly correct its own bias, which transfers badly.
+    _, public_eval = _public_splits(cfg)
+    student_zs = evaluate_prompt(student.eval(), tokenizer, public_eval, cfg.post_config(target_path),
+                                 text_column=cfg.text_column, label_column=cfg.label_column,
+                                 batch_size=cfg.eval_batch_size, desc="student: public zero-shot")
     record = {"stage": "distill", "teacher": target_path, "keep_layers": cfg.keep_layers(),
-              "steps": trainer.state.global_step, "wall_time_s": time.perf_counter() - start,
+              "steps": trainer.state.global_step, "wall_time_s": wall_time,
+              "public_zero_shot": {"dataset": cfg.public_dataset, "split": cfg.public_split,
+                                   "accuracy": student_zs["accuracy"], "num_examples": student_zs["num_examples"],
+                                   "per_class": student_zs["per_class"]},
               "log_history": trainer.state.log_history}
     return final, _finish_stage(partial, final, record)
 

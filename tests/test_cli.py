@@ -3,6 +3,7 @@ import os
 import shutil
 
 import pytest
+from transformers import HfArgumentParser
 
 from peft_post import POSTConfig
 from peft_post.cli import main
@@ -154,3 +155,25 @@ def test_every_config_dataclass_renders_argparse_help():
 
     for cls in (PipelineConfig, PromptTrainingConfig, DPConfig, TransferConfig, DistillationConfig):
         assert HfArgumentParser(cls).format_help()
+
+
+def test_distill_records_the_students_public_zero_shot_accuracy(tiny_run, tmp_path):
+    import glob
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_post.evaluation import evaluate_prompt
+    from peft_post.pipeline import _public_splits
+
+    run_dir, args = tiny_run
+    assert main(["distill", *args]) == 0
+    (stage,) = glob.glob(str(tmp_path / "cache" / "students" / "*" / "stage.json"))
+    record = json.loads(open(stage).read())["public_zero_shot"]
+    cfg = HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(args=args)[0]
+    _, public_eval = _public_splits(cfg)
+    folder = os.path.dirname(stage)
+    expected = evaluate_prompt(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                               public_eval, cfg.post_config(folder), batch_size=8, disable_progress=True)
+    assert record["num_examples"] == 8 == expected["num_examples"]
+    assert record["accuracy"] == expected["accuracy"] and record["per_class"] == {
+        str(c): v for c, v in expected["per_class"].items()}
