@@ -128,12 +128,17 @@ def main(argv=None):
     dp_overrides = _overrides(args.overrides + args.dp_overrides)
     os.makedirs(args.root, exist_ok=True)
     grid_file = os.path.join(args.root, "grid.json")
+    # The resolved settings, not the flags: a preset that changed since the root was made changes its cells too.
+    settings = {"config": dataclasses.asdict(_config(overrides)), "dp_config": dataclasses.asdict(_config(dp_overrides))}
     if os.path.isfile(grid_file):
         with open(grid_file, encoding="utf-8") as f:
             previous = json.load(f)
-        if previous != {"set": overrides, "dp_set": dp_overrides}:
-            raise SystemExit(f"{args.root} was made with {previous}; use another --root for these settings.")
-    atomic_write_json(grid_file, {"set": overrides, "dp_set": dp_overrides})
+        changed = sorted({k for part in ("config", "dp_config") for k in set(settings[part]) | set(previous.get(part, {}))
+                          if settings[part].get(k) != previous.get(part, {}).get(k)})
+        if changed:
+            raise SystemExit(f"{args.root} was made with other settings ({', '.join(changed)} differ); use another "
+                             "--root for these settings.")
+    atomic_write_json(grid_file, {"set": overrides, "dp_set": dp_overrides, **settings})
     command = "python benchmarks/utility.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     cells = []

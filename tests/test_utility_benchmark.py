@@ -24,7 +24,7 @@ def _as_set_flags(args):
     return public, [f"--set={k[2:]}={v}" for k, v in pairs.items()]
 
 
-def test_grid_shares_the_source_prompt_across_alphas_and_summarises(utility, tiny_run, tmp_path):
+def test_grid_shares_the_source_prompt_across_alphas_and_summarises(utility, tiny_run, tmp_path, monkeypatch):
     _, args = tiny_run
     public, flags = _as_set_flags(args)
     root, out = str(tmp_path / "grid"), str(tmp_path / "utility.json")
@@ -51,8 +51,16 @@ def test_grid_shares_the_source_prompt_across_alphas_and_summarises(utility, tin
     again = json.loads(open(out).read())
     assert all(s["reused"] for c in again["cells"] for s in c["stages"])
     assert [c["accuracy"] for c in again["cells"]] == [c["accuracy"] for c in cells]
-    with pytest.raises(SystemExit, match="another --root"):
+    with pytest.raises(SystemExit, match="tune_learning_rate differ.*another --root"):
         utility.main([*argv, "--set=tune_learning_rate=0.5"])
+    # The root guards the resolved settings: a flag spelling out the preset's own value is the same grid, but a
+    # preset changed under the root is refused.
+    utility.main([*argv, "--set=distill_learning_rate=0.001"])
+    from peft_post.pipeline import PRESETS
+
+    monkeypatch.setitem(PRESETS["quick"], "distill_learning_rate", 5e-3)
+    with pytest.raises(SystemExit, match="distill_learning_rate differ"):
+        utility.main(argv)
 
 
 def test_cost_benchmark_times_the_three_steps_interleaved(tiny_run, tmp_path):
