@@ -87,14 +87,15 @@ def main(argv=None) -> int:
     rows = [student_row(r) for r in args.runs]
     atomic_write_json(args.out, {"command": "python benchmarks/students.py " + " ".join(sys.argv[1:]),
                                  "machine": "2 CPU cores (shared), no GPU", "rows": rows})
-    print("| student | steps | slot w | templ. | DP | student ZS (public) | p_s (public) | p_s | direct | POST | "
+    print("| student | steps | slot w | templ. | DP | tuning | student ZS (public) | p_s (public) | p_s | direct | POST | "
           "zero-shot |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         s, a = r["student"], r["test_accuracy"]
         src = (r["transfer"]["alpha_inputs"] or {}).get("public_source")
         print(f"| {s['layers']} | {s['steps']} | {'—' if s['label_slot_weight'] is None else s['label_slot_weight']} | {s['templated_fraction']} | "
-              f"{'ε' if r['dp'] else 'no'} | {100 * s['public_zero_shot']['accuracy']:.1f} | "
+              f"{'ε' if r['dp'] else 'no'} | {r['tune']['steps']}×{r['tune']['batch']}, lr {r['tune']['lr']:g} | "
+              f"{100 * s['public_zero_shot']['accuracy']:.1f} | "
               f"{'' if src is None else f'{100 * src:.1f}'} | {100 * a['student_prompt']:.1f} | "
               f"{100 * a['direct_transfer']:.1f} | {100 * a['post']:.1f} | {100 * a['zero_shot']:.1f} |")
     return 0
