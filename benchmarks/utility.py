@@ -133,8 +133,11 @@ def main(argv=None):
     if os.path.isfile(grid_file):
         with open(grid_file, encoding="utf-8") as f:
             previous = json.load(f)
-        changed = sorted({k for part in ("config", "dp_config") for k in set(settings[part]) | set(previous.get(part, {}))
-                          if settings[part].get(k) != previous.get(part, {}).get(k)})
+        if "config" in previous:
+            changed = sorted({k for part in ("config", "dp_config") for k in set(settings[part]) | set(previous[part])
+                              if settings[part].get(k) != previous[part].get(k)})
+        else:  # a root made before grid.json held the resolved settings: only its flags are known
+            changed = [] if (previous["set"], previous["dp_set"]) == (overrides, dp_overrides) else ["--set flags"]
         if changed:
             raise SystemExit(f"{args.root} was made with other settings ({', '.join(changed)} differ); use another "
                              "--root for these settings.")
