@@ -301,7 +301,8 @@ def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
         "layers": cfg.keep_layers(), "data": cfg.distill_dataset, "steps": cfg.distill_max_steps,
         "lr": cfg.distill_learning_rate, "batch": cfg.distill_batch_size, "block": cfg.distill_block_size,
         "templated": cfg.distill_templated_fraction, "template": cfg.template, "seed": cfg.seed,
-        "label_slot_weight": cfg.distill_label_slot_weight, "freeze_embeddings": cfg.distill_freeze_embeddings,
+        # float(): `5` and `5.0` are the same student, and json writes them differently.
+        "label_slot_weight": float(cfg.distill_label_slot_weight), "freeze_embeddings": cfg.distill_freeze_embeddings,
     }
     if cfg.distill_split != "train":  # keeps the keys of students distilled before the field existed
         spec["split"] = cfg.distill_split
