@@ -558,9 +558,14 @@ def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
     private = [r["text"] for r in _rotten_tomatoes_rows(cache_dir)]
     if name == "distillation_text":
         # "without_trec" serves runs whose private task is embedded:trec: their student never sees those questions.
+        # TREC is the last source, so the full corpus is the TREC-less one followed by the TREC questions not in it:
+        # each source is read once.
+        from datasets import concatenate_datasets
+
         no_trec = tuple(src for src in DISTILLATION_SOURCES if src != "trec")
-        return DatasetDict({"train": load_distillation_text(exclude=private, cache_dir=cache_dir),
-                            "without_trec": load_distillation_text(no_trec, exclude=private, cache_dir=cache_dir)})
+        without_trec = load_distillation_text(no_trec, exclude=private, cache_dir=cache_dir)
+        trec = load_distillation_text(["trec"], exclude=private + list(without_trec["text"]), cache_dir=cache_dir)
+        return DatasetDict({"train": concatenate_datasets([without_trec, trec]), "without_trec": without_trec})
     if name.startswith("vader_") and name[len("vader_"):] in VADER_SETS:
         public, _ = remove_overlap(load_vader(name[len("vader_"):], cache_dir=cache_dir), private)
         return DatasetDict({"train": public})
