@@ -219,12 +219,16 @@ def _read_post_side_file(path: str, subfolder: Optional[str], kwargs: dict) -> d
         if os.path.isdir(local):
             return {}
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
         try:
             candidate = hf_hub_download(path, POST_CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         except EntryNotFoundError:
             return {}
+        except HFValidationError:
+            # A missing local folder is not a repo id either; say so the way PEFT's own configs do.
+            raise ValueError(f"Can't find 'adapter_config.json' at {local!r}: no such folder, and not a Hub repo id.") \
+                from None
     with open(candidate, encoding="utf-8") as f:
         return json.load(f)

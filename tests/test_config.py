@@ -110,3 +110,10 @@ def test_loading_another_peft_type_is_refused(load_tiny, tmp_path):
     )
     with pytest.raises(ValueError, match="PROMPT_TUNING"):
         POSTConfig.from_pretrained(tmp_path)
+
+
+def test_missing_local_adapter_folder_is_a_clear_error(tmp_path):
+    # Not a Hub validation traceback: the same ValueError PEFT's own configs raise, naming the path.
+    missing = str(tmp_path / "no_such_run" / "source_prompt")
+    with pytest.raises(ValueError, match="Can't find 'adapter_config.json' at .*no_such_run"):
+        POSTConfig.from_pretrained(missing)
