@@ -86,3 +86,16 @@ def test_prompt_helpers(load_tiny, tokenizer):
     ids = tokenizer("predict if sentiment").input_ids
     ids = (ids * 5)[:5]
     torch.testing.assert_close(text_prompt, a.get_base_model().get_input_embeddings().weight[ids].detach())
+
+
+@pytest.mark.parametrize("extra", [-2, 0, 3])
+def test_text_initialisation_matches_peft_when_the_text_is_cut_or_repeated(load_tiny, tokenizer, extra):
+    from peft import PromptTuningConfig
+
+    text = "predict if sentiment of this review"
+    n = len(tokenizer(text).input_ids) + extra
+    peft_cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
+                                  prompt_tuning_init_text=text, tokenizer_name_or_path=tokenizer.name_or_path)
+    model = get_peft_model(load_tiny("gpt2"), peft_cfg)
+    # The transfer re-initialises p_t with prompt_from_text; it must pick the same n ids PEFT's TEXT init gave p_s.
+    torch.testing.assert_close(prompt_from_text(model, tokenizer, text, n), get_prompt(model))
