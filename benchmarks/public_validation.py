@@ -1,0 +1,135 @@
+"""The provider's selection signal: score finished runs on public examples that no stage of them saw.
+
+The pipeline's public held-out split (`num_public_eval_examples`, 128 by default) drives the α heuristic and the
+transfer curve, and on 128 examples an accuracy moves by ±4 points between runs. To compare settings (student
+size, distillation budget, tuning and transfer budgets) the provider scores each run on the next `--num-examples`
+public examples instead: after the transfer's training and held-out slices, so disjoint from both, and labelled, so
+no private data is needed. For each run folder it scores the target zero-shot, the student zero-shot, the student
+with p_s and the target with POST's p_t, and writes one row per run. The private test split is never read.
+``--init-texts`` instead scores the target with a freshly TEXT-initialised prompt per text (the point the transfer
+starts from), at the default preset's prompt length.
+
+    python benchmarks/public_validation.py --runs runs/a runs/b --num-examples 1000
+    python benchmarks/public_validation.py --init-texts "Predict if sentiment of this review is positive or negative" \
+        --out benchmarks/results/init_text.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from peft_post.assets import cache_dir, load_text_dataset, resolve_model
+from peft_post.evaluation import evaluate_prompt
+from peft_post.io import atomic_write_json
+from peft_post.pipeline import PipelineConfig, _load_lm, _load_prompted, _load_tokenizer, student_cache_key
+from students import _config, _read
+
+RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "public_validation.json")
+
+
+def validation_slice(cfg, num_examples: int):
+    """The public examples right after the transfer's training and held-out slices (same shuffle as the pipeline)."""
+    public = load_text_dataset(cfg.public_dataset, split=cfg.public_split).shuffle(seed=cfg.seed)
+    start = cfg.num_public_examples + cfg.num_public_eval_examples
+    if len(public) < start + num_examples:
+        raise ValueError(f"The public dataset has {len(public)} examples: {start} go to the transfer, so at most "
+                         f"{len(public) - start} remain for validation; lower --num-examples.")
+    return public.select(range(start, start + num_examples))
+
+
+def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
+    cfg = _config(run_dir)
+    target = resolve_model(cfg.target_model)
+    if cfg.student_model is not None:
+        student = resolve_model(cfg.student_model)
+    else:
+        student = os.path.join(cache_dir(), "students", student_cache_key(cfg, target))
+    data = validation_slice(cfg, num_examples)
+    tokenizer = _load_tokenizer(target)
+    task = cfg.post_config()
+
+    def score(model, desc):
+        r = evaluate_prompt(model.eval(), tokenizer, data, task, text_column=cfg.text_column,
+                            label_column=cfg.label_column, batch_size=cfg.eval_batch_size, desc=desc)
+        return {"accuracy": r["accuracy"], "per_class": r["per_class"]}
+
+    # The target's zero-shot score depends only on the target and the slice: score it once for all runs.
+    zs_key = (target, cfg.public_dataset, cfg.public_split, cfg.seed, cfg.num_public_examples + cfg.num_public_eval_examples,
+              cfg.template, cfg.label_words)
+    if zs_key not in scored_targets:
+        scored_targets[zs_key] = score(_load_lm(target, False), "target zero-shot")
+    report_path = os.path.join(run_dir, "report.json")
+    return {
+        "run_dir": run_dir, "student_dir": student,
+        "command": _read(report_path).get("command") if os.path.isfile(report_path) else None,
+        "settings": {"student_layers": cfg.student_layers, "distill_max_steps": cfg.distill_max_steps,
+                     "dp": cfg.dp, "tune_max_steps": cfg.tune_max_steps, "tune_batch_size": cfg.tune_batch_size,
+                     "tune_learning_rate": cfg.tune_learning_rate, "transfer_max_steps": cfg.transfer_max_steps,
+                     "transfer_learning_rate": cfg.transfer_learning_rate, "alpha": cfg.alpha},
+        "num_examples": len(data),
+        "accuracy": {
+            "zero_shot": scored_targets[zs_key],
+            "student_zero_shot": score(_load_lm(student, False), "student zero-shot"),
+            "student_prompt": score(_load_prompted(student, os.path.join(run_dir, "source_prompt"), False),
+                                    "student p_s"),
+            "post": score(_load_prompted(target, os.path.join(run_dir, "transferred_prompt"), False), "POST"),
+        },
+    }
+
+
+def init_text_rows(texts: list, num_examples: int) -> list:
+    from peft import get_peft_model
+
+    rows = []
+    for text in texts:
+        cfg = PipelineConfig(prompt_init_text=text)
+        target = resolve_model(cfg.target_model)
+        tokenizer = _load_tokenizer(target)
+        torch.manual_seed(cfg.seed)
+        model = get_peft_model(_load_lm(target, False), cfg.post_config(target)).eval()
+        r = evaluate_prompt(model, tokenizer, validation_slice(cfg, num_examples), cfg.post_config(),
+                            batch_size=cfg.eval_batch_size, desc="init prompt")
+        rows.append({"init_text": text, "text_tokens": len(tokenizer(text)["input_ids"]),
+                     "num_virtual_tokens": cfg.num_virtual_tokens, "accuracy": r["accuracy"],
+                     "per_class": r["per_class"]})
+        print(f"{r['accuracy']:.3f}  {rows[-1]['text_tokens']} tokens -> {cfg.num_virtual_tokens}: {text!r}")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", help="run folders whose tune and transfer stages finished")
+    p.add_argument("--init-texts", nargs="+", help="score the target with a TEXT-initialised prompt per text instead")
+    p.add_argument("--num-examples", type=int, default=1000, help="public validation examples per run")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
+    p.add_argument("--out", default=RESULT)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python benchmarks/public_validation.py " + " ".join(sys.argv[1:])
+    if args.init_texts:
+        atomic_write_json(args.out, {"command": command, "machine": "2 CPU cores, no GPU",
+                                     "rows": init_text_rows(args.init_texts, args.num_examples)})
+        return 0
+    if not args.runs:
+        p.error("give --runs or --init-texts")
+    scored_targets: dict = {}
+    rows = [run_row(r, args.num_examples, scored_targets) for r in args.runs]
+    atomic_write_json(args.out, {"command": command,
+                                 "machine": "2 CPU cores, no GPU", "rows": rows})
+    print("| run | student layers | distill steps | tune | zero-shot | student ZS | student p_s | POST |")
+    print("|---|---|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        s, a = r["settings"], {k: 100 * v["accuracy"] for k, v in r["accuracy"].items()}
+        print(f"| {r['run_dir']} | {s['student_layers']} | {s['distill_max_steps']} | "
+              f"{'DP ' if s['dp'] else ''}{s['tune_max_steps']}×{s['tune_batch_size']} lr {s['tune_learning_rate']:g} | "
+              f"{a['zero_shot']:.1f} | {a['student_zero_shot']:.1f} | {a['student_prompt']:.1f} | {a['post']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
