@@ -51,6 +51,7 @@ def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
     data = validation_slice(cfg, num_examples)
     tokenizer = _load_tokenizer(target)
     task = cfg.post_config()
+    masked = "{mask}" in cfg.template
 
     def score(model, desc):
         r = evaluate_prompt(model.eval(), tokenizer, data, task, text_column=cfg.text_column,
@@ -61,7 +62,7 @@ def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
     zs_key = (target, cfg.public_dataset, cfg.public_split, cfg.seed, cfg.num_public_examples + cfg.num_public_eval_examples,
               cfg.template, cfg.label_words)
     if zs_key not in scored_targets:
-        scored_targets[zs_key] = score(_load_lm(target, False), "target zero-shot")
+        scored_targets[zs_key] = score(_load_lm(target, masked), "target zero-shot")
     report_path = os.path.join(run_dir, "report.json")
     return {
         "run_dir": run_dir, "student_dir": student,
@@ -69,14 +70,15 @@ def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
         "settings": {"student_layers": cfg.student_layers, "distill_max_steps": cfg.distill_max_steps,
                      "dp": cfg.dp, "tune_max_steps": cfg.tune_max_steps, "tune_batch_size": cfg.tune_batch_size,
                      "tune_learning_rate": cfg.tune_learning_rate, "transfer_max_steps": cfg.transfer_max_steps,
-                     "transfer_learning_rate": cfg.transfer_learning_rate, "alpha": cfg.alpha},
+                     "transfer_learning_rate": cfg.transfer_learning_rate, "alpha": cfg.alpha,
+                     "num_virtual_tokens": cfg.num_virtual_tokens, "prompt_init_text": cfg.prompt_init_text},
         "num_examples": len(data),
         "accuracy": {
             "zero_shot": scored_targets[zs_key],
-            "student_zero_shot": score(_load_lm(student, False), "student zero-shot"),
-            "student_prompt": score(_load_prompted(student, os.path.join(run_dir, "source_prompt"), False),
+            "student_zero_shot": score(_load_lm(student, masked), "student zero-shot"),
+            "student_prompt": score(_load_prompted(student, os.path.join(run_dir, "source_prompt"), masked),
                                     "student p_s"),
-            "post": score(_load_prompted(target, os.path.join(run_dir, "transferred_prompt"), False), "POST"),
+            "post": score(_load_prompted(target, os.path.join(run_dir, "transferred_prompt"), masked), "POST"),
         },
     }
 
@@ -90,7 +92,7 @@ def init_text_rows(texts: list, num_examples: int) -> list:
         target = resolve_model(cfg.target_model)
         tokenizer = _load_tokenizer(target)
         torch.manual_seed(cfg.seed)
-        model = get_peft_model(_load_lm(target, False), cfg.post_config(target)).eval()
+        model = get_peft_model(_load_lm(target, "{mask}" in cfg.template), cfg.post_config(target)).eval()
         r = evaluate_prompt(model, tokenizer, validation_slice(cfg, num_examples), cfg.post_config(),
                             batch_size=cfg.eval_batch_size, desc="init prompt")
         rows.append({"init_text": text, "text_tokens": len(tokenizer(text)["input_ids"]),
