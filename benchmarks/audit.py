@@ -23,16 +23,16 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
-from peft_post.assets import cache_dir, resolve_model  # noqa: E402
+from peft_post.assets import resolve_model  # noqa: E402
 from peft_post.audit import AuditConfig, run_audit  # noqa: E402
 from peft_post.io import atomic_write_json  # noqa: E402
-from peft_post.pipeline import PipelineConfig, student_cache_key  # noqa: E402
+from peft_post.pipeline import PipelineConfig, student_folder  # noqa: E402
 
 SETTINGS = {"non_dp": dict(dp=False), "dp_eps8": dict(dp=True, target_epsilon=8.0)}
 
 
 def wait_for_student(cfg: PipelineConfig, timeout_s: float) -> str:
-    folder = os.path.join(cache_dir(), "students", student_cache_key(cfg, resolve_model(cfg.target_model)))
+    folder = student_folder(cfg, resolve_model(cfg.target_model))
     deadline = time.time() + timeout_s
     while not os.path.isfile(os.path.join(folder, "stage.json")):
         if time.time() > deadline:

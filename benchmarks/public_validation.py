@@ -22,10 +22,10 @@ import sys
 
 import torch
 
-from peft_post.assets import cache_dir, load_text_dataset, resolve_model
+from peft_post.assets import resolve_model
 from peft_post.evaluation import evaluate_prompt
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import PipelineConfig, _load_lm, _load_prompted, _load_tokenizer, student_cache_key
+from peft_post.pipeline import PipelineConfig, _load_lm, _load_prompted, _load_tokenizer, public_pool, student_folder
 from students import _config, _read
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "public_validation.json")
@@ -33,7 +33,7 @@ RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pu
 
 def validation_slice(cfg, num_examples: int):
     """The public examples right after the transfer's training and held-out slices (same shuffle as the pipeline)."""
-    public = load_text_dataset(cfg.public_dataset, split=cfg.public_split).shuffle(seed=cfg.seed)
+    public = public_pool(cfg)
     start = cfg.num_public_examples + cfg.num_public_eval_examples
     if len(public) < start + num_examples:
         raise ValueError(f"The public dataset has {len(public)} examples: {start} go to the transfer, so at most "
@@ -44,14 +44,11 @@ def validation_slice(cfg, num_examples: int):
 def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
     cfg = _config(run_dir)
     target = resolve_model(cfg.target_model)
-    if cfg.student_model is not None:
-        student = resolve_model(cfg.student_model)
-    else:
-        student = os.path.join(cache_dir(), "students", student_cache_key(cfg, target))
+    student = resolve_model(cfg.student_model) if cfg.student_model is not None else student_folder(cfg, target)
     data = validation_slice(cfg, num_examples)
     tokenizer = _load_tokenizer(target)
     task = cfg.post_config()
-    masked = "{mask}" in cfg.template
+    masked = cfg.masked
 
     def score(model, desc):
         r = evaluate_prompt(model.eval(), tokenizer, data, task, text_column=cfg.text_column,
@@ -86,15 +83,17 @@ def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
 def init_text_rows(texts: list, num_examples: int) -> list:
     from peft import get_peft_model
 
+    default = PipelineConfig()
+    target = resolve_model(default.target_model)
+    tokenizer = _load_tokenizer(target)
+    data = validation_slice(default, num_examples)
     rows = []
     for text in texts:
         cfg = PipelineConfig(prompt_init_text=text)
-        target = resolve_model(cfg.target_model)
-        tokenizer = _load_tokenizer(target)
         torch.manual_seed(cfg.seed)
-        model = get_peft_model(_load_lm(target, "{mask}" in cfg.template), cfg.post_config(target)).eval()
-        r = evaluate_prompt(model, tokenizer, validation_slice(cfg, num_examples), cfg.post_config(),
-                            batch_size=cfg.eval_batch_size, desc="init prompt")
+        model = get_peft_model(_load_lm(target, cfg.masked), cfg.post_config(target)).eval()
+        r = evaluate_prompt(model, tokenizer, data, cfg.post_config(), batch_size=cfg.eval_batch_size,
+                            desc="init prompt")
         rows.append({"init_text": text, "text_tokens": len(tokenizer(text)["input_ids"]),
                      "num_virtual_tokens": cfg.num_virtual_tokens, "accuracy": r["accuracy"],
                      "per_class": r["per_class"]})

@@ -17,10 +17,10 @@ import sys
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from peft_post.assets import cache_dir, resolve_model
+from peft_post.assets import resolve_model
 from peft_post.evaluation import evaluate_prompt
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import PipelineConfig, _public_splits, student_cache_key
+from peft_post.pipeline import PipelineConfig, _public_splits, student_folder
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "students.json")
 
@@ -42,7 +42,7 @@ def student_row(run: str) -> dict:
     report = _read(os.path.join(run_dir, "report.json"))
     named = bool(student)
     if not named:
-        student = os.path.join(cache_dir(), "students", student_cache_key(cfg, resolve_model(cfg.target_model)))
+        student = student_folder(cfg, resolve_model(cfg.target_model))
     distill = _read(os.path.join(student, "stage.json"))
     public_zs = distill.get("public_zero_shot")
     if public_zs is None or public_zs.get("dataset") != cfg.public_dataset:

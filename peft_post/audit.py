@@ -316,7 +316,7 @@ def run_audit(cfg, audit: AuditConfig, command: Optional[str] = None) -> dict:
     folder = audit.audit_dir or default_audit_dir(cfg.run_dir, cfg.dp)
     os.makedirs(folder, exist_ok=True)
     _check_resume(folder, _settings(cfg, audit))
-    masked = "{mask}" in cfg.template
+    masked = cfg.masked
     if cfg.student_model is not None:
         student_path = resolve_model(cfg.student_model)
     else:

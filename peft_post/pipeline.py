@@ -209,12 +209,16 @@ class PipelineConfig:
     def label_word_lists(self) -> list[list[str]]:
         return [[w.strip() for w in cls.split(",") if w.strip()] for cls in self.label_words.split("|")]
 
+    @property
+    def masked(self) -> bool:
+        """A masked-LM run: the template has a '{mask}' label slot."""
+        return "{mask}" in self.template
+
     def post_config(self, tokenizer_path: Optional[str] = None, **overrides) -> POSTConfig:
-        masked = "{mask}" in self.template
         init = dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=self.prompt_init_text,
                     tokenizer_name_or_path=tokenizer_path) if tokenizer_path else {}
         return POSTConfig(
-            task_type="FEATURE_EXTRACTION" if masked else "CAUSAL_LM",
+            task_type="FEATURE_EXTRACTION" if self.masked else "CAUSAL_LM",
             num_virtual_tokens=self.num_virtual_tokens,
             template=self.template,
             label_words=self.label_word_lists(),
@@ -309,13 +313,20 @@ def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
     return _spec_key(spec)
 
 
+def student_folder(cfg: PipelineConfig, target_path: str) -> str:
+    """The folder of `cfg`'s distilled student in the shared cache (there or not yet)."""
+    from .assets import cache_dir
+
+    return os.path.join(cache_dir(), "students", student_cache_key(cfg, target_path))
+
+
 def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[str, dict]:
     """Distil (or reuse) the student; returns its folder and its stage record."""
-    from .assets import cache_dir, load_text_dataset
+    from .assets import load_text_dataset
     from .distill import DistillationConfig, DistillationTrainer, make_student, with_task_template
     from .evaluation import evaluate_prompt
 
-    final = os.path.join(cache_dir(), "students", student_cache_key(cfg, target_path))
+    final = student_folder(cfg, target_path)
     record = stage_done(final)
     if record is not None:
         return final, {**record, "reused": True}
@@ -394,10 +405,16 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     return _finish_stage(partial, folder, record)
 
 
-def _public_splits(cfg: PipelineConfig):
+def public_pool(cfg: PipelineConfig):
+    """The public dataset in the pipeline's order: the transfer's training examples, then its held-out ones, then
+    the rest, which no stage sees."""
     from .assets import load_text_dataset
 
-    public = load_text_dataset(cfg.public_dataset, split=cfg.public_split).shuffle(seed=cfg.seed)
+    return load_text_dataset(cfg.public_dataset, split=cfg.public_split).shuffle(seed=cfg.seed)
+
+
+def _public_splits(cfg: PipelineConfig):
+    public = public_pool(cfg)
     n_train, n_eval = cfg.num_public_examples, cfg.num_public_eval_examples
     if len(public) < n_train + n_eval:
         raise ValueError(f"The public dataset has {len(public)} examples, fewer than num_public_examples + "
@@ -541,7 +558,7 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
         raise ValueError("The full_tuning stage runs only with --full_baseline.")
     os.makedirs(cfg.run_dir, exist_ok=True)
     atomic_write_json(os.path.join(cfg.run_dir, "config.json"), dataclasses.asdict(cfg))
-    masked = "{mask}" in cfg.template
+    masked = cfg.masked
     target_path = resolve_model(cfg.target_model)
     folders = {"tune": os.path.join(cfg.run_dir, "source_prompt"),
                "transfer": os.path.join(cfg.run_dir, "transferred_prompt"),

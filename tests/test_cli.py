@@ -177,3 +177,12 @@ def test_distill_records_the_students_public_zero_shot_accuracy(tiny_run, tmp_pa
     assert record["num_examples"] == 8 == expected["num_examples"]
     assert record["accuracy"] == expected["accuracy"] and record["per_class"] == {
         str(c): v for c, v in expected["per_class"].items()}
+    # The helpers benchmarks use to find this student and the public examples no stage saw.
+    from peft_post.assets import resolve_model
+    from peft_post.pipeline import public_pool, student_folder
+
+    assert student_folder(cfg, resolve_model(cfg.target_model)) == folder
+    pool, (public_train, _) = public_pool(cfg), _public_splits(cfg)
+    n_train, n_eval = len(public_train), len(public_eval)
+    assert pool["text"][:n_train] == public_train["text"] and pool["text"][n_train:n_train + n_eval] == public_eval["text"]
+    assert not cfg.masked and PipelineConfig(template="{text} It was {mask}.").masked
