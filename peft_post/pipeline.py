@@ -33,7 +33,7 @@ STAGE_FILE = "stage.json"
 PRESETS: dict[str, dict[str, Any]] = {
     # Chosen by measurement on 2 CPU cores with SmolLM2-135M-Instruct; see docs/pipeline.md for the figures.
     "default": dict(
-        student_layers="0,1,2,3,26,27,28,29", distill_max_steps=600, distill_learning_rate=1e-3,
+        student_layers="0,1,2,3,26,27,28,29", distill_max_steps=1500, distill_learning_rate=1e-3,
         distill_templated_fraction=0.5, distill_label_slot_weight=5.0,
         max_train_examples=100_000, max_test_examples=1000,
         tune_max_steps=300, tune_learning_rate=3e-2, tune_batch_size=16,
