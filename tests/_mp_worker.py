@@ -12,6 +12,7 @@ import sys
 
 import torch
 import transformers as tf
+from accelerate import PartialState
 from datasets import Dataset
 from peft import get_peft_model
 
@@ -109,6 +110,11 @@ def main(workdir, out):
     }
     for stage, result in results.items():
         torch.save(result, os.path.join(out, f"{stage}-{rank}.pt"))
+    # Left to interpreter teardown, the gloo group's threads can abort a finished process ("terminate called without
+    # an active exception", exit -6): seen once in a full CI run, so the launch failed after every result was saved.
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
