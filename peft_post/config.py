@@ -20,7 +20,9 @@ POST_CONFIG_NAME = "post_config.json"
 
 SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "FEATURE_EXTRACTION")
 PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate", "steps")
-ACCOUNTANTS = ("prv", "rdp", "gdp")
+# "pld" (replace-one, dp_accounting) is what the trainer writes; the Opacus names load ledgers written before it.
+ACCOUNTANTS = ("pld", "prv", "rdp", "gdp")
+ADJACENCIES = ("replace_one", "add_or_remove_one")
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
 DEFAULT_LABEL_WORDS = (("negative",), ("positive",))
 
@@ -47,6 +49,16 @@ def validate_privacy_ledger(ledger: dict, name: str = "privacy") -> None:
         raise ValueError(f"`{name}['sample_rate']` must be in (0, 1], got {ledger['sample_rate']!r}.")
     if not (isinstance(ledger["steps"], int) and ledger["steps"] >= 0):
         raise ValueError(f"`{name}['steps']` must be a non-negative int, got {ledger['steps']!r}.")
+    if "adjacency" in ledger and ledger["adjacency"] not in ADJACENCIES:
+        raise ValueError(f"`{name}['adjacency']` must be one of {ADJACENCIES}, got {ledger['adjacency']!r}.")
+    if "history" in ledger and sum(int(h[2]) for h in ledger["history"]) != ledger["steps"]:
+        raise ValueError(f"`{name}['history']` counts {sum(int(h[2]) for h in ledger['history'])} steps, "
+                         f"`steps` says {ledger['steps']}; the ledger is inconsistent.")
+
+
+def guarantee_holds(ledger: Optional[dict]) -> bool:
+    """Whether a ledger states a DP guarantee that holds (False for no ledger, or one its trainer declared void)."""
+    return ledger is not None and ledger.get("guarantee_holds", True) is not False
 
 
 @dataclass

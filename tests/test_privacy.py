@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from opacus.accountants import create_accountant
 from peft import PeftModel, get_peft_model
 
 from peft_post import POSTConfig, label_logits
@@ -18,6 +17,7 @@ from peft_post.tasks import TaskTemplate, Verbalizer, VerbalizerCollator
 from peft_post.testing import tiny_sentiment_dataset, tiny_sentiment_rows
 from peft_post.tuning import DPConfig, DPPromptTrainer, PromptTrainingConfig
 from peft_post.tuning import privacy
+from peft_post.tuning.accountant import ADD_OR_REMOVE_ONE, PLDAccountant, history_epsilon
 
 CAUSAL = dict(task_type="CAUSAL_LM", template="{text} It was", label_words=[["bad"], ["good"]])
 MASKED = dict(task_type="FEATURE_EXTRACTION", template="{text} It was {mask}.", label_words=[["bad"], ["good"]])
@@ -157,14 +157,15 @@ def test_empty_poisson_batch_releases_pure_noise(load_tiny, tokenizer, tmp_path)
     noise = torch.cat(samples)
     std = 3.0 * 2.0 / trainer.expected_batch_size
     assert abs(float(noise.std()) - std) < 4 * std / math.sqrt(2 * noise.numel())
-    assert privacy.accountant_steps(trainer.accountant) == 60, "an empty batch is still a step of the mechanism"
+    assert len(trainer.accountant) == 60, "an empty batch is still a step of the mechanism"
 
 
 def test_poisson_dataloader_samples_independently_with_rate_q(tokenizer):
     data = tiny_sentiment_dataset(40)
     config = post_config("gpt2")
     collator = VerbalizerCollator(TaskTemplate.from_config(config, tokenizer))
-    loader = privacy.poisson_dataloader(data, 0.1, collator, steps=400, generator=torch.Generator().manual_seed(0))
+    sampler = privacy.PoissonBatchSampler(len(data), 0.1, 400, privacy.NoiseSource(seed=0))
+    loader = privacy.secret_dataloader(data, sampler, collator)
     sizes = [b["input_ids"].shape[0] for b in loader]
     assert len(sizes) == 400
     mean = sum(sizes) / len(sizes)
@@ -204,24 +205,28 @@ def test_naive_opacus_hooks_give_wrong_per_sample_gradients_for_a_peft_prompt(lo
     assert (clipped_naive - clipped_true).norm() > 1e-4
 
 
-@pytest.mark.parametrize("accountant", ["prv", "rdp"])
-def test_reported_epsilon_matches_opacus_and_meets_target(load_tiny, tokenizer, tmp_path, accountant):
+def test_reported_epsilon_is_the_replace_one_pld_epsilon_and_meets_target(load_tiny, tokenizer, tmp_path):
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
     model = peft_model(load_tiny, "gpt2")
     data = tiny_sentiment_dataset(16)
-    trainer = dp_trainer(model, tokenizer, tmp_path, DPConfig(target_epsilon=4.0, accountant=accountant,
-                                                             target_delta=1e-3, epsilon_tolerance=0.2), data=data, max_steps=5)
+    trainer = dp_trainer(model, tokenizer, tmp_path, DPConfig(target_epsilon=4.0, target_delta=1e-3,
+                                                             epsilon_tolerance=0.2), data=data, max_steps=5)
     q = 4 / 16
     sigma = trainer.noise_multiplier
     trainer.train()
     report = trainer.privacy_report()
-    reference = create_accountant(accountant)
-    reference.history = [(sigma, q, 5)]
-    assert report["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-3), rel=1e-9)
-    # What Opacus's get_noise_multiplier guarantees: the target is met, and to within its tolerance.
-    assert 4.0 - 0.2 <= report["epsilon"] <= 4.0
-    assert report["noise_multiplier"] == sigma
+    # dp_accounting's PLD accountant, used directly at its default (finer) discretisation: ours is pessimistic too.
+    reference = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
+    reference.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), 5)
+    assert report["epsilon"] == pytest.approx(reference.get_epsilon(1e-3), rel=1e-3)
+    assert 4.0 - 0.2 <= report["epsilon"] <= 4.0, "the calibrated σ meets the target, to within the tolerance"
+    assert report["epsilon_add_remove"] < report["epsilon"], "replace-one is the stronger adversary"
+    assert report["noise_multiplier"] == sigma and report["history"] == [[sigma, q, 5]]
     assert report["steps"] == 5 and report["sample_rate"] == q and report["delta"] == 1e-3
-    assert report["accountant"] == accountant
+    assert report["accountant"] == "pld" and report["adjacency"] == "replace_one"
+    assert report["noise_source"] == "os_entropy" and report["guarantee_holds"] is True
     validate_privacy_ledger(report)
 
 
@@ -245,7 +250,7 @@ def test_ledger_is_saved_in_the_adapter(load_tiny, tokenizer, tmp_path):
 
 def test_resume_keeps_the_accountant_history(load_tiny, tokenizer, tmp_path):
     # sigma given (not searched) keeps the test fast; the search is covered above.
-    dp = DPConfig(noise_multiplier=1.1, target_delta=1e-3, accountant="rdp")
+    dp = DPConfig(noise_multiplier=1.1, target_delta=1e-3)
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
     full = dp_trainer(peft_model(load_tiny, "gpt2"), tokenizer, tmp_path / "a", dp, **kw)
     full.train()
@@ -264,7 +269,7 @@ def test_resume_keeps_the_accountant_history(load_tiny, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="understate"):
         again.train(resume_from_checkpoint=str(ckpt))
     # A resume under a different mechanism would compute a different guarantee: refused.
-    other = dp_trainer(peft_model(load_tiny, "gpt2"), tokenizer, tmp_path / "d", DPConfig(noise_multiplier=0.7, accountant="rdp"), **kw)
+    other = dp_trainer(peft_model(load_tiny, "gpt2"), tokenizer, tmp_path / "d", DPConfig(noise_multiplier=0.7), **kw)
     with pytest.raises(ValueError, match="noise_multiplier"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
 
@@ -283,6 +288,9 @@ def test_resume_keeps_the_accountant_history(load_tiny, tokenizer, tmp_path):
         (dict(target_epsilon=8.0, noise_multiplier=1.0), "exactly one"),
         (dict(), "exactly one"),
         (dict(target_epsilon=8.0, accountant="gdp"), "accountant"),
+        (dict(target_epsilon=8.0, accountant="prv"), "accountant"),
+        (dict(target_epsilon=8.0, insecure_noise_seed="1"), "insecure_noise_seed"),
+        (dict(target_epsilon=8.0, secure_mode=True), "torchcsprng"),
         (dict(target_epsilon=8.0, max_physical_batch_size=0), "max_physical_batch_size"),
     ],
 )
@@ -324,22 +332,25 @@ def test_delta_defaults_to_one_over_n_and_warns(load_tiny, tokenizer, tmp_path):
 
 
 def test_accountant_state_round_trip():
-    acc = create_accountant("rdp")
+    acc = PLDAccountant()
     acc.step(noise_multiplier=1.1, sample_rate=0.01)
     acc.step(noise_multiplier=1.1, sample_rate=0.01)
-    state = json.loads(json.dumps(privacy.accountant_state(acc)))
-    fresh = create_accountant("rdp")
-    privacy.load_accountant_state(fresh, state)
+    acc.step(noise_multiplier=0.9, sample_rate=0.01)
+    assert acc.history == [(1.1, 0.01, 2), (0.9, 0.01, 1)] and len(acc) == 3
+    state = json.loads(json.dumps(acc.state_dict()))
+    fresh = PLDAccountant()
+    fresh.load_state_dict({**state, "history": [tuple(h) for h in state["history"]]})
     assert fresh.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
-    with pytest.raises(ValueError, match="same DPConfig.accountant"):
-        privacy.load_accountant_state(create_accountant("prv"), state)
+    assert acc.get_epsilon(1e-5) == history_epsilon([(1.1, 0.01, 2), (0.9, 0.01, 1)], 1e-5)
+    assert acc.get_epsilon(1e-5, ADD_OR_REMOVE_ONE) < acc.get_epsilon(1e-5)
+    assert history_epsilon([], 1e-5) == 0.0 and history_epsilon([(0.0, 0.1, 1)], 1e-5) == math.inf
 
 
 def test_fixed_size_batches_warn_and_are_still_accounted(load_tiny, tokenizer, tmp_path):
     model = peft_model(load_tiny, "gpt2")
     with pytest.warns(UserWarning, match="not a proven bound"):
         trainer = DPPromptTrainer(model, args(tmp_path), DPConfig(noise_multiplier=1.0, target_delta=1e-3,
-                                                                  poisson_sampling=False, accountant="rdp"),
+                                                                  poisson_sampling=False),
                                   train_dataset=tiny_sentiment_dataset(16), processing_class=tokenizer)
     trainer.train()
     report = trainer.privacy_report()

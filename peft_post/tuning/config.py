@@ -8,7 +8,10 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-DP_ACCOUNTANTS = ("prv", "rdp")
+# Only an accountant with a replace-one analysis of the Poisson-subsampled Gaussian: the ledger publishes q = B/N,
+# so N is public and add/remove adjacency would overstate the guarantee (docs/privacy.md). Opacus's "prv" and "rdp"
+# analyse add/remove only.
+DP_ACCOUNTANTS = ("pld",)
 
 
 @dataclass
@@ -88,7 +91,8 @@ class PromptTrainingConfig(TrainingArguments):
 class DPConfig:
     """
     Differential privacy of prompt tuning (PromptDPSGD): per-example clipping to `max_grad_norm`, Gaussian noise of
-    std `noise_multiplier * max_grad_norm` on the clipped sum, Poisson sampling, and an Opacus accountant.
+    std `noise_multiplier * max_grad_norm` on the clipped sum, Poisson sampling, and a replace-one PLD accountant.
+    The sampling and the noise draw from a secret generator keyed from the OS, never from the Trainer's seed.
 
     Give exactly one of `target_epsilon` (the noise multiplier is then found with Opacus's `get_noise_multiplier`
     for the planned number of steps) or `noise_multiplier`.
@@ -117,8 +121,12 @@ class DPConfig:
         metadata={"help": "Per-example clipping bound C (> 0) on the L2 norm of each example's prompt gradient."},
     )
     accountant: str = field(
-        default="prv",
-        metadata={"help": "Opacus accountant: 'prv' (tight numerical composition) or 'rdp' (Rényi DP, looser)."},
+        default="pld",
+        metadata={
+            "help": "Privacy accountant: 'pld', Google dp_accounting's privacy-loss-distribution analysis (tight, "
+            "pessimistic) under replace-one adjacency. Opacus's 'prv' and 'rdp' are not offered: they analyse "
+            "add/remove adjacency only, which does not hold once N is published (see docs/privacy.md)."
+        },
     )
     poisson_sampling: bool = field(
         default=True,
@@ -131,8 +139,25 @@ class DPConfig:
     secure_mode: bool = field(
         default=False,
         metadata={
-            "help": "Opacus's secure mode: a cryptographic RNG (torchcsprng) for sampling and noise, and noise "
-            "robust to floating-point attacks. Needs `torchcsprng` installed."
+            "help": "Opacus's secure mode: a cryptographic RNG (torchcsprng) and noise robust to floating-point "
+            "attacks. torchcsprng has no release for current torch or Python, so True raises; see docs/privacy.md "
+            "for what the default (secret OS-entropy keyed generators) does and does not cover."
+        },
+    )
+    insecure_noise_seed: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "FOR TESTS AND STUDIES ONLY. Derive the Poisson batches and the noise from this number instead "
+            "of a secret from the OS, so a run can be replayed exactly. Anyone who learns the number can replay and "
+            "subtract the noise: the ledger and the model card then state that the DP guarantee does not hold."
+        },
+    )
+    public_initial_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "State that a starting prompt which was trained WITHOUT DP (its provenance says so) was trained "
+            "on public data only. Without it the trainer refuses such a prompt: the DP guarantee cannot cover what "
+            "earlier non-private training on private data revealed. The ledger records the statement."
         },
     )
     max_physical_batch_size: Optional[int] = field(
@@ -178,11 +203,16 @@ class DPConfig:
             raise ValueError(f"`max_physical_batch_size` must be a positive int or None, got {self.max_physical_batch_size!r}.")
         if not self.epsilon_tolerance > 0:
             raise ValueError(f"`epsilon_tolerance` must be > 0, got {self.epsilon_tolerance!r}.")
+        if self.insecure_noise_seed is not None and (
+            isinstance(self.insecure_noise_seed, bool) or not isinstance(self.insecure_noise_seed, int)
+        ):
+            raise ValueError(f"`insecure_noise_seed` must be None (secret noise) or an int, got {self.insecure_noise_seed!r}.")
         if self.secure_mode:
             try:
                 import torchcsprng  # noqa: F401
             except ImportError as e:
                 raise ValueError(
-                    "`secure_mode=True` needs the `torchcsprng` package (a cryptographic RNG); install it or set "
-                    "secure_mode=False."
+                    "`secure_mode=True` needs the `torchcsprng` package (a cryptographic RNG), which has no release "
+                    "for current torch or Python and is not installed. Set secure_mode=False: the sampling and noise "
+                    "then come from generators keyed by a secret from the OS (docs/privacy.md says what that covers)."
                 ) from e

@@ -5,28 +5,32 @@ Per-example gradients come from giving every example its own copy of the prompt:
 exactly, with no hooks. Opacus's grad-sample hooks must not be used on a PEFT prompt: PEFT looks the prompt up once
 (batch 1) and repeats it, so Opacus sees a single "sample" holding the summed batch gradient and the clipping, hence
 the guarantee, silently fails (see `tests/test_privacy.py`). Opacus supplies what it is good at: Poisson sampling,
-`get_noise_multiplier`, the accountants, and its secure-mode noise.
+the Gaussian noise sampler and the accountant interface; Google's `dp_accounting` supplies the replace-one analysis
+(`accountant.py`). All randomness of the mechanism comes from a secret `NoiseSource`, never from the Trainer's seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
 import warnings
 from typing import Callable, Iterable, Optional
 
 import torch
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from ..config import validate_privacy_ledger
 from ..losses import verbalizer_loss
 from ..modeling import label_logits
+from .accountant import ADD_OR_REMOVE_ONE, REPLACE_ONE, PLDAccountant, calibrate_noise_multiplier
 
 # Opacus's clipping formula adds this to the norm so a zero gradient does not divide by zero.
 CLIP_EPS = 1e-6
 ACCOUNTANT_STATE_NAME = "dp_accountant.json"
+# The NoiseSource key of a checkpoint: private, like the optimizer state; never written into a released adapter.
+NOISE_KEY_NAME = "dp_noise_key.json"
 
 
 def per_example_prompts(prompt: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -112,6 +116,11 @@ def steps_per_epoch(sample_rate: float) -> int:
     return int(1 / sample_rate)
 
 
+def planned_steps(max_steps: int, num_train_epochs: float, batches_per_epoch: int) -> int:
+    """The optimizer steps the Trainer will run, as it computes them (gradient accumulation is 1 under DP)."""
+    return max_steps if max_steps > 0 else math.ceil(num_train_epochs * batches_per_epoch)
+
+
 def resolve_delta(target_delta: Optional[float], num_examples: int) -> float:
     """δ, defaulting to 1/N; warns when δ ≥ 1/N (such a δ permits leaking about one whole example)."""
     delta = 1.0 / num_examples if target_delta is None else float(target_delta)
@@ -130,77 +139,105 @@ def resolve_noise_multiplier(
     delta: float,
     sample_rate: float,
     steps: int,
-    accountant: str,
     epsilon_tolerance: float = 0.01,
+    prior_history: Optional[list] = None,
 ) -> float:
-    """σ as given, or the smallest σ (to `epsilon_tolerance`) whose ε after `steps` steps is ≤ `target_epsilon`."""
+    """σ as given, or the smallest σ (to `epsilon_tolerance`) whose replace-one ε after `prior_history` and `steps`
+    new steps is at most `target_epsilon`."""
     if noise_multiplier is not None:
         if noise_multiplier == 0:
             warnings.warn("noise_multiplier=0: no noise is added and the training has no privacy (ε = ∞).")
         return float(noise_multiplier)
-    if steps < 1:
-        raise ValueError(f"Cannot calibrate noise for {steps} training steps; set max_steps or num_train_epochs > 0.")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=epsilon_tolerance,
-        )
-    )
+    return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, REPLACE_ONE, epsilon_tolerance,
+                                      prior_history)
 
 
-def make_accountant(name: str) -> IAccountant:
-    return create_accountant(mechanism=name)
-
-
-def accountant_steps(accountant: IAccountant) -> int:
-    return int(sum(steps for _, _, steps in accountant.history))
-
-
-def accountant_epsilon(accountant: IAccountant, delta: float) -> float:
-    """ε spent so far (0 before any step, ∞ if any step had no noise)."""
-    if accountant_steps(accountant) == 0:
-        return 0.0
-    if any(sigma == 0 for sigma, _, _ in accountant.history):
-        return math.inf
-    return float(accountant.get_epsilon(delta=delta))
-
-
-def accountant_state(accountant: IAccountant) -> dict:
-    """A JSON-ready copy of the accountant's history: everything needed to recompute ε."""
-    return {"mechanism": accountant.mechanism(), "history": [list(map(float, h[:2])) + [int(h[2])] for h in accountant.history]}
-
-
-def load_accountant_state(accountant: IAccountant, state: dict) -> None:
-    if not isinstance(state, dict) or state.get("mechanism") != accountant.mechanism():
-        found = state.get("mechanism") if isinstance(state, dict) else state
-        raise ValueError(
-            f"The saved accountant state is for {found!r}, this run uses {accountant.mechanism()!r}; resume with the "
-            "same DPConfig.accountant."
-        )
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+def history_of_ledger(ledger: dict) -> list:
+    """The (σ, q, steps) history a ledger describes: its `history`, or one phase for ledgers written before it."""
+    if ledger.get("history"):
+        return [(float(s), float(q), int(n)) for s, q, n in ledger["history"]]
+    return [(float(ledger["noise_multiplier"]), float(ledger["sample_rate"]), int(ledger["steps"]))]
 
 
 def privacy_ledger(
-    accountant: IAccountant, delta: float, noise_multiplier: float, max_grad_norm: float, sample_rate: float, **extra
+    accountant: PLDAccountant,
+    delta: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    sample_rate: float,
+    noise_source: "NoiseSource",
+    void_reasons: Iterable[str] = (),
+    **extra,
 ) -> dict:
-    """The ledger stored with the prompt: the (ε, δ) guarantee and every input that determines it."""
+    """The ledger stored with the prompt: the (ε, δ) guarantee, every input that determines it, and whether it holds.
+
+    `epsilon` is for replace-one adjacency (N is published through q). `epsilon_add_remove` is the same history under
+    add/remove-one, for comparison with papers that report it; it would be the guarantee only if N were secret.
+    """
+    reasons = list(void_reasons)
+    if noise_source.replayable:
+        reasons.append(
+            "the sampling and noise were drawn from a fixed seed (DPConfig.insecure_noise_seed): anyone who learns "
+            "the seed can replay the noise, so the released prompt is not differentially private"
+        )
+    steps = len(accountant)
     ledger = {
-        "epsilon": accountant_epsilon(accountant, delta),
+        "epsilon": accountant.get_epsilon(delta),
         "delta": float(delta),
         "accountant": accountant.mechanism(),
+        "adjacency": accountant.adjacency,
         "noise_multiplier": float(noise_multiplier),
         "max_grad_norm": float(max_grad_norm),
         "sample_rate": float(sample_rate),
-        "steps": accountant_steps(accountant),
+        "steps": steps,
+        "history": [[float(s), float(q), int(n)] for s, q, n in accountant.history],
+        "epsilon_add_remove": accountant.get_epsilon(delta, ADD_OR_REMOVE_ONE),
+        "noise_source": noise_source.kind,
+        "guarantee_holds": not reasons,
+        **({"guarantee_void_reasons": reasons} if reasons else {}),
         **extra,
     }
-    if ledger["steps"] > 0:
+    if steps > 0:
         validate_privacy_ledger(ledger)
     return ledger
+
+
+class NoiseSource:
+    """The secret randomness of DP-SGD: every Poisson batch, shuffle and noise draw comes from a generator seeded by a
+    keyed hash of (purpose, step) under a 256-bit key from the operating system's entropy pool.
+
+    Why not torch's global generator: the Trainer seeds it from `args.seed`, which is guessable (42, 0) and was
+    published with the prompt; anyone holding it could replay the noise and the batches and subtract them, and the
+    guarantee would be void (ε = ∞ in practice). Why per-step generators: the batch and noise of step t do not depend
+    on how many draws came before, so a resumed run continues exactly the stream of an uninterrupted one once the key
+    is restored from the (private) checkpoint.
+
+    `seed` makes the key a function of that number: reproducible for tests and studies, never private; the ledger
+    then says the guarantee does not hold. torch's generators are not cryptographic (Mersenne Twister on the CPU,
+    Philox on CUDA); their seeds are 63 secret bits per step, derived with BLAKE2b. See docs/privacy.md for what this
+    leaves open (floating-point attacks on the Gaussian sampler).
+    """
+
+    def __init__(self, seed: Optional[int] = None):
+        self.replayable = seed is not None
+        self._key = secrets.token_bytes(32) if seed is None else hashlib.sha256(f"peft_post:{int(seed)}".encode()).digest()
+
+    @property
+    def kind(self) -> str:
+        return "fixed_seed" if self.replayable else "os_entropy"
+
+    def generator(self, purpose: str, *index: int, device="cpu") -> torch.Generator:
+        message = ":".join([purpose, *map(str, index)]).encode()
+        digest = hashlib.blake2b(message, key=self._key, digest_size=8).digest()
+        return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+    def state_dict(self) -> dict:
+        """The key: private. It goes only into the user's own checkpoints, never into a released adapter."""
+        return {"key": self._key.hex(), "replayable": self.replayable}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._key = bytes.fromhex(state["key"])
+        self.replayable = bool(state["replayable"])
 
 
 class EmptyBatchCollator:
@@ -223,19 +260,60 @@ class EmptyBatchCollator:
         return empty
 
 
-def poisson_dataloader(
-    dataset,
-    sample_rate: float,
-    collate_fn: Callable,
-    steps: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    **loader_kwargs,
-) -> DataLoader:
-    """Batches drawn by Opacus's Poisson sampler (each example independently with rate q); empty batches allowed."""
-    sampler = UniformWithReplacementSampler(
-        num_samples=len(dataset), sample_rate=sample_rate, generator=generator, steps=steps
-    )
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=EmptyBatchCollator(collate_fn), **loader_kwargs)
+class PoissonBatchSampler(Sampler):
+    """Batches drawn by Opacus's Poisson sampler (every example joins independently with rate q; batches may be
+    empty), each from its own `NoiseSource` generator keyed by (epoch, batch), so skipping batches on resume draws
+    nothing from the stream of later ones."""
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, noise_source: NoiseSource):
+        self.num_samples, self.sample_rate, self.steps, self.noise_source = num_samples, sample_rate, steps, noise_source
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for i in range(self.steps):
+            draw = UniformWithReplacementSampler(
+                num_samples=self.num_samples, sample_rate=self.sample_rate, steps=1,
+                generator=self.noise_source.generator("poisson", self.epoch, i),
+            )
+            yield next(iter(draw))
+
+
+class ShuffledBatchSampler(Sampler):
+    """Fixed-size batches of a secret per-epoch shuffle (the last batch may be smaller): ceil(N / B) per epoch."""
+
+    def __init__(self, num_samples: int, batch_size: int, noise_source: NoiseSource):
+        self.num_samples, self.batch_size, self.noise_source = num_samples, batch_size, noise_source
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.num_samples, generator=self.noise_source.generator("shuffle", self.epoch)).tolist()
+        for start in range(0, self.num_samples, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader whose `set_epoch` (called by the Trainer each epoch) reaches its batch sampler."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+
+def secret_dataloader(dataset, batch_sampler: Sampler, collate_fn: Callable, **loader_kwargs) -> EpochDataLoader:
+    """The DP training loader: batches from `batch_sampler`, empty Poisson batches collated to zero rows."""
+    return EpochDataLoader(dataset, batch_sampler=batch_sampler, collate_fn=EmptyBatchCollator(collate_fn),
+                           **loader_kwargs)
 
 
 def chunks(batch: dict, size: Optional[int]) -> Iterable[dict]:

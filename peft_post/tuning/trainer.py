@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import speed_metrics
 
 from ..config import POSTConfig, validate_privacy_ledger
@@ -25,6 +26,7 @@ from ..modeling import (base_model_of, forward_through, label_logits, prompt_par
 from ..prompts import prompt_norms
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
 from . import privacy
+from .accountant import PLDAccountant
 from .config import DPConfig, PromptTrainingConfig
 
 
@@ -194,17 +196,85 @@ class PromptTrainer(Trainer):
         self.post_config.provenance = {**(self.post_config.provenance or {}), **self._provenance()}
         super()._save(output_dir, state_dict)
 
+    # ---- the privacy claim ----
+
+    def train(self, *args, **kwargs):
+        self._update_privacy_claim()
+        return super().train(*args, **kwargs)
+
+    def _update_privacy_claim(self) -> None:
+        """Non-private training voids a DP ledger the starting prompt carried: the new steps are not accounted for."""
+        ledger = self.post_config.privacy
+        if ledger is None:
+            return
+        warnings.warn(
+            f"The starting prompt carries a DP ledger (ε = {ledger['epsilon']:.3g}), but {type(self).__name__} trains "
+            "without DP: the prompt it saves has no DP guarantee, and its ledger is cleared. Use DPPromptTrainer to "
+            "keep a guarantee."
+        )
+        self.post_config.privacy = None
+        self.post_config.provenance = {
+            **(self.post_config.provenance or {}),
+            "dp_claim_cleared": {
+                "reason": f"trained further without DP by {type(self).__name__}; those steps are not accounted for",
+                "previous_epsilon": ledger["epsilon"],
+                "previous_delta": ledger["delta"],
+            },
+        }
+
+
+def _trained_without_dp(provenance: Optional[dict]) -> bool:
+    """Whether a prompt's provenance shows non-private training, here or in the source it was transferred from."""
+    if not provenance:
+        return False
+    if provenance.get("stage") == PromptTrainer._stage or "dp_claim_cleared" in provenance:
+        return True
+    return _trained_without_dp(provenance.get("source_provenance"))
+
+
+def _refuse_selection_on_private_data(args, callbacks) -> None:
+    """Refuse the Trainer features that choose the released prompt by its metrics on (private) evaluation data.
+
+    Their choice depends on private data and is not accounted for by the DP analysis: picking the best of 20
+    checkpoints, or stopping early, is a release the ledger does not cover.
+    """
+    from transformers import EarlyStoppingCallback
+
+    found = []
+    if args.load_best_model_at_end:
+        found.append("`load_best_model_at_end=True` (picks a checkpoint by its evaluation metric)")
+    if args.metric_for_best_model is not None:
+        found.append(f"`metric_for_best_model={args.metric_for_best_model!r}` (ranks checkpoints by a metric)")
+    if getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "reduce_lr_on_plateau":
+        found.append("`lr_scheduler_type='reduce_lr_on_plateau'` (the schedule follows an evaluation metric)")
+    for callback in callbacks or []:
+        cls = callback if isinstance(callback, type) else type(callback)
+        if issubclass(cls, EarlyStoppingCallback):
+            found.append(f"the callback {cls.__name__} (stops when an evaluation metric stalls)")
+    if found:
+        raise ValueError(
+            "DPPromptTrainer refuses choices made on evaluation metrics, which are computed on data the DP analysis "
+            "does not account for: " + "; ".join(found) + ". Remove them and train a fixed number of steps (a "
+            "schedule fixed in advance, such as 'linear' or 'cosine', is post-processing and allowed)."
+        )
+
 
 class DPPromptTrainer(PromptTrainer):
     """
     `PromptTrainer` with differential privacy (PromptDPSGD, DESIGN §2): each optimizer step draws a Poisson batch
     (rate q = per_device_train_batch_size / N), computes every example's exact prompt gradient in one backward,
     clips each to C, sums, adds N(0, σ²C²I), divides by the expected batch size and hands that to the optimizer.
-    An Opacus accountant tracks ε; `privacy_report()` is the ledger, saved in the adapter's ``post_config.json``
-    and, with the accountant's history, in every checkpoint so that resuming keeps ε exact.
+    A replace-one PLD accountant tracks ε; `privacy_report()` is the ledger, saved in the adapter's
+    ``post_config.json`` and, with the accountant's history, in every checkpoint so that resuming keeps ε exact.
 
-    What is protected: the prompt's training set (add/remove one example). Not protected: inference queries sent
-    to a model that uses the prompt, and anything logged locally during training (loss, evaluation metrics).
+    The batches and the noise come from a secret `privacy.NoiseSource` (a key from the OS), never from `args.seed`,
+    which the Trainer uses for everything else; the key goes only into the user's checkpoints. Settings that select
+    the prompt on evaluation metrics are refused. Starting from a prompt with a DP ledger continues its accountant
+    history, so the saved ε covers both runs.
+
+    What is protected: the prompt's training set (replace-one adjacency; N is public). Not protected: inference
+    queries sent to a model that uses the prompt, and anything logged locally during training (loss, evaluation
+    metrics, checkpoints): those stay in the user's workspace.
     """
 
     _stage = "dp_prompt_tuning"
@@ -242,6 +312,7 @@ class DPPromptTrainer(PromptTrainer):
             "steps, so the reported epsilon would not describe the released prompt. Launch one process (plain "
             "`python`); non-private PromptTrainer, TransferTrainer and DistillationTrainer do run on several.",
         )
+        _refuse_selection_on_private_data(args, kwargs.get("callbacks"))
         if train_dataset is None:
             raise ValueError("DP training needs `train_dataset`: N sets the sampling rate and δ.")
         if isinstance(train_dataset, torch.utils.data.IterableDataset):
@@ -257,51 +328,82 @@ class DPPromptTrainer(PromptTrainer):
             **kwargs,
         )
         n = len(train_dataset)
+        self.noise_source = privacy.NoiseSource(dp_config.insecure_noise_seed)
+        self.noise_draws = 0
         self.sample_rate = privacy.sample_rate_for(self.args.per_device_train_batch_size, n)
         self.expected_batch_size = self.sample_rate * n
-        self.planned_steps = (
-            self.args.max_steps
-            if self.args.max_steps > 0
-            else math.ceil(self.args.num_train_epochs * privacy.steps_per_epoch(self.sample_rate))
-        )
+        # σ is calibrated for the steps the Trainer will really run: int(1/q) Poisson batches per epoch, or
+        # ceil(N/B) fixed-size ones.
+        self.planned_steps = privacy.planned_steps(self.args.max_steps, self.args.num_train_epochs,
+                                                   len(self._batch_sampler()))
         self.delta = privacy.resolve_delta(dp_config.target_delta, n)
+        self.prior_ledger, self.ledger_notes = self._starting_ledger()
+        prior_history = privacy.history_of_ledger(self.prior_ledger) if self.prior_ledger else []
         self.noise_multiplier = privacy.resolve_noise_multiplier(
             dp_config.target_epsilon,
             dp_config.noise_multiplier,
             self.delta,
             self.sample_rate,
             self.planned_steps,
-            dp_config.accountant,
             dp_config.epsilon_tolerance,
+            prior_history,
         )
-        self.accountant = privacy.make_accountant(dp_config.accountant)
-        self.noise_generator = self._secure_generator() if dp_config.secure_mode else None
+        self.accountant = PLDAccountant()
+        self.accountant.history = list(prior_history)
+        self.prior_steps = len(self.accountant)
         if not dp_config.poisson_sampling:
             warnings.warn(
                 "poisson_sampling=False: batches are shuffled fixed-size slices, but the accountant's ε assumes "
                 "Poisson sampling; the reported ε is then a common approximation, not a proven bound."
             )
 
-    @staticmethod
-    def _secure_generator():
-        import torchcsprng
+    def _starting_ledger(self) -> tuple[Optional[dict], dict]:
+        """The DP ledger the starting prompt carries (its history is continued), and notes the new ledger keeps."""
+        ledger = self.post_config.privacy
+        notes = {}
+        if ledger is not None:
+            notes["void_reasons"] = list(ledger.get("guarantee_void_reasons", []))
+            if "initial_prompt" in ledger:
+                notes["initial_prompt"] = ledger["initial_prompt"]
+        if _trained_without_dp(self.post_config.provenance):
+            if not self.dp_config.public_initial_prompt:
+                raise ValueError(
+                    "The starting prompt was trained without DP (its provenance says so), and a DP guarantee cannot "
+                    "cover what that training revealed about private data. Start from a prompt initialised from public "
+                    "text, or, if that training used public data only, say so with "
+                    "DPConfig(public_initial_prompt=True)."
+                )
+            notes["initial_prompt"] = ("trained without DP; the user stated it used public data only "
+                                       "(DPConfig.public_initial_prompt)")
+        return ledger, notes
 
-        return torchcsprng.create_random_device_generator("/dev/urandom")
+    def _batch_sampler(self):
+        n = len(self.train_dataset)
+        if self.dp_config.poisson_sampling:
+            return privacy.PoissonBatchSampler(n, self.sample_rate, privacy.steps_per_epoch(self.sample_rate),
+                                               self.noise_source)
+        return privacy.ShuffledBatchSampler(n, self.args.per_device_train_batch_size, self.noise_source)
+
+    def _update_privacy_claim(self) -> None:
+        # This trainer continues the starting ledger's history instead of clearing it (see `_starting_ledger`).
+        return None
+
+    def add_callback(self, callback):
+        _refuse_selection_on_private_data(self.args, [callback])
+        super().add_callback(callback)
+
+    def hyperparameter_search(self, *args, **kwargs):
+        raise ValueError(
+            "DPPromptTrainer refuses hyperparameter search: trials compared on private evaluation data are releases "
+            "the DP analysis does not account for. Choose hyperparameters on public data, then train once."
+        )
 
     # ---- data ----
 
     def get_train_dataloader(self):
-        if not self.dp_config.poisson_sampling:
-            return super().get_train_dataloader()
-        # Not passed through accelerate: it would re-batch or shard the Poisson batches (single process only).
-        return privacy.poisson_dataloader(
-            self.train_dataset,
-            self.sample_rate,
-            self.data_collator,
-            steps=privacy.steps_per_epoch(self.sample_rate),
-            generator=self.noise_generator,
-            num_workers=self.args.dataloader_num_workers,
-        )
+        # Not passed through accelerate (single process): it would re-batch or shard the secret batches.
+        return privacy.secret_dataloader(self.train_dataset, self._batch_sampler(), self.data_collator,
+                                         num_workers=self.args.dataloader_num_workers)
 
     # ---- the DP step ----
 
@@ -321,13 +423,13 @@ class DPPromptTrainer(PromptTrainer):
                     summed += privacy.clipped_sum(grads.float(), self.dp_config.max_grad_norm)
                     loss_total = loss_total + losses.sum().float().to(loss_total.device)
         # An empty Poisson batch still releases noise and counts as a step: skipping it would change the mechanism.
+        # Draw t comes from its own secret generator, t = the optimizer step (so a resumed run draws what an
+        # uninterrupted one would) and never a t already drawn (a step called twice gets fresh noise).
+        draw = max(self.noise_draws, self.state.global_step)
+        self.noise_draws = draw + 1
+        generator = self.noise_source.generator("noise", draw, device=summed.device)
         grad = privacy.privatize(
-            summed,
-            self.noise_multiplier,
-            self.dp_config.max_grad_norm,
-            self.expected_batch_size,
-            self.noise_generator,
-            self.dp_config.secure_mode,
+            summed, self.noise_multiplier, self.dp_config.max_grad_norm, self.expected_batch_size, generator
         )
         prompt.grad = grad.to(prompt.dtype)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
@@ -336,17 +438,28 @@ class DPPromptTrainer(PromptTrainer):
     # ---- ledger ----
 
     def privacy_report(self) -> dict:
-        """The privacy ledger: ε spent so far at δ, and σ, C, q, steps and accountant that produced it."""
+        """The privacy ledger: ε spent so far at δ (replace-one), and σ, C, q, steps, history and accountant that
+        produced it, where the noise came from, and whether the guarantee holds."""
+        extra = {"initial_prompt": self.ledger_notes["initial_prompt"]} if "initial_prompt" in self.ledger_notes else {}
         return privacy.privacy_ledger(
             self.accountant,
             self.delta,
             self.noise_multiplier,
             self.dp_config.max_grad_norm,
             self.sample_rate,
+            self.noise_source,
+            void_reasons=self.ledger_notes.get("void_reasons", []),
             target_epsilon=self.dp_config.target_epsilon,
             poisson_sampling=self.dp_config.poisson_sampling,
-            secure_mode=self.dp_config.secure_mode,
+            **extra,
         )
+
+    def _provenance(self) -> dict:
+        # The training seed is left out: it does not seed the noise, but nothing about the run's randomness is
+        # published with a DP prompt.
+        provenance = super()._provenance()
+        provenance.pop("seed", None)
+        return provenance
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -356,8 +469,25 @@ class DPPromptTrainer(PromptTrainer):
             self.post_config.privacy = report
         super()._save(output_dir, state_dict)
         if self.args.should_save:
-            state = {**privacy.accountant_state(self.accountant), "ledger": report}
+            state = {**self.accountant.state_dict(), "ledger": report}
             atomic_write_json(os.path.join(output_dir, privacy.ACCOUNTANT_STATE_NAME), state)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not _internal_call and self.args.should_save:
+            # The released folder is the adapter and its ledger; the training arguments (seed, paths, batch size)
+            # stay in the user's checkpoints.
+            path = os.path.join(output_dir, TRAINING_ARGS_NAME)
+            if os.path.isfile(path):
+                os.remove(path)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self.args.should_save:
+            # The noise key, in the checkpoint only (private, like the optimizer state): resuming continues the noise
+            # stream of the interrupted run instead of starting another.
+            atomic_write_json(os.path.join(output_dir, privacy.NOISE_KEY_NAME), self.noise_source.state_dict())
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -371,7 +501,12 @@ class DPPromptTrainer(PromptTrainer):
             )
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
-        privacy.load_accountant_state(self.accountant, state)
+        if state.get("mechanism") != self.accountant.mechanism():
+            raise ValueError(
+                f"{checkpoint} was accounted with {state.get('mechanism')!r}, this trainer uses "
+                f"{self.accountant.mechanism()!r}; resume with the library version that wrote it, or start again."
+            )
+        self.accountant.load_state_dict({**state, "history": [tuple(h) for h in state["history"]]})
         ledger = state.get("ledger", {})
         for key, mine in (("noise_multiplier", self.noise_multiplier), ("sample_rate", self.sample_rate),
                           ("max_grad_norm", self.dp_config.max_grad_norm), ("delta", self.delta)):
@@ -380,11 +515,18 @@ class DPPromptTrainer(PromptTrainer):
                     f"The checkpoint was trained with {key}={ledger[key]}, this run has {mine}; resume with the same "
                     "DPConfig, batch size, dataset and step plan so the guarantee stays the one computed."
                 )
-        if privacy.accountant_steps(self.accountant) != self.state.global_step:
+        if len(self.accountant) != self.prior_steps + self.state.global_step:
             raise ValueError(
-                f"The checkpoint's accountant counts {privacy.accountant_steps(self.accountant)} steps but its trainer "
-                f"state is at step {self.state.global_step}; the checkpoint is inconsistent."
+                f"The checkpoint's accountant counts {len(self.accountant)} steps but the starting ledger and the "
+                f"trainer state add up to {self.prior_steps + self.state.global_step}; the checkpoint is inconsistent."
             )
+        key_path = os.path.join(checkpoint, privacy.NOISE_KEY_NAME)
+        if os.path.isfile(key_path):
+            with open(key_path, encoding="utf-8") as f:
+                self.noise_source.load_state_dict(json.load(f))
+        else:
+            warnings.warn(f"{checkpoint} has no {privacy.NOISE_KEY_NAME}: the resumed steps draw fresh secret noise "
+                          "(still private, but not the stream an uninterrupted run would have drawn).")
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)

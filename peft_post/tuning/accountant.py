@@ -1,0 +1,121 @@
+"""The privacy accountant: Google's `dp_accounting` PLD analysis of Poisson-subsampled Gaussian steps, behind Opacus's
+`IAccountant` interface (`step`, `history`, `state_dict`).
+
+Why not Opacus's own accountants: they analyse add/remove-one adjacency only. Our ledger publishes the sampling rate
+q = B/N (and δ = 1/N by default), so N is public and the honest neighbouring relation is replace-one (docs/privacy.md).
+`dp_accounting`'s privacy-loss-distribution accountant analyses both relations for the Poisson-subsampled Gaussian.
+It uses pessimistic discretisation: every ε it reports is an upper bound, whatever the discretisation interval.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+from opacus.accountants import IAccountant
+
+REPLACE_ONE = "replace_one"
+ADD_OR_REMOVE_ONE = "add_or_remove_one"
+ADJACENCIES = (REPLACE_ONE, ADD_OR_REMOVE_ONE)
+# Pessimistic, so still an upper bound; 1e-3 agrees with 1e-4 to 4 decimals of ε and is 10x faster (measured on
+# σ 0.5-2, q 0.002-0.5, 3-10,000 steps).
+PLD_DISCRETIZATION = 1e-3
+
+
+def _relation(adjacency: str):
+    import dp_accounting
+
+    if adjacency == REPLACE_ONE:
+        return dp_accounting.NeighboringRelation.REPLACE_ONE
+    if adjacency == ADD_OR_REMOVE_ONE:
+        return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    raise ValueError(f"`adjacency` must be one of {ADJACENCIES}, got {adjacency!r}.")
+
+
+def history_epsilon(history: Iterable, delta: float, adjacency: str = REPLACE_ONE) -> float:
+    """ε at `delta` of the composed steps `history` = [(noise_multiplier, sample_rate, steps), ...].
+
+    0 for an empty history; ∞ when any step had no noise (σ = 0 releases the clipped sum exactly).
+    """
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    if not history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in history):
+        return math.inf
+    accountant = pld_privacy_accountant.PLDAccountant(
+        neighboring_relation=_relation(adjacency), value_discretization_interval=PLD_DISCRETIZATION
+    )
+    for sigma, q, steps in history:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    adjacency: str = REPLACE_ONE,
+    epsilon_tolerance: float = 0.01,
+    prior_history: Optional[list] = None,
+) -> float:
+    """The smallest σ (to `epsilon_tolerance` in ε) whose ε after `prior_history` plus `steps` new steps is at most
+    `target_epsilon`. Bisection on σ: ε is decreasing in σ, and the returned σ always satisfies the target."""
+    prior = list(prior_history or [])
+    if steps < 1:
+        raise ValueError(f"Cannot calibrate noise for {steps} training steps; set max_steps or num_train_epochs > 0.")
+
+    def eps(sigma: float) -> float:
+        return history_epsilon(prior + [(sigma, sample_rate, steps)], delta, adjacency)
+
+    spent = history_epsilon(prior, delta, adjacency)
+    if spent >= target_epsilon:
+        raise ValueError(
+            f"The starting prompt has already spent ε = {spent:.3f} (its ledger), at or above target_epsilon = "
+            f"{target_epsilon}; raise target_epsilon to the total budget you accept, or start from a public prompt."
+        )
+    low, high = 0.0, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"No noise multiplier up to 1e6 reaches ε = {target_epsilon}; raise target_epsilon.")
+    while target_epsilon - eps(high) > epsilon_tolerance and high - low > 1e-6:
+        mid = (low + high) / 2
+        if eps(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+class PLDAccountant(IAccountant):
+    """An Opacus accountant whose ε comes from `dp_accounting`'s PLD analysis, under replace-one adjacency by default.
+
+    The history is Opacus's: a list of (noise_multiplier, sample_rate, steps), consecutive equal steps merged, so
+    `state_dict` / `load_state_dict` (inherited) save and restore it, and any PLD implementation can recompute ε from it.
+    """
+
+    def __init__(self, adjacency: str = REPLACE_ONE):
+        _relation(adjacency)  # validates
+        self.adjacency = adjacency
+        self.history = []
+
+    @classmethod
+    def mechanism(cls) -> str:
+        return "pld"
+
+    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
+        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+            sigma, q, steps = self.history[-1]
+            self.history[-1] = (sigma, q, steps + 1)
+        else:
+            self.history.append((noise_multiplier, sample_rate, 1))
+
+    def __len__(self) -> int:
+        return int(sum(steps for _, _, steps in self.history))
+
+    def get_epsilon(self, delta: float, adjacency: Optional[str] = None) -> float:
+        return history_epsilon(self.history, delta, adjacency or self.adjacency)
