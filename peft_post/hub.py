@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Union
 
 from peft.utils import CONFIG_NAME
 
-from .config import POSTConfig
+from .config import POSTConfig, guarantee_holds
 from .io import atomic_write_text
 
 PAPER_URL = "https://arxiv.org/abs/2506.16196"
@@ -32,6 +32,11 @@ _LEDGER_ROWS = (
     ("max_grad_norm", "per-example clipping norm C"),
     ("sample_rate", "Poisson sampling rate q"),
     ("steps", "steps"),
+    ("adjacency", "neighbouring datasets"),
+    ("history", "history [σ, q, steps] per phase"),
+    ("epsilon_add_remove", "ε under add/remove-one (not the guarantee: N is published)"),
+    ("noise_source", "noise and batch randomness"),
+    ("guarantee_holds", "guarantee holds"),
 )
 
 
@@ -171,24 +176,37 @@ def _privacy_section(config: POSTConfig) -> str:
             "may reveal information about the examples it was trained on (soft prompts trained without DP are "
             "measurably vulnerable to membership inference). Do not publish it if that training data is private.",
         ]
+        cleared = (config.provenance or {}).get("dp_claim_cleared")
+        if cleared:
+            out += ["", f"An earlier DP ledger (ε = {_fmt(cleared.get('previous_epsilon'))}) was cleared: "
+                        f"{_fmt(cleared.get('reason'))}."]
         return "\n".join(out)
     where = (
         f"on the source model `{config.source_model_name_or_path}`" if transferred else "on the base model"
     )
+    if not guarantee_holds(ledger):
+        out += ["**The differential-privacy guarantee does not hold for this prompt**, although it was trained with "
+                "DP-SGD: " + "; ".join(ledger.get("guarantee_void_reasons", [])) + ". Treat it as non-private.", ""]
     out += [
         f"The prompt was trained {where} with DP-SGD updating the prompt only: each example's gradient was clipped to "
         "norm C, Gaussian noise of standard deviation σ·C was added to the sum, and batches were drawn by Poisson "
-        "sampling with rate q. The accountant turns these into the (ε, δ) guarantee below.",
+        "sampling with rate q. The accountant turns these into the (ε, δ) guarantee below. The table is the whole "
+        "ledger, as saved in `post_config.json`.",
         "",
         "| privacy ledger | value |",
         "|---|---|",
     ]
-    out += [f"| {label} | {_fmt(ledger[key])} |" for key, label in _LEDGER_ROWS]
+    labels = dict(_LEDGER_ROWS)
+    keys = [k for k, _ in _LEDGER_ROWS if k in ledger] + sorted(k for k in ledger if k not in labels)
+    out += [f"| {labels.get(key, key)} | {_fmt(ledger[key])} |" for key in keys]
+    relation = ("replacing any single example of the private data set by another (replace-one adjacency; the data "
+                "set's size is public, as q reveals it)" if ledger.get("adjacency") == "replace_one"
+                else f"the neighbouring relation {_fmt(ledger.get('adjacency', 'add/remove-one (not recorded)'))}")
     out += [
         "",
-        "**What this protects:** each single example of the private data set the prompt was tuned on. Anything "
-        "derived from the published prompt (its values, or outputs of a model using it) is (ε, δ)-close to what it "
-        "would be had that example been left out.",
+        f"**What this protects:** each single example of the private data set the prompt was tuned on, against "
+        f"{relation}. Anything derived from the published prompt (its values, or outputs of a model using it) is "
+        "(ε, δ)-close to what it would have been with that example changed.",
     ]
     if transferred:
         out[-1] += (
@@ -254,7 +272,8 @@ def build_model_card(
     )
     _check_hub_id(repo_id, "repo_id", "Use 'user/name' or 'org/name'.")
     rows = _normalise_evaluation(evaluation)
-    tags = list(BASE_TAGS) + ([DP_TAG] if config.privacy is not None else [])
+    # The tag means a guarantee that holds: not for a ledger its own trainer declared void (replayable noise).
+    tags = list(BASE_TAGS) + ([DP_TAG] if guarantee_holds(config.privacy) else [])
     data = ModelCardData(
         library_name="peft",
         base_model=base_model,
@@ -266,7 +285,7 @@ def build_model_card(
         f"A soft prompt ({config.num_virtual_tokens} virtual tokens) for `{base_model}`, "
         + (f"transferred from `{config.source_model_name_or_path}` with " if transferred else "published with ")
         + f"[POST]({PAPER_URL}) (Privacy Of Soft-prompt Transfer, ICML 2025). "
-        + ("It carries a differential-privacy guarantee; see Privacy." if config.privacy is not None
+        + ("It carries a differential-privacy guarantee; see Privacy." if guarantee_holds(config.privacy)
            else "It carries **no** differential-privacy guarantee; see Privacy.")
     )
     label_table = ["| label id | label words |", "|---|---|"] + [
