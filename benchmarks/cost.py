@@ -33,7 +33,7 @@ from transformers import HfArgumentParser
 from peft_post.assets import load_text_dataset, resolve_model
 from peft_post.io import atomic_write_json
 from peft_post.pipeline import (PipelineConfig, _load_lm, _load_prompted, _load_tokenizer, _public_splits, _subset,
-                                distill_stage, stage_done)
+                                distill_stage, stage_record)
 from peft_post.transfer import TransferConfig, TransferTrainer
 from peft_post.tuning import PromptTrainer, PromptTrainingConfig
 
@@ -99,9 +99,8 @@ def main(argv=None):
 
     full = prompt_trainer(target_path, "full")
     student = prompt_trainer(student_path, "student")
-    source_folder = os.path.join(args.run_dir, "source_prompt") if args.run_dir else None
-    if source_folder and stage_done(source_folder):
-        source = _load_prompted(student_path, source_folder, False)
+    if args.run_dir and stage_record(args.run_dir, "tune"):
+        source = _load_prompted(student_path, os.path.join(args.run_dir, "source_prompt"), False)
     else:  # the transfer step's cost does not depend on what the source prompt learned
         source = student.model
     torch.manual_seed(cfg.seed)
@@ -143,9 +142,8 @@ def main(argv=None):
     }
     if args.run_dir:
         stages = {}
-        for name, folder in (("tune", "source_prompt"), ("transfer", "transferred_prompt"),
-                             ("full_tuning", "full_prompt")):
-            record = stage_done(os.path.join(args.run_dir, folder)) or {}
+        for name in ("tune", "transfer", "full_tuning"):  # the user stages' records are in the run's private/
+            record = stage_record(args.run_dir, name) or {}
             stages[name] = {"peak_memory_mb": record.get("peak_memory_mb"), "wall_time_s": record.get("wall_time_s")}
         result["run_stages"] = stages
         peaks = [stages["tune"]["peak_memory_mb"], stages["transfer"]["peak_memory_mb"]]

@@ -3,8 +3,9 @@
 Each cell of the grid (seed × DP or not × public set × α) is an ordinary pipeline run folder under ``--root``. A
 cell reuses what its siblings already made by copying their finished stage folders before it runs: the distilled
 student lives in the shared cache; the source prompt depends only on (seed, DP); the full-tuning baseline only on
-the seed. Stage folders carry their own test scores (`test_evaluation.json`), so an α sweep transfers and scores
-POST only. Rerunning the same command resumes: finished cells are read back, not rerun.
+the seed. A copy (`pipeline.copy_stage`) takes the stage's folder, its private record and the cached private test
+scores of its prompt, so an α sweep transfers and scores POST (and zero-shot) only. Rerunning the same command
+resumes: finished cells are read back, not rerun.
 
     python benchmarks/utility.py --root runs/utility --seeds 0 --set tune_learning_rate=0.1 \\
         --set transfer_max_steps=120 --dp-set tune_batch_size=128 --dp-set tune_max_steps=40 --dp false true \\
@@ -22,7 +23,6 @@ import dataclasses
 import json
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -30,7 +30,7 @@ import time
 from transformers import HfArgumentParser
 
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import PipelineConfig, run_pipeline
+from peft_post.pipeline import PipelineConfig, copy_stage, run_pipeline, stage_record
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "utility.json")
 METHODS = ("zero_shot", "full_prompt_tuning", "student_prompt", "direct_transfer", "post")
@@ -73,15 +73,12 @@ def _config(flags: list[str]) -> PipelineConfig:
 
 
 def _seed_stage(cell_dir: str, stage: str, donors: list[str]) -> None:
-    """Copy a finished `stage` folder from the first donor run that has one (the stage is identical there)."""
-    target = os.path.join(cell_dir, stage)
-    if os.path.isfile(os.path.join(target, "stage.json")):
+    """Copy finished `stage` ('tune', 'full_tuning') from the first donor run that has it (the stage is identical
+    there). Every cell is the user's own run folder, so its private record and test scores come along."""
+    if stage_record(cell_dir, stage) is not None:
         return
     for donor in donors:
-        source = os.path.join(donor, stage)
-        if os.path.isfile(os.path.join(source, "stage.json")):
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(source, target)
+        if copy_stage(donor, cell_dir, stage):
             return
 
 
@@ -154,9 +151,9 @@ def main(argv=None):
                     name = f"seed{seed}-{'dp' if dp else 'nodp'}-{public.replace('embedded:', '').replace('/', '_')}"
                     cell_dir = os.path.join(args.root, f"{name}-alpha-{alpha}")
                     os.makedirs(cell_dir, exist_ok=True)
-                    _seed_stage(cell_dir, "source_prompt", tune_donors)
+                    _seed_stage(cell_dir, "tune", tune_donors)
                     if args.full_baseline:
-                        _seed_stage(cell_dir, "full_prompt", full_donors)
+                        _seed_stage(cell_dir, "full_tuning", full_donors)
                     cfg = _config([*(dp_overrides if dp else overrides), "--run_dir", cell_dir, "--seed", str(seed),
                                    "--dp", str(dp), "--public_dataset", public,
                                    "--full_baseline", str(args.full_baseline),

@@ -1,13 +1,18 @@
 """The whole POST pipeline: distil (provider, cached), tune (user, optionally DP), transfer (provider), evaluate.
 
-Each stage writes one folder under the run directory and finishes by writing ``stage.json`` into it atomically; a
-stage whose folder holds ``stage.json`` is skipped on the next run, and an interrupted stage resumes from its last
-Trainer checkpoint. The distilled student is the provider's one-time cost: it lives in the shared cache
-(``$PEFT_POST_CACHE/students/<key>``), keyed by everything that determines it, and is reused by later runs.
+Each stage writes one folder under the run directory. The provider's stages (distill, transfer) finish by writing
+``stage.json`` into theirs atomically. The user's stages (tune, and the full-tuning baseline) read the private
+training split: their folder is what the user hands over, so it holds exactly the adapter and its DP ledger
+(`RELEASED_FILES`), and their record (losses, N, wall time, memory), their checkpoints and every private test score
+stay in the run's private workspace, ``<run_dir>/private/``. A finished stage is skipped on the next run, and an
+interrupted one resumes from its last Trainer checkpoint. The distilled student is the provider's one-time cost: it
+lives in the shared cache (``$PEFT_POST_CACHE/students/<key>``), keyed by everything that determines it, and is
+reused by later runs.
 
 Data flow respects the actors: the tuning stage is the only one that reads the private training split; the
 transfer stage reads the source prompt and public data only; the private test split is read once, by the final
-evaluation, and nothing is ever selected on it.
+evaluation, and nothing is ever selected on it. Before any stage, public or distillation data that is the private
+data is refused: by name in `PipelineConfig`, by measured text overlap in `check_private_data_separation`.
 """
 
 from __future__ import annotations
@@ -26,10 +31,35 @@ from typing import Any, Optional
 import torch
 
 from .assets import DEFAULT_DISTILLATION_DATASET, DEFAULT_MODEL, DEFAULT_PRIVATE_DATASET, DEFAULT_PUBLIC_DATASET
-from .config import PRIVACY_KEYS, POSTConfig
+from .config import POST_CONFIG_NAME, PRIVACY_KEYS, POSTConfig
+from .data_overlap import same_dataset
 from .io import atomic_write_json
+from .tuning.config import DP_ACCOUNTANTS
 
 STAGE_FILE = "stage.json"
+# The user's own part of a run folder: records and scores computed from private data, and the checkpoints of the
+# stages that read it. Nothing in it is handed to anyone.
+PRIVATE_DIR = "private"
+# Stages that train on the private training split. Their folder is what the user hands over, so it holds
+# `RELEASED_FILES` only, and their record (losses, N, wall time, memory) lives in the private workspace.
+USER_STAGES = ("tune", "full_tuning")
+STAGE_FOLDERS = {"tune": "source_prompt", "transfer": "transferred_prompt", "full_tuning": "full_prompt"}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Exactly what a user stage releases: the adapter PEFT writes (config, weights, its README card), the POST fields
+# (`post_config.json`, with the DP ledger) and the DP accountant's history (`tuning.privacy.ACCOUNTANT_STATE_NAME`,
+# which holds the accountant's steps and the ledger only). An allow-list, not a deny-list: whatever else a trainer
+# saves (`training_args.bin` with the seed, the tokenizer, a future log) stays out unless someone decides it may go.
+RELEASED_FILES = frozenset({"adapter_config.json", ADAPTER_WEIGHTS, POST_CONFIG_NAME, "README.md",
+                            "dp_accountant.json"})
+SCORES_FILE = "test_scores.json"
+# The private test split's scores are cached per prompt under this fingerprint for the bare target (zero-shot).
+NO_PROMPT = "no_prompt"
+# A public split of a dataset that also holds the private task, built disjoint from its train and test splits:
+# `assets.load_trec` keeps every question in one split only, and its `public` split plays the provider's data.
+PUBLIC_SPLITS_OF_PRIVATE_DATASETS = {"embedded:trec": "public"}
+# Distillation corpora can be large: the preflight checks a uniform sample of this many texts (a 1% overlap shows
+# as about 50 of them), so the check costs the same on every run.
+DISTILL_OVERLAP_SAMPLE = 5000
 PRESETS: dict[str, dict[str, Any]] = {
     # Chosen by measurement on 2 CPU cores with SmolLM2-135M-Instruct; see docs/pipeline.md for the figures.
     "default": dict(
@@ -117,6 +147,12 @@ class PipelineConfig:
     num_public_eval_examples: Optional[int] = field(
         default=None, metadata={"help": "Public held-out examples: α heuristic and transfer accuracy curve."}
     )
+    max_private_overlap: float = field(
+        default=0.01,
+        metadata={"help": "Largest share of the public transfer texts, and of a sample of the distillation texts, "
+                  "allowed to be texts of the private dataset (compared after normalising case, spacing and "
+                  "punctuation); above it the run is refused before any work. 1 turns the check off."},
+    )
     text_column: str = field(default="text", metadata={"help": "Text column of every dataset."})
     label_column: str = field(default="label", metadata={"help": "Label column of the labelled datasets."})
     template: str = field(default="Review: {text}\nSentiment:", metadata={"help": "Task template (see POSTConfig)."})
@@ -140,7 +176,10 @@ class PipelineConfig:
     target_epsilon: float = field(default=8.0, metadata={"help": "DP budget ε (the paper uses 8)."})
     target_delta: Optional[float] = field(default=None, metadata={"help": "DP δ; None = 1/N."})
     dp_max_grad_norm: float = field(default=1.0, metadata={"help": "DP per-example clipping bound C."})
-    accountant: str = field(default="prv", metadata={"help": "Opacus accountant: 'prv' or 'rdp'."})
+    accountant: str = field(
+        default="pld",
+        metadata={"help": "Privacy accountant: 'pld' (dp_accounting, replace-one adjacency; see docs/privacy.md)."},
+    )
     transfer_max_steps: Optional[int] = field(default=None, metadata={"help": "Fixed number of transfer steps."})
     transfer_learning_rate: Optional[float] = field(default=None, metadata={"help": "Transfer Adam learning rate."})
     transfer_batch_size: int = field(default=8, metadata={"help": "Public examples per transfer step."})
@@ -191,11 +230,39 @@ class PipelineConfig:
             raise ValueError(f"`alpha` must be in [0, 1] or None (heuristic), got {self.alpha!r}.")
         if self.target_delta is not None and not 0 < self.target_delta < 1:
             raise ValueError(f"`target_delta` must be in (0, 1) or None (1/N), got {self.target_delta!r}.")
-        if self.accountant not in ("prv", "rdp"):
-            raise ValueError(f"`accountant` must be 'prv' or 'rdp', got {self.accountant!r}.")
+        if self.accountant not in DP_ACCOUNTANTS:
+            raise ValueError(f"`accountant` must be one of {DP_ACCOUNTANTS} (Opacus's 'prv' and 'rdp' analyse "
+                             f"add/remove adjacency only; docs/privacy.md), got {self.accountant!r}.")
+        if isinstance(self.max_private_overlap, bool) or not (
+                isinstance(self.max_private_overlap, (int, float)) and 0 <= self.max_private_overlap <= 1):
+            raise ValueError(f"`max_private_overlap` must be in [0, 1] (1 turns the check off), got "
+                             f"{self.max_private_overlap!r}.")
+        self._check_private_data_names()
         if self.student_model is None:
             self.keep_layers()  # validates the layer list before any work
         self.post_config()  # validates template and label words
+
+    def _check_private_data_names(self) -> None:
+        """Refuse, from the arguments alone, public or distillation data that is the private dataset, and a test
+        split that is the training split. `check_private_data_separation` measures the text overlap names miss."""
+        if self.private_test_split == self.private_train_split:
+            raise ValueError(
+                f"`private_test_split` and `private_train_split` are both {self.private_train_split!r}: the report "
+                "would score the prompt on the examples it was tuned on. Give the held-out split as "
+                "`private_test_split` (e.g. 'test').")
+        if same_dataset(self.public_dataset, self.private_dataset) and \
+                PUBLIC_SPLITS_OF_PRIVATE_DATASETS.get(self.private_dataset) != self.public_split:
+            # Any split: every split of the private dataset is the user's data, whatever its name.
+            raise ValueError(
+                f"`public_dataset` and `private_dataset` are the same dataset ({self.private_dataset!r}): every split "
+                "of the private dataset is the user's data, and the provider's transfer trains on the public data "
+                "without any privacy protection. Give a public dataset the private data is not drawn from as "
+                f"`public_dataset` (e.g. {DEFAULT_PUBLIC_DATASET!r}).")
+        if self.student_model is None and same_dataset(self.distill_dataset, self.private_dataset):
+            raise ValueError(
+                f"`distill_dataset` and `private_dataset` are the same dataset ({self.private_dataset!r}): the "
+                "student is distilled on it without any privacy protection and handed to every user. Give public "
+                f"text as `distill_dataset` (e.g. {DEFAULT_DISTILLATION_DATASET!r}), or a ready `student_model`.")
 
     def keep_layers(self) -> list[int]:
         try:
@@ -229,7 +296,8 @@ class PipelineConfig:
 
 # ------------------------------------------------------------------------------------------------ stage plumbing
 def stage_done(folder: str) -> Optional[dict]:
-    """The stage record of a finished stage folder, or None."""
+    """The stage record of a finished provider stage folder (distill, transfer), or None. A user stage keeps its
+    record in the private workspace: see `private_stage_done` and `stage_record`."""
     path = os.path.join(folder, STAGE_FILE)
     if not os.path.isfile(path):
         return None
@@ -251,6 +319,107 @@ def _finish_stage(partial: str, final: str, record: dict) -> dict:
         shutil.rmtree(final)
     os.replace(partial, final)
     return record
+
+
+def private_workspace(folder: str) -> str:
+    """The private workspace beside a stage folder: ``<run_dir>/private`` for ``<run_dir>/source_prompt``."""
+    return os.path.join(os.path.dirname(os.path.abspath(folder)), PRIVATE_DIR)
+
+
+def private_record_path(folder: str, stage: str) -> str:
+    """Where the record of user stage `stage`, whose released folder is `folder`, lives: ``private/<stage>.json``."""
+    return os.path.join(private_workspace(folder), f"{stage}.json")
+
+
+def adapter_fingerprint(folder: str) -> Optional[str]:
+    """sha256 of the adapter weights in `folder` (None without them): what ties a private record, or a cached
+    test score, to the exact prompt it describes, wherever the folder was copied."""
+    from .assets import sha256_file
+
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    return sha256_file(path) if os.path.isfile(path) else None
+
+
+def private_stage_done(folder: str, stage: str) -> Optional[dict]:
+    """The private record of a finished user stage (`USER_STAGES`, or the audit's shadows) released as `folder`,
+    or None.
+
+    Finished means the record exists *and* names the adapter the folder holds: a released folder without its record
+    (a crash between publishing and recording, a folder copied in without `private/`) counts as unfinished, and so
+    does a record whose folder was replaced since.
+    """
+    path = private_record_path(folder, stage)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    fingerprint = adapter_fingerprint(folder)
+    if fingerprint is None or record.get("adapter_sha256") != fingerprint:
+        return None
+    return record
+
+
+def stage_record(run_dir: str, name: str) -> Optional[dict]:
+    """The record of finished run-folder stage `name` ('tune', 'transfer', 'full_tuning') of `run_dir`, or None;
+    for the user stages it is read from the private workspace."""
+    if name not in STAGE_FOLDERS:
+        raise ValueError(f"`name` must be one of {sorted(STAGE_FOLDERS)}, got {name!r}.")
+    folder = os.path.join(run_dir, STAGE_FOLDERS[name])
+    return private_stage_done(folder, name) if name in USER_STAGES else stage_done(folder)
+
+
+def _release_stage(saved: str, folder: str, stage: str, record: dict, workspace: str) -> dict:
+    """Publish a user stage. `folder` receives exactly the `RELEASED_FILES` the trainer saved in `saved` (renamed
+    into place, atomic); the record (with the released adapter's fingerprint and the stage's peak memory) is written
+    to the private workspace after it; the workspace (checkpoints: optimizer and RNG state) is removed last. A crash
+    in between leaves a folder without its record, which `private_stage_done` treats as unfinished, and the
+    checkpoints it resumes from."""
+    from .report import peak_rss_mb
+
+    release = os.path.join(workspace, "release")
+    shutil.rmtree(release, ignore_errors=True)
+    os.makedirs(release)
+    names = sorted(os.listdir(saved))
+    for name in names:
+        if name in RELEASED_FILES:
+            os.replace(os.path.join(saved, name), os.path.join(release, name))
+    fingerprint = adapter_fingerprint(release)
+    if fingerprint is None:
+        raise RuntimeError(f"The trainer saved no {ADAPTER_WEIGHTS} in {saved} (it saved {names}).")
+    record = {**record, "peak_memory_mb": round(peak_rss_mb(), 1), "adapter_sha256": fingerprint,
+              "released_files": sorted(set(names) & RELEASED_FILES),
+              "withheld_files": sorted(set(names) - RELEASED_FILES)}
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(release, folder)
+    atomic_write_json(private_record_path(folder, stage), record)
+    shutil.rmtree(workspace, ignore_errors=True)
+    return record
+
+
+def _migrate_legacy_stage(folder: str, stage: str) -> None:
+    """A user stage published before the private workspace existed kept its record (losses, N) and its private test
+    scores inside the released folder. Move the record into the workspace and delete every file that is not
+    released, so such a run is reused, not retrained, and its folder becomes safe to hand over. Idempotent: the
+    legacy record goes last, so an interrupted migration is finished by the next run."""
+    legacy = os.path.join(folder, STAGE_FILE)
+    if not os.path.isfile(legacy):
+        return
+    with open(legacy, encoding="utf-8") as f:
+        record = json.load(f)
+    withheld = sorted(set(os.listdir(folder)) - RELEASED_FILES - {STAGE_FILE})
+    for name in withheld:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    fingerprint = adapter_fingerprint(folder)
+    if fingerprint is not None:  # without weights the stage is unfinished anyway, and tuned again
+        released = sorted(set(os.listdir(folder)) - {STAGE_FILE})
+        atomic_write_json(private_record_path(folder, stage), {**record, "adapter_sha256": fingerprint,
+                                                               "released_files": released, "withheld_files": withheld})
+    os.remove(legacy)
 
 
 def _last_checkpoint(folder: str) -> Optional[str]:
@@ -374,10 +543,13 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     from .assets import load_text_dataset
     from .tuning import DPConfig, DPPromptTrainer, PromptTrainer, PromptTrainingConfig
 
-    record = stage_done(folder)
+    record = private_stage_done(folder, stage)
+    # Checkpoints (optimizer and RNG state, computed from private data) and the trainer's full output stay in the
+    # private workspace; only `_release_stage`'s allow-list reaches `folder`.
+    workspace = os.path.join(private_workspace(folder), stage + ".partial")
     if record is not None:
+        shutil.rmtree(workspace, ignore_errors=True)  # left by a crash after the record was written
         return {**record, "reused": True}
-    partial = folder + ".partial"
     start = time.perf_counter()
     train = _subset(load_text_dataset(cfg.private_dataset, split=cfg.private_train_split), cfg.max_train_examples,
                     cfg.seed)
@@ -385,7 +557,7 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     torch.manual_seed(cfg.seed)
     model = get_peft_model(_load_lm(model_path, masked), cfg.post_config(model_path))
     args = _trainer_args(
-        PromptTrainingConfig, os.path.join(partial, "checkpoints"), cfg, max_steps=cfg.tune_max_steps,
+        PromptTrainingConfig, os.path.join(workspace, "checkpoints"), cfg, max_steps=cfg.tune_max_steps,
         learning_rate=cfg.tune_learning_rate, per_device_train_batch_size=cfg.tune_batch_size,
         text_column=cfg.text_column, label_column=cfg.label_column,
     )
@@ -397,12 +569,15 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     else:
         trainer = PromptTrainer(model, args, **common)
     trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
-    trainer.save_model(partial)
-    shutil.rmtree(args.output_dir, ignore_errors=True)
+    saved = os.path.join(workspace, "saved")
+    shutil.rmtree(saved, ignore_errors=True)
+    trainer.save_model(saved)
+    # Everything below is computed from private data without noise (losses, N) or describes the user's run: it is
+    # the user's record, never released.
     record = {"stage": stage, "model": model_path, "steps": trainer.state.global_step, "num_train_examples": len(train),
               "privacy": trainer.privacy_report() if dp else None, "wall_time_s": time.perf_counter() - start,
               "log_history": trainer.state.log_history}
-    return _finish_stage(partial, folder, record)
+    return _release_stage(saved, folder, stage, record, workspace)
 
 
 def public_pool(cfg: PipelineConfig):
@@ -420,6 +595,72 @@ def _public_splits(cfg: PipelineConfig):
         raise ValueError(f"The public dataset has {len(public)} examples, fewer than num_public_examples + "
                          f"num_public_eval_examples = {n_train + n_eval}; lower them.")
     return public.select(range(n_train)), public.select(range(n_train, n_train + n_eval))
+
+
+def _texts(dataset, column: str) -> list:
+    # One slice, not row by row: iterating a `datasets` column formats each row separately (10x slower here).
+    return dataset.select_columns([column])[:][column]
+
+
+def check_private_data_separation(cfg: PipelineConfig) -> dict:
+    """Refuse public transfer or distillation texts that are texts of the private dataset; returns the overlaps.
+
+    Measured after `assets.normalize_text`, against every split of the private dataset (all of them are the user's;
+    a split `PUBLIC_SPLITS_OF_PRIVATE_DATASETS` designates as public excepted): the share of the public transfer
+    texts (the ``num_public_examples + num_public_eval_examples`` the transfer trains and picks α on) and of a
+    uniform sample of up to `DISTILL_OVERLAP_SAMPLE` distillation texts (when the student is distilled here). A
+    share above ``cfg.max_private_overlap`` raises a ValueError naming both datasets. `PipelineConfig` already
+    refused the same dataset by name; this catches the same sentences under another name.
+
+    It reads the private data, so only the user runs it: in a deployment the provider never holds that data, and the
+    user checks the public sets the provider names before handing a prompt over. `run_pipeline` plays every actor
+    in one process and runs it before any stage.
+    """
+    from .assets import load_text_dataset
+    from .data_overlap import measure_overlap, sample_indices, text_keys
+
+    start = time.perf_counter()
+    result: dict = {"max_private_overlap": cfg.max_private_overlap, "private_dataset": cfg.private_dataset}
+    if cfg.max_private_overlap >= 1:
+        return {**result, "checked": False}
+    exempt = PUBLIC_SPLITS_OF_PRIVATE_DATASETS.get(cfg.private_dataset)
+    private = load_text_dataset(cfg.private_dataset)
+    splits = [name for name, ds in private.items() if name != exempt and cfg.text_column in ds.column_names]
+    if not splits:
+        raise ValueError(f"`private_dataset` {cfg.private_dataset!r} has no split with the text column "
+                         f"{cfg.text_column!r}; set `text_column`.")
+    keys = text_keys(t for name in splits for t in _texts(private[name], cfg.text_column))
+    result["private_splits"] = splits
+    fix = ("Use public data the private data is not drawn from, or drop the private texts from it first "
+           "(`peft_post.assets.remove_overlap`); raise `max_private_overlap` only for texts that are public anyway.")
+
+    public_train, public_eval = _public_splits(cfg)
+    public = measure_overlap(_texts(public_train, cfg.text_column) + _texts(public_eval, cfg.text_column), keys)
+    result["public"] = {"dataset": cfg.public_dataset, "split": cfg.public_split, **public.to_dict()}
+    if public.fraction > cfg.max_private_overlap:
+        raise ValueError(
+            f"{public.fraction:.1%} of the public transfer texts ({public.num_private} of {public.num_texts}: the "
+            f"examples the transfer trains and picks α on) of `public_dataset` {cfg.public_dataset!r} (split "
+            f"{cfg.public_split!r}) are texts of `private_dataset` {cfg.private_dataset!r}, above "
+            f"`max_private_overlap` = {cfg.max_private_overlap:g}. The provider would train on private data without "
+            f"any privacy protection. {fix}")
+    if cfg.student_model is None:
+        distill = load_text_dataset(cfg.distill_dataset, split=cfg.distill_split)
+        sample = distill.select(sample_indices(len(distill), DISTILL_OVERLAP_SAMPLE, cfg.seed))
+        measured = measure_overlap(_texts(sample, cfg.text_column), keys)
+        result["distill"] = {"dataset": cfg.distill_dataset, "split": cfg.distill_split, "size": len(distill),
+                             **measured.to_dict()}
+        if measured.fraction > cfg.max_private_overlap:
+            hint = (" (its 'without_trec' split leaves the TREC questions out, for a private embedded:trec task)"
+                    if cfg.distill_dataset == DEFAULT_DISTILLATION_DATASET and cfg.distill_split != "without_trec"
+                    else "")
+            raise ValueError(
+                f"{measured.fraction:.1%} of a sample of the distillation texts ({measured.num_private} of "
+                f"{measured.num_texts}) of `distill_dataset` {cfg.distill_dataset!r} (split {cfg.distill_split!r})"
+                f"{hint} are texts of `private_dataset` {cfg.private_dataset!r}, above `max_private_overlap` = "
+                f"{cfg.max_private_overlap:g}. The student would be distilled on private data without any privacy "
+                f"protection and handed to every user. {fix}")
+    return {**result, "checked": True, "seconds": time.perf_counter() - start}
 
 
 def _load_prompted(model_path: str, adapter: str, masked: bool):
@@ -470,42 +711,85 @@ def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, sou
     trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
     trainer.save_model(partial)
     shutil.rmtree(args.output_dir, ignore_errors=True)
+    # Trainer pickles its arguments beside the adapter; they hold the run's seed, which the user's stages share, and
+    # the provider publishes this folder.
+    training_args = os.path.join(partial, "training_args.bin")
+    if os.path.isfile(training_args):
+        os.remove(training_args)
     record = {"stage": "transfer", "alpha": alpha, "alpha_inputs": alpha_inputs, "steps": trainer.state.global_step,
               "num_public_examples": len(public_train), "wall_time_s": time.perf_counter() - start,
               "log_history": trainer.state.log_history}
     return _finish_stage(partial, folder, record)
 
 
-EVALUATION_FILE = "test_evaluation.json"
+def _evaluation_key(cfg: PipelineConfig, target_path: str, method: str, student_path: Optional[str] = None) -> str:
+    """Everything a test-split score depends on besides the prompt it scores (`adapter_fingerprint`), hashed."""
+    spec = {"method": method, "target": _model_id(target_path), "data": cfg.private_dataset,
+            "split": cfg.private_test_split, "n": cfg.max_test_examples, "seed": cfg.seed,
+            "template": cfg.template, "labels": cfg.label_word_lists(), "columns": [cfg.text_column, cfg.label_column]}
+    if student_path is not None:  # methods that run the student
+        spec["student"] = _model_id(student_path)
+    return _spec_key(spec)
 
 
-def _evaluation_key(cfg: PipelineConfig, target_path: str, method: str) -> str:
-    """Everything a test-split score depends on besides the prompt folder it is stored in, hashed."""
-    return _spec_key({"method": method, "target": _model_id(target_path), "data": cfg.private_dataset,
-                      "split": cfg.private_test_split, "n": cfg.max_test_examples, "seed": cfg.seed,
-                      "template": cfg.template, "labels": cfg.label_word_lists(),
-                      "columns": [cfg.text_column, cfg.label_column]})
+def _scores_path(run_dir: str) -> str:
+    return os.path.join(run_dir, PRIVATE_DIR, SCORES_FILE)
 
 
-def _cached_evaluation(folder: str, key: str, compute) -> dict:
-    """``compute()``, stored in `folder` under `key`: a prompt folder copied into another run (an α sweep reusing one
-    source prompt) carries its scores with it, and the prompt is not scored twice."""
-    path = os.path.join(folder, EVALUATION_FILE)
-    cached = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            cached = json.load(f)
-    if key not in cached:
-        cached[key] = compute()
-        atomic_write_json(path, cached)
-    return cached[key]
+def _read_scores(run_dir: str) -> dict:
+    path = _scores_path(run_dir)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _cached_evaluation(run_dir: str, prompt: Optional[str], key: str, compute) -> dict:
+    """``compute()``, cached in the run's private workspace under the fingerprint of the prompt it scores (`prompt`,
+    its folder; None for the bare target) and `key`.
+
+    Private test scores are the user's: they never go into a prompt folder, which is handed to the provider. Keyed
+    by the prompt's content, a stage reused in this run folder, or copied in with `copy_stage`, is not scored twice,
+    and a score never outlives the prompt it was measured on.
+    """
+    fingerprint = NO_PROMPT if prompt is None else adapter_fingerprint(prompt)
+    cached = _read_scores(run_dir)
+    if key not in cached.get(fingerprint, {}):
+        cached.setdefault(fingerprint, {})[key] = compute()
+        atomic_write_json(_scores_path(run_dir), cached)
+    return cached[fingerprint][key]
+
+
+def copy_stage(source_run: str, run_dir: str, name: str) -> bool:
+    """Copy finished stage `name` ('tune', 'transfer', 'full_tuning') of run folder `source_run` into `run_dir`:
+    its folder, its private record (user stages) and the cached private test scores of its prompt, so `run_dir`
+    reuses the stage and its scores (an α sweep over one source prompt). Returns False, copying nothing, when
+    `source_run` has not finished the stage. Both run folders must be the user's: this copies private files.
+    """
+    if stage_record(source_run, name) is None:
+        return False
+    folder = os.path.join(run_dir, STAGE_FOLDERS[name])
+    source = os.path.join(source_run, STAGE_FOLDERS[name])
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    shutil.copytree(source, folder)
+    if name in USER_STAGES:  # last: until the record is there, the copied folder counts as unfinished
+        os.makedirs(private_workspace(folder), exist_ok=True)
+        shutil.copyfile(private_record_path(source, name), private_record_path(folder, name))
+    fingerprint = adapter_fingerprint(folder)
+    theirs = _read_scores(source_run).get(fingerprint)
+    if theirs:
+        ours = _read_scores(run_dir)
+        ours[fingerprint] = {**ours.get(fingerprint, {}), **theirs}
+        atomic_write_json(_scores_path(run_dir), ours)
+    return True
 
 
 def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, folders: dict, masked: bool) -> dict:
     """Accuracy of every method on the private test split: scored once, used for nothing but the report.
 
-    Each score is kept beside what it scores (the prompt's stage folder; the zero-shot score in the run folder), so a
-    run that reuses a stage folder reuses its scores too.
+    Each score is cached in the run's private workspace under the fingerprint of the prompt it scores, so a run that
+    reuses a stage reuses its scores too (`_cached_evaluation`).
     """
     from .assets import load_text_dataset
     from .evaluation import evaluate_prompt
@@ -516,16 +800,18 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
     task = cfg.post_config()
     kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, batch_size=cfg.eval_batch_size)
 
-    def score(method: str, folder: str, load, desc: str) -> dict:
-        return _cached_evaluation(folder, _evaluation_key(cfg, target_path, method),
+    def score(method: str, prompt: Optional[str], load, desc: str, student: Optional[str] = None) -> dict:
+        return _cached_evaluation(cfg.run_dir, prompt, _evaluation_key(cfg, target_path, method, student),
                                   lambda: evaluate_prompt(load(), tokenizer, test, task, desc=desc, **kw))
 
     results = {
-        "zero_shot": score("zero_shot", cfg.run_dir, lambda: _load_lm(target_path, masked), "zero-shot"),
+        "zero_shot": score("zero_shot", None, lambda: _load_lm(target_path, masked), "zero-shot"),
         "student_prompt": score("student_prompt", folders["tune"],
-                                lambda: _load_prompted(student_path, folders["tune"], masked), "student p_s"),
+                                lambda: _load_prompted(student_path, folders["tune"], masked), "student p_s",
+                                student_path),
         "direct_transfer": score("direct_transfer", folders["tune"], lambda: direct_transfer(
-            _load_prompted(student_path, folders["tune"], masked), _load_lm(target_path, masked)), "direct transfer"),
+            _load_prompted(student_path, folders["tune"], masked), _load_lm(target_path, masked)), "direct transfer",
+            student_path),
         "post": score("post", folders["transfer"], lambda: _load_prompted(target_path, folders["transfer"], masked),
                       "POST"),
     }
@@ -556,13 +842,20 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
         raise ValueError(f"`only` must be one of {STAGES}, got {only!r}.")
     if only == "full_tuning" and not cfg.full_baseline:
         raise ValueError("The full_tuning stage runs only with --full_baseline.")
+    # Before any work, and before the run folder exists: public or distillation data that is the private data.
+    overlap = check_private_data_separation(cfg)
     os.makedirs(cfg.run_dir, exist_ok=True)
     atomic_write_json(os.path.join(cfg.run_dir, "config.json"), dataclasses.asdict(cfg))
+    atomic_write_json(os.path.join(cfg.run_dir, PRIVATE_DIR, "data_overlap.json"), overlap)
     masked = cfg.masked
     target_path = resolve_model(cfg.target_model)
-    folders = {"tune": os.path.join(cfg.run_dir, "source_prompt"),
-               "transfer": os.path.join(cfg.run_dir, "transferred_prompt"),
-               "full_tuning": os.path.join(cfg.run_dir, "full_prompt")}
+    folders = {name: os.path.join(cfg.run_dir, folder) for name, folder in STAGE_FOLDERS.items()}
+    for name in USER_STAGES:
+        _migrate_legacy_stage(folders[name], name)
+    # Older runs also cached private test scores inside the provider's transferred_prompt/ (rescored on demand now).
+    legacy_scores = os.path.join(folders["transfer"], "test_evaluation.json")
+    if os.path.isfile(legacy_scores):
+        os.remove(legacy_scores)
     stages: list = []
     records: dict = {}
     student = {"path": None if cfg.student_model is None else resolve_model(cfg.student_model)}
@@ -595,7 +888,7 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
                 stages.append(_stage_stats(name, previous, reused=True))
                 continue
         if only is not None and name != only and name != "distill":
-            record = stage_done(folders[name]) if name in folders else None
+            record = stage_record(cfg.run_dir, name) if name in folders else None
             if record is None:
                 raise StageMissing(f"Stage {name!r} has not run in {cfg.run_dir}; run `peft-post {name}` first.")
             records[name] = {**record, "reused": True}

@@ -7,7 +7,7 @@ from transformers import HfArgumentParser
 
 from peft_post import POSTConfig
 from peft_post.cli import main
-from peft_post.pipeline import PipelineConfig
+from peft_post.pipeline import PipelineConfig, copy_stage, stage_record
 
 
 def test_run_end_to_end_then_resume_skips_finished_stages(tiny_run, capsys):
@@ -22,10 +22,13 @@ def test_run_end_to_end_then_resume_skips_finished_stages(tiny_run, capsys):
     mtime = os.path.getmtime(os.path.join(run_dir, "transferred_prompt", "stage.json"))
     assert main(["run", *args, "--full_baseline", "true"]) == 0
     report = json.loads(open(os.path.join(run_dir, "report.json")).read())
-    for name in ("source_prompt", "transferred_prompt", "full_prompt"):
-        assert os.path.isfile(os.path.join(run_dir, name, "stage.json"))
+    for stage, name in (("tune", "source_prompt"), ("transfer", "transferred_prompt"), ("full_tuning", "full_prompt")):
+        assert stage_record(run_dir, stage) is not None
         assert os.path.isfile(os.path.join(run_dir, name, "adapter_model.safetensors"))
         assert not os.path.exists(os.path.join(run_dir, name + ".partial"))
+    # The user stages keep their records in the private workspace, and no checkpoint is left behind.
+    assert sorted(os.listdir(os.path.join(run_dir, "private"))) == [
+        "data_overlap.json", "full_tuning.json", "test_scores.json", "tune.json"]
     assert os.path.getmtime(os.path.join(run_dir, "transferred_prompt", "stage.json")) == mtime
     assert os.path.isfile(os.path.join(run_dir, "report.md")) and os.path.isfile(os.path.join(run_dir, "report.png"))
     evaluation = json.loads(open(os.path.join(run_dir, "evaluation.json")).read())
@@ -35,7 +38,7 @@ def test_run_end_to_end_then_resume_skips_finished_stages(tiny_run, capsys):
     for method in ("zero_shot", "student_prompt", "direct_transfer", "post"):
         assert report["accuracy"][method] == first["accuracy"][method]
     ledger = report["privacy"]
-    assert ledger["accountant"] == "prv" and ledger["steps"] == 3 and ledger["epsilon"] <= 8.0
+    assert ledger["accountant"] == "pld" and ledger["steps"] == 3 and ledger["epsilon"] <= 8.0
     stages = {s["name"]: s["reused"] for s in report["stages"]}
     assert stages == {"distill": True, "tune": True, "transfer": True, "full_tuning": False, "evaluate": False}
     md = open(os.path.join(run_dir, "report.md")).read()
@@ -52,26 +55,34 @@ def test_run_end_to_end_then_resume_skips_finished_stages(tiny_run, capsys):
         [(s["wall_time_s"], s["peak_memory_mb"]) for s in report["stages"]]
 
 
-def test_a_copied_source_prompt_is_reused_with_its_test_scores(tiny_run, tmp_path):
-    # An α sweep: the source prompt folder is copied into a new run, which then only transfers and scores POST.
+def test_a_copied_source_prompt_is_reused_with_its_test_scores(tiny_run, tmp_path, monkeypatch):
+    # An α sweep: the source prompt is copied into a new run (`copy_stage`: the folder, its private record and its
+    # cached test scores), which then only transfers and scores POST (and zero-shot, cached per run).
+    import peft_post.evaluation
+
     run_dir, args = tiny_run
     assert main(["run", *args, "--alpha", "1.0"]) == 0
     first = json.loads(open(os.path.join(run_dir, "report.json")).read())
-    scores = os.path.join(run_dir, "source_prompt", "test_evaluation.json")
-    assert len(json.loads(open(scores).read())) == 2  # student p_s and direct transfer
+    scores = json.loads(open(os.path.join(run_dir, "private", "test_scores.json")).read())
+    source_scores = scores[stage_record(run_dir, "tune")["adapter_sha256"]]
+    assert len(source_scores) == 2  # student p_s and direct transfer
     sweep = str(tmp_path / "alpha0")
-    os.makedirs(sweep)
-    shutil.copytree(os.path.join(run_dir, "source_prompt"), os.path.join(sweep, "source_prompt"))
-    mtime = os.path.getmtime(os.path.join(sweep, "source_prompt", "test_evaluation.json"))
+    assert copy_stage(run_dir, sweep, "tune") and not copy_stage(run_dir, sweep, "full_tuning")
+    scored = []
+    evaluate_prompt = peft_post.evaluation.evaluate_prompt
+    monkeypatch.setattr(peft_post.evaluation, "evaluate_prompt",
+                        lambda *a, desc=None, **kw: scored.append(desc) or evaluate_prompt(*a, desc=desc, **kw))
     argv = [*args, "--alpha", "0.0", "--transfer_cache_top_k", "2"]
     argv[argv.index("--run_dir") + 1] = sweep
     assert main(["run", *argv]) == 0
+    assert scored == ["zero-shot", "POST"]
     provenance = POSTConfig.from_pretrained(os.path.join(sweep, "transferred_prompt")).provenance
     assert (provenance["cache"], provenance["top_k"], provenance["alpha"]) == ("top_k", 2, 0.0)
     report = json.loads(open(os.path.join(sweep, "report.json")).read())
     assert {s["name"]: s["reused"] for s in report["stages"]} == {
         "distill": True, "tune": True, "transfer": False, "evaluate": False}
-    assert os.path.getmtime(os.path.join(sweep, "source_prompt", "test_evaluation.json")) == mtime
+    swept = json.loads(open(os.path.join(sweep, "private", "test_scores.json")).read())
+    assert swept[stage_record(sweep, "tune")["adapter_sha256"]] == source_scores
     for method in ("zero_shot", "student_prompt", "direct_transfer"):
         assert report["accuracy"][method] == first["accuracy"][method]
     assert report["transfer_alpha"] == 0.0 and first["transfer_alpha"] == 1.0
@@ -82,13 +93,15 @@ def test_a_baseline_copied_into_a_finished_run_is_scored_from_its_cache(tiny_run
     assert main(["run", *args, "--full_baseline", "true"]) == 0
     with_baseline = json.loads(open(os.path.join(run_dir, "report.json")).read())
     other = str(tmp_path / "other")
-    os.makedirs(other)
-    shutil.copytree(os.path.join(run_dir, "source_prompt"), os.path.join(other, "source_prompt"))
+    assert copy_stage(run_dir, other, "tune")
     argv = list(args)
     argv[argv.index("--run_dir") + 1] = other
     assert main(["run", *argv]) == 0
     assert json.loads(open(os.path.join(other, "report.json")).read())["accuracy"]["full_prompt_tuning"] is None
+    # The prompt folder alone is not a finished stage: without its private record it would be tuned again.
     shutil.copytree(os.path.join(run_dir, "full_prompt"), os.path.join(other, "full_prompt"))
+    assert stage_record(other, "full_tuning") is None
+    assert copy_stage(run_dir, other, "full_tuning")
     assert main(["run", *argv, "--full_baseline", "true"]) == 0
     report = json.loads(open(os.path.join(other, "report.json")).read())
     assert {s["name"]: s["reused"] for s in report["stages"]} == {
@@ -101,7 +114,7 @@ def test_stage_subcommands_need_earlier_stages(tiny_run, capsys):
     assert main(["transfer", *args]) == 2
     assert "run `peft-post tune` first" in capsys.readouterr().err
     assert main(["tune", *args]) == 0
-    assert os.path.isfile(os.path.join(run_dir, "source_prompt", "stage.json"))
+    assert stage_record(run_dir, "tune") is not None
     assert not os.path.exists(os.path.join(run_dir, "transferred_prompt"))
 
 
@@ -130,6 +143,7 @@ def test_config_file_and_overrides(tmp_path, tiny_run):
         (["--label_words", "good"], "label_words"),
         (["--tune_max_steps", "0"], "tune_max_steps"),
         (["--transfer_cache_top_k", "0"], "transfer_cache_top_k"),
+        (["--max_private_overlap", "1.5"], "max_private_overlap"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(flags, match, capsys, tmp_path):
