@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from .assets import DEFAULT_DISTILLATION_DATASET, DEFAULT_MODEL, DEFAULT_PRIVATE_DATASET, DEFAULT_PUBLIC_DATASET
-from .config import POST_CONFIG_NAME, PRIVACY_KEYS, POSTConfig
+from .config import POST_CONFIG_NAME, POSTConfig
 from .data_overlap import same_dataset
 from .io import atomic_write_json
 from .tuning.config import DP_ACCOUNTANTS
@@ -943,4 +943,5 @@ def _stage_stats(name: str, record: dict, reused: bool):
 def _ledger(privacy: Optional[dict]) -> Optional[dict]:
     if privacy is None:
         return None
-    return {k: privacy[k] for k in PRIVACY_KEYS}
+    # The whole ledger: the report states adjacency, the add/remove figure and whether the guarantee holds too.
+    return dict(privacy)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Optional, Union
 
-from .config import validate_privacy_ledger
+from .config import guarantee_holds, validate_privacy_ledger
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = 1
@@ -106,7 +106,8 @@ class POSTResults:
     privacy: Optional[dict] = field(
         default=None,
         metadata={"help": "DP ledger of p_s (epsilon, delta, accountant, noise_multiplier, max_grad_norm, "
-                  "sample_rate, steps); None when p_s was trained without DP."})
+                  "sample_rate, steps, and the trainer's further keys: adjacency, history, ...); None when p_s was "
+                  "trained without DP."})
     stages: list = field(default_factory=list, metadata={"help": "`StageStats` of each stage, in run order."})
     transfer_curve: list = field(default_factory=list, metadata={"help": "`CurvePoint`s of the transfer, by step."})
     transfer_alpha: Optional[float] = field(default=None, metadata={"help": "α of the POST loss used."})
@@ -261,11 +262,18 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
         lines.append(f"POST closes {100 * d['gap_closed']:.1f}% of the gap between zero-shot and full prompt tuning.")
     if dp:
         p = r.privacy
+        adjacency = p.get("adjacency", "add_or_remove_one (not recorded)")
         lines += ["", "## Differential privacy (training of p_s)", "",
-                  "| ε | δ | accountant | σ (noise multiplier) | C (clip norm) | q (sample rate) | steps |",
-                  "|---:|---:|---|---:|---:|---:|---:|",
-                  f"| {p['epsilon']:g} | {p['delta']:.3g} | {p['accountant']} | {p['noise_multiplier']:.4g} | "
-                  f"{p['max_grad_norm']:g} | {p['sample_rate']:.4g} | {p['steps']} |"]
+                  "| ε | δ | adjacency | accountant | σ (noise multiplier) | C (clip norm) | q (sample rate) | steps |",
+                  "|---:|---:|---|---|---:|---:|---:|---:|",
+                  f"| {p['epsilon']:g} | {p['delta']:.3g} | {adjacency} | {p['accountant']} | "
+                  f"{p['noise_multiplier']:.4g} | {p['max_grad_norm']:g} | {p['sample_rate']:.4g} | {p['steps']} |"]
+        if "epsilon_add_remove" in p:
+            lines += ["", f"The same steps give ε = {p['epsilon_add_remove']:g} under add/remove-one adjacency, the "
+                      "relation the paper reports; it is not this prompt's guarantee, because N is published "
+                      "(docs/privacy.md)."]
+        if not guarantee_holds(p):
+            lines += ["", "**The DP guarantee does not hold:** " + "; ".join(p.get("guarantee_void_reasons", [])) + "."]
     if r.stages:
         lines += ["", "## Cost per stage", "", "| Stage | Wall time (s) | Peak memory (MiB) | Reused |",
                   "|---|---:|---:|---|"]

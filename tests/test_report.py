@@ -120,9 +120,10 @@ def test_write_report_files_consistent(tmp_path):
 
     (dp_row,) = _md_table(md, "| ε |")
     assert float(dp_row[0]) == data["privacy"]["epsilon"] and float(dp_row[1]) == data["privacy"]["delta"]
-    assert dp_row[2] == data["privacy"]["accountant"] and int(dp_row[6]) == data["privacy"]["steps"]
-    assert float(dp_row[3]) == pytest.approx(data["privacy"]["noise_multiplier"], rel=1e-3)
-    assert float(dp_row[5]) == pytest.approx(data["privacy"]["sample_rate"], rel=1e-3)
+    assert dp_row[3] == data["privacy"]["accountant"] and int(dp_row[7]) == data["privacy"]["steps"]
+    assert dp_row[2] == data["privacy"].get("adjacency", "add_or_remove_one (not recorded)")
+    assert float(dp_row[4]) == pytest.approx(data["privacy"]["noise_multiplier"], rel=1e-3)
+    assert float(dp_row[6]) == pytest.approx(data["privacy"]["sample_rate"], rel=1e-3)
 
     stage_rows = _md_table(md, "| Stage |")
     assert [r[0] for r in stage_rows] == [s["name"] for s in data["stages"]]
@@ -187,3 +188,16 @@ def test_track_stage_measures_time_and_peak_memory():
         with R.track_stage("failed", stages):
             raise RuntimeError("boom")
     assert [s.name for s in stages] == ["small", "big"]
+
+
+def test_report_states_adjacency_the_add_remove_figure_and_a_void_guarantee(tmp_path):
+    ledger = {**LEDGER, "accountant": "pld", "adjacency": "replace_one", "epsilon_add_remove": 4.74,
+              "guarantee_holds": False, "guarantee_void_reasons": ["the noise was drawn from a fixed seed"]}
+    paths = R.write_report(R.POSTResults(**results(privacy=ledger)), str(tmp_path))
+    md = open(paths["md"]).read()
+    (dp_row,) = _md_table(md, "| ε |")
+    assert dp_row[2] == "replace_one" and dp_row[3] == "pld"
+    assert "ε = 4.74 under add/remove-one" in md
+    assert "**The DP guarantee does not hold:** the noise was drawn from a fixed seed." in md
+    held = open(R.write_report(R.POSTResults(**results()), str(tmp_path / "b"))["md"]).read()
+    assert "does not hold" not in held
