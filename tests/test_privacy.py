@@ -355,3 +355,18 @@ def test_fixed_size_batches_warn_and_are_still_accounted(load_tiny, tokenizer, t
     trainer.train()
     report = trainer.privacy_report()
     assert report["steps"] == 2 and report["poisson_sampling"] is False
+
+
+def test_tiny_noise_multipliers_get_a_finite_upper_bound_quickly():
+    """σ = 2.5e-5 made the PLD ask for 5.8 TiB; below SMALL_SIGMA the unamplified Gaussian bound is used instead."""
+    import time
+
+    from peft_post.tuning.accountant import SMALL_SIGMA
+
+    start = time.perf_counter()
+    tiny = history_epsilon([(2.5e-5, 0.7, 4)], 1e-3)
+    assert math.isfinite(tiny) and time.perf_counter() - start < 5
+    # Monotone across the switch: less noise never reports less privacy loss.
+    assert tiny > history_epsilon([(SMALL_SIGMA / 2, 0.7, 4)], 1e-3) > history_epsilon([(SMALL_SIGMA, 0.7, 4)], 1e-3)
+    assert history_epsilon([(SMALL_SIGMA / 2, 0.7, 4)], 1e-3, ADD_OR_REMOVE_ONE) < history_epsilon(
+        [(SMALL_SIGMA / 2, 0.7, 4)], 1e-3)
