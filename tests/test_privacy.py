@@ -160,6 +160,14 @@ def test_empty_poisson_batch_releases_pure_noise(load_tiny, tokenizer, tmp_path)
     assert len(trainer.accountant) == 60, "an empty batch is still a step of the mechanism"
 
 
+def test_a_noiseless_run_states_that_its_guarantee_does_not_hold(load_tiny, tokenizer, tmp_path):
+    trainer = dp_trainer(peft_model(load_tiny, "gpt2"), tokenizer, tmp_path, DPConfig(noise_multiplier=0.0))
+    trainer.train()
+    ledger = trainer.privacy_report()
+    assert ledger["epsilon"] == math.inf and ledger["guarantee_holds"] is False
+    assert "noise_multiplier = 0" in ledger["guarantee_void_reasons"][0]
+
+
 def test_poisson_dataloader_samples_independently_with_rate_q(tokenizer):
     data = tiny_sentiment_dataset(40)
     config = post_config("gpt2")

@@ -180,6 +180,8 @@ def privacy_ledger(
             "the sampling and noise were drawn from a fixed seed (DPConfig.insecure_noise_seed): anyone who learns "
             "the seed can replay the noise, so the released prompt is not differentially private"
         )
+    if any(sigma == 0 for sigma, _, steps in accountant.history if steps > 0):
+        reasons.append("some steps added no noise (noise_multiplier = 0), so ε is infinite")
     steps = len(accountant)
     ledger = {
         "epsilon": accountant.get_epsilon(delta),
