@@ -54,7 +54,7 @@ def main() -> None:
 
     overlap = {}
     for name in A.VADER_SETS:
-        texts = [t for _, t in A._vader_rows(name)]
+        texts = [t for _, t in A.vader_rows(name)]
         exact = [t for t in texts if A.normalize_text(t) in keys]
         rest = [t for t in texts if A.normalize_text(t) not in keys]
         near = [t for t in rest if (g := _grams(t)) and sum(x in grams for x in g) / len(g) >= 0.5]

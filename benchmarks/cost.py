@@ -32,8 +32,8 @@ from transformers import HfArgumentParser
 
 from peft_post.assets import load_text_dataset, resolve_model
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import (PipelineConfig, _load_lm, _load_prompted, _load_tokenizer, _public_splits, _subset,
-                                distill_stage, stage_record)
+from peft_post.pipeline import (PipelineConfig, distill_stage, load_model, load_prompted_model, load_tokenizer,
+                                public_splits, random_subset, stage_record)
 from peft_post.transfer import TransferConfig, TransferTrainer
 from peft_post.tuning import PromptTrainer, PromptTrainingConfig
 
@@ -83,14 +83,14 @@ def main(argv=None):
         args=[*flags, "--run_dir", args.run_dir or work, "--dp", "false"])[0]
     target_path = resolve_model(cfg.target_model)
     student_path = resolve_model(cfg.student_model) if cfg.student_model else distill_stage(cfg, target_path, False)[0]
-    train = _subset(load_text_dataset(cfg.private_dataset, split=cfg.private_train_split), cfg.max_train_examples,
-                    cfg.seed)
-    public_train, _ = _public_splits(cfg)
+    train = random_subset(load_text_dataset(cfg.private_dataset, split=cfg.private_train_split), cfg.max_train_examples,
+                          cfg.seed)
+    public_train, _ = public_splits(cfg)
 
     def prompt_trainer(model_path: str, name: str):
-        tokenizer = _load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path)
         torch.manual_seed(cfg.seed)
-        model = get_peft_model(_load_lm(model_path, False), cfg.post_config(model_path))
+        model = get_peft_model(load_model(model_path, False), cfg.post_config(model_path))
         targs = PromptTrainingConfig(output_dir=os.path.join(work, name), seed=cfg.seed, report_to="none",
                                      use_cpu=True, max_steps=cfg.tune_max_steps, learning_rate=cfg.tune_learning_rate,
                                      per_device_train_batch_size=cfg.tune_batch_size, text_column=cfg.text_column,
@@ -100,18 +100,18 @@ def main(argv=None):
     full = prompt_trainer(target_path, "full")
     student = prompt_trainer(student_path, "student")
     if args.run_dir and stage_record(args.run_dir, "tune"):
-        source = _load_prompted(student_path, os.path.join(args.run_dir, "source_prompt"), False)
+        source = load_prompted_model(student_path, os.path.join(args.run_dir, "source_prompt"), False)
     else:  # the transfer step's cost does not depend on what the source prompt learned
         source = student.model
     torch.manual_seed(cfg.seed)
-    target = get_peft_model(_load_lm(target_path, False), cfg.post_config(target_path))
+    target = get_peft_model(load_model(target_path, False), cfg.post_config(target_path))
     transfer = TransferTrainer(
         target, source,
         TransferConfig(output_dir=os.path.join(work, "transfer"), seed=cfg.seed, report_to="none", use_cpu=True,
                        max_steps=cfg.transfer_max_steps, learning_rate=cfg.transfer_learning_rate,
                        per_device_train_batch_size=cfg.transfer_batch_size, alpha=cfg.alpha or 1.0,
                        temperature=cfg.temperature, text_column=cfg.text_column, label_column=cfg.label_column),
-        public_dataset=public_train, processing_class=_load_tokenizer(target_path))
+        public_dataset=public_train, processing_class=load_tokenizer(target_path))
     start = time.perf_counter()
     transfer.build_cache()
     cache_s = time.perf_counter() - start

@@ -25,8 +25,9 @@ import torch
 from peft_post.assets import resolve_model
 from peft_post.evaluation import evaluate_prompt
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import PipelineConfig, _load_lm, _load_prompted, _load_tokenizer, public_pool, student_folder
-from students import _config, _read
+from peft_post.pipeline import (PipelineConfig, load_model, load_prompted_model, load_tokenizer, public_pool,
+                                student_folder)
+from students import read_json, run_config
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "public_validation.json")
 
@@ -42,11 +43,11 @@ def validation_slice(cfg, num_examples: int):
 
 
 def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
-    cfg = _config(run_dir)
+    cfg = run_config(run_dir)
     target = resolve_model(cfg.target_model)
     student = resolve_model(cfg.student_model) if cfg.student_model is not None else student_folder(cfg, target)
     data = validation_slice(cfg, num_examples)
-    tokenizer = _load_tokenizer(target)
+    tokenizer = load_tokenizer(target)
     task = cfg.post_config()
     masked = cfg.masked
 
@@ -59,11 +60,11 @@ def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
     zs_key = (target, cfg.public_dataset, cfg.public_split, cfg.seed, cfg.num_public_examples + cfg.num_public_eval_examples,
               cfg.template, cfg.label_words)
     if zs_key not in scored_targets:
-        scored_targets[zs_key] = score(_load_lm(target, masked), "target zero-shot")
+        scored_targets[zs_key] = score(load_model(target, masked), "target zero-shot")
     report_path = os.path.join(run_dir, "report.json")
     return {
         "run_dir": run_dir, "student_dir": student,
-        "command": _read(report_path).get("command") if os.path.isfile(report_path) else None,
+        "command": read_json(report_path).get("command") if os.path.isfile(report_path) else None,
         "settings": {"student_layers": cfg.student_layers, "distill_max_steps": cfg.distill_max_steps,
                      "dp": cfg.dp, "tune_max_steps": cfg.tune_max_steps, "tune_batch_size": cfg.tune_batch_size,
                      "tune_learning_rate": cfg.tune_learning_rate, "transfer_max_steps": cfg.transfer_max_steps,
@@ -72,10 +73,10 @@ def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
         "num_examples": len(data),
         "accuracy": {
             "zero_shot": scored_targets[zs_key],
-            "student_zero_shot": score(_load_lm(student, masked), "student zero-shot"),
-            "student_prompt": score(_load_prompted(student, os.path.join(run_dir, "source_prompt"), masked),
+            "student_zero_shot": score(load_model(student, masked), "student zero-shot"),
+            "student_prompt": score(load_prompted_model(student, os.path.join(run_dir, "source_prompt"), masked),
                                     "student p_s"),
-            "post": score(_load_prompted(target, os.path.join(run_dir, "transferred_prompt"), masked), "POST"),
+            "post": score(load_prompted_model(target, os.path.join(run_dir, "transferred_prompt"), masked), "POST"),
         },
     }
 
@@ -85,13 +86,13 @@ def init_text_rows(texts: list, num_examples: int) -> list:
 
     default = PipelineConfig()
     target = resolve_model(default.target_model)
-    tokenizer = _load_tokenizer(target)
+    tokenizer = load_tokenizer(target)
     data = validation_slice(default, num_examples)
     rows = []
     for text in texts:
         cfg = PipelineConfig(prompt_init_text=text)
         torch.manual_seed(cfg.seed)
-        model = get_peft_model(_load_lm(target, cfg.masked), cfg.post_config(target)).eval()
+        model = get_peft_model(load_model(target, cfg.masked), cfg.post_config(target)).eval()
         r = evaluate_prompt(model, tokenizer, data, cfg.post_config(), batch_size=cfg.eval_batch_size,
                             desc="init prompt")
         rows.append({"init_text": text, "text_tokens": len(tokenizer(text)["input_ids"]),

@@ -20,33 +20,35 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 from peft_post.assets import resolve_model
 from peft_post.evaluation import evaluate_prompt
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import PipelineConfig, _public_splits, student_folder
+from peft_post.pipeline import PipelineConfig, public_splits, student_folder
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "students.json")
 
 
-def _read(path: str) -> dict:
+def read_json(path: str) -> dict:
+    """The JSON file at `path`."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def _config(run_dir: str) -> PipelineConfig:
-    saved = _read(os.path.join(run_dir, "config.json"))
+def run_config(run_dir: str) -> PipelineConfig:
+    """The `PipelineConfig` the run in `run_dir` ran with (its ``config.json``)."""
+    saved = read_json(os.path.join(run_dir, "config.json"))
     flags = [f"--{k}={v}" for k, v in saved.items() if v is not None]
     return HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(args=flags)[0]
 
 
 def student_row(run: str) -> dict:
     run_dir, _, student = run.partition("@")
-    cfg = _config(run_dir)
-    report = _read(os.path.join(run_dir, "report.json"))
+    cfg = run_config(run_dir)
+    report = read_json(os.path.join(run_dir, "report.json"))
     named = bool(student)
     if not named:
         student = student_folder(cfg, resolve_model(cfg.target_model))
-    distill = _read(os.path.join(student, "stage.json"))
+    distill = read_json(os.path.join(student, "stage.json"))
     public_zs = distill.get("public_zero_shot")
     if public_zs is None or public_zs.get("dataset") != cfg.public_dataset:
-        _, public_eval = _public_splits(cfg)
+        _, public_eval = public_splits(cfg)
         model = AutoModelForCausalLM.from_pretrained(student).eval()
         scored = evaluate_prompt(model, AutoTokenizer.from_pretrained(student), public_eval, cfg.post_config(student),
                                  text_column=cfg.text_column, label_column=cfg.label_column,
@@ -54,7 +56,7 @@ def student_row(run: str) -> dict:
         public_zs = {"dataset": cfg.public_dataset, "accuracy": scored["accuracy"],
                      "num_examples": scored["num_examples"], "per_class": scored["per_class"]}
     train_logs = [h for h in distill["log_history"] if "loss" in h]
-    transfer = _read(os.path.join(run_dir, "transferred_prompt", "stage.json"))
+    transfer = read_json(os.path.join(run_dir, "transferred_prompt", "stage.json"))
     curve = [p["public_accuracy"] for p in report["transfer_curve"] if p.get("public_accuracy") is not None]
     return {
         "run_dir": run_dir, "student_dir": student,

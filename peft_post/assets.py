@@ -431,7 +431,8 @@ def stratified_split(labels: list, n_test: int, seed: int) -> tuple[list[int], l
     return rng.permutation(train).tolist(), rng.permutation(test).tolist()
 
 
-def _vader_rows(name: str, cache_dir: Optional[str] = None) -> list[tuple[float, str]]:
+def vader_rows(name: str, cache_dir: Optional[str] = None) -> list[tuple[float, str]]:
+    """The rows of VADER set `name` as ``(mean human score, text)``, every text kept (`load_vader` drops score 0)."""
     if name not in VADER_SETS:
         raise ValueError(f"Unknown VADER set {name!r}; choose one of {sorted(VADER_SETS)}.")
     path = fetch_asset(VADER_SETS[name], cache_dir=cache_dir)
@@ -463,7 +464,7 @@ def load_vader(name: str, cache_dir: Optional[str] = None):
     """
     from datasets import Dataset
 
-    rows = [{"text": t, "label": int(s > 0)} for s, t in _vader_rows(name, cache_dir) if s != 0]
+    rows = [{"text": t, "label": int(s > 0)} for s, t in vader_rows(name, cache_dir) if s != 0]
     return Dataset.from_list(rows, features=_sentiment_features())
 
 
@@ -510,7 +511,7 @@ def load_distillation_text(
     texts: list[str] = []
     for s in sources:
         if s in VADER_SETS:
-            texts += [t for _, t in _vader_rows(s, cache_dir)]  # score-0 texts are fine here: labels are not used
+            texts += [t for _, t in vader_rows(s, cache_dir)]  # score-0 texts are fine here: labels are not used
         elif s == "sms":
             texts += _sms_texts(cache_dir)
         else:

@@ -262,7 +262,7 @@ def _train_shadow(cfg, student_path: str, masked: bool, examples, in_mask: np.nd
     from datasets import DatasetDict
 
     from .evaluation import score_dataset
-    from .pipeline import _load_prompted, _load_tokenizer, tune_stage
+    from .pipeline import load_prompted_model, load_tokenizer, tune_stage
 
     data_dir = os.path.join(folder, "in_data")
     if not os.path.isdir(data_dir):
@@ -275,9 +275,10 @@ def _train_shadow(cfg, student_path: str, masked: bool, examples, in_mask: np.nd
     prompt_dir = os.path.join(folder, "prompt")
     record = tune_stage(shadow_cfg, student_path, masked, prompt_dir, "audit_shadow", cfg.dp)
     start = time.perf_counter()
-    scores, labels = score_dataset(_load_prompted(student_path, prompt_dir, masked), _load_tokenizer(student_path),
-                                   examples, cfg.post_config(), text_column=cfg.text_column,
-                                   label_column=cfg.label_column, batch_size=cfg.eval_batch_size, desc="audit: score")
+    scores, labels = score_dataset(load_prompted_model(student_path, prompt_dir, masked),
+                                   load_tokenizer(student_path), examples, cfg.post_config(),
+                                   text_column=cfg.text_column, label_column=cfg.label_column,
+                                   batch_size=cfg.eval_batch_size, desc="audit: score")
     # The shadow's copy of private data is not needed once its prompt is trained and scored.
     shutil.rmtree(data_dir)
     right = (scores.argmax(-1) == labels).numpy()

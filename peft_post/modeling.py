@@ -58,7 +58,10 @@ def is_masked_lm(model) -> bool:
     return "ForMaskedLM" in type(base_model_of(model)).__name__
 
 
-def _head(base) -> Optional[torch.nn.Module]:
+def output_head(base) -> Optional[torch.nn.Module]:
+    """The head that turns the last hidden states of `base` (a bare transformers model) into its logits, where that
+    is exact: the output embeddings of a `_CAUSAL_FAST` architecture, the MLM head of a `_MASKED_HEADS` masked LM;
+    None for any other model, which callers then run whole. Gemma's final logit soft-capping is the caller's."""
     model_type = base.config.model_type
     if model_type in _CAUSAL_FAST:
         return base.get_output_embeddings()
@@ -189,7 +192,7 @@ def label_logits(
         kwargs["position_ids"] = position_ids
     positions = label_positions.to(embeds.device) + n
     rows = torch.arange(batch, device=embeds.device)
-    head = _head(base)
+    head = output_head(base)
     if head is None:
         return base(**kwargs).logits[rows, positions]
     hidden = getattr(base, base.base_model_prefix)(**kwargs).last_hidden_state[rows, positions]

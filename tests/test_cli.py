@@ -177,14 +177,14 @@ def test_distill_records_the_students_public_zero_shot_accuracy(tiny_run, tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peft_post.evaluation import evaluate_prompt
-    from peft_post.pipeline import _public_splits
+    from peft_post.pipeline import public_splits
 
     run_dir, args = tiny_run
     assert main(["distill", *args]) == 0
     (stage,) = glob.glob(str(tmp_path / "cache" / "students" / "*" / "stage.json"))
     record = json.loads(open(stage).read())["public_zero_shot"]
     cfg = HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(args=args)[0]
-    _, public_eval = _public_splits(cfg)
+    _, public_eval = public_splits(cfg)
     folder = os.path.dirname(stage)
     expected = evaluate_prompt(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
                                public_eval, cfg.post_config(folder), batch_size=8, disable_progress=True)
@@ -196,7 +196,7 @@ def test_distill_records_the_students_public_zero_shot_accuracy(tiny_run, tmp_pa
     from peft_post.pipeline import public_pool, student_folder
 
     assert student_folder(cfg, resolve_model(cfg.target_model)) == folder
-    pool, (public_train, _) = public_pool(cfg), _public_splits(cfg)
+    pool, (public_train, _) = public_pool(cfg), public_splits(cfg)
     n_train, n_eval = len(public_train), len(public_eval)
     assert pool["text"][:n_train] == public_train["text"] and pool["text"][n_train:n_train + n_eval] == public_eval["text"]
     assert not cfg.masked and PipelineConfig(template="{text} It was {mask}.").masked

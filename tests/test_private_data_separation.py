@@ -86,7 +86,8 @@ def test_the_released_prompt_folders_hold_exactly_the_adapter_and_its_ledger(tin
 
 def test_a_user_stage_resumes_from_private_checkpoints_and_a_folder_without_its_record_is_unfinished(
         tiny_run, monkeypatch):
-    import peft_post.pipeline as P
+    # The tuning stage's own seams: where it publishes the stage and where it finds the checkpoint to resume from.
+    import peft_post.pipeline.stages as stages
 
     run_dir, args = tiny_run
     # A crash after training, before the release: the checkpoints (optimizer, RNG, noise key) are in the workspace.
@@ -94,7 +95,7 @@ def test_a_user_stage_resumes_from_private_checkpoints_and_a_folder_without_its_
         raise KeyboardInterrupt("killed")
 
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(P, "_release_stage", crash)
+        patch.setattr(stages, "release_user_stage", crash)
         main(["tune", *args])
     workspace = os.path.join(run_dir, "private", "tune.partial")
     checkpoints = [os.path.join(root, d) for root, dirs, _ in os.walk(run_dir) for d in dirs if "checkpoint-" in d]
@@ -102,8 +103,9 @@ def test_a_user_stage_resumes_from_private_checkpoints_and_a_folder_without_its_
     assert not os.path.exists(os.path.join(run_dir, "source_prompt")) and stage_record(run_dir, "tune") is None
 
     resumed_from = []
-    last_checkpoint = P._last_checkpoint
-    monkeypatch.setattr(P, "_last_checkpoint", lambda f: resumed_from.append(last_checkpoint(f)) or resumed_from[-1])
+    last_checkpoint = stages._last_checkpoint
+    monkeypatch.setattr(stages, "_last_checkpoint",
+                        lambda f: resumed_from.append(last_checkpoint(f)) or resumed_from[-1])
     assert main(["tune", *args]) == 0
     assert resumed_from == [os.path.join(workspace, "checkpoints", "checkpoint-3")]
     record = stage_record(run_dir, "tune")

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_bytes
-from ..modeling import _head, base_model_of, is_masked_lm
+from ..modeling import base_model_of, is_masked_lm, output_head
 
 CACHE_FILE = "teacher_cache.safetensors"
 CACHE_KINDS = ("hidden", "topk")
@@ -41,7 +41,7 @@ def hidden_and_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                       need_logits: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Last hidden states (B, L, d), the input of the LM/MLM head, and the full logits (B, L, V)."""
     base = base_model_of(model)
-    head = _head(base)
+    head = output_head(base)
     if head is None:
         out = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         return out.hidden_states[-1], out.logits
@@ -52,7 +52,7 @@ def hidden_and_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 def apply_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """The model's LM/MLM head on last hidden states, with Gemma's final logit soft-capping."""
     base = base_model_of(model)
-    head = _head(base)
+    head = output_head(base)
     if head is None:
         raise ValueError(f"No known LM head for {type(base).__name__}; cannot turn cached hidden states into logits.")
     logits = head(hidden.to(head.weight.dtype) if hasattr(head, "weight") else hidden)

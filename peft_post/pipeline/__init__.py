@@ -1,0 +1,71 @@
+"""The whole POST pipeline: distil (provider, cached), tune (user, optionally DP), transfer (provider), evaluate.
+
+Each stage writes one folder under the run directory. The provider's stages (distill, transfer) finish by writing
+``stage.json`` into theirs atomically. The user's stages (tune, and the full-tuning baseline) read the private
+training split: their folder is what the user hands over, so it holds exactly the adapter and its DP ledger
+(`RELEASED_FILES`), and their record (losses, N, wall time, memory), their checkpoints and every private test score
+stay in the run's private workspace, ``<run_dir>/private/``. A finished stage is skipped on the next run, and an
+interrupted one resumes from its last Trainer checkpoint. The distilled student is the provider's one-time cost: it
+lives in the shared cache (``$PEFT_POST_CACHE/students/<key>``), keyed by everything that determines it, and is
+reused by later runs.
+
+Data flow respects the actors: the tuning stage is the only one that reads the private training split; the
+transfer stage reads the source prompt and public data only; the private test split is read once, by the final
+evaluation, and nothing is ever selected on it. Before any stage, public or distillation data that is the private
+data is refused: by name in `PipelineConfig`, by measured text overlap in `check_private_data_separation`.
+
+The package, by job; a module imports only modules after it in this list (docs/architecture.md):
+
+- `runner`: `run_pipeline`, the stage order (`STAGES`) and the report;
+- `stages`: the four stages (`distill_stage`, `tune_stage`, `transfer_stage`, `evaluate_stage`);
+- `loading`: models, tokenizers and prompted models by path (`load_model`, `load_tokenizer`, `load_prompted_model`);
+- `store`: the run folder, the private workspace, the cache keys, the public splits and the private-data check;
+- `config`: `PipelineConfig` and its `PRESETS`.
+"""
+
+from .config import PRESETS, PUBLIC_SPLITS_OF_PRIVATE_DATASETS, PipelineConfig
+from .loading import load_model, load_prompted_model, load_tokenizer, random_subset
+from .runner import STAGES, StageMissing, run_pipeline
+from .stages import distill_stage, evaluate_stage, transfer_stage, tune_stage
+from .store import (ADAPTER_WEIGHTS, DISTILL_OVERLAP_SAMPLE, NO_PROMPT, PRIVATE_DIR, RELEASED_FILES, SCORES_FILE,
+                    STAGE_FILE, STAGE_FOLDERS, USER_STAGES, adapter_fingerprint, check_private_data_separation,
+                    copy_stage, private_record_path, private_stage_done, private_workspace, public_pool, public_splits,
+                    stage_done, stage_record, student_cache_key, student_folder)
+
+__all__ = [
+    "ADAPTER_WEIGHTS",
+    "adapter_fingerprint",
+    "check_private_data_separation",
+    "copy_stage",
+    "DISTILL_OVERLAP_SAMPLE",
+    "distill_stage",
+    "evaluate_stage",
+    "load_model",
+    "load_prompted_model",
+    "load_tokenizer",
+    "NO_PROMPT",
+    "PipelineConfig",
+    "PRESETS",
+    "PRIVATE_DIR",
+    "private_record_path",
+    "private_stage_done",
+    "private_workspace",
+    "public_pool",
+    "public_splits",
+    "PUBLIC_SPLITS_OF_PRIVATE_DATASETS",
+    "random_subset",
+    "RELEASED_FILES",
+    "run_pipeline",
+    "SCORES_FILE",
+    "STAGE_FILE",
+    "STAGE_FOLDERS",
+    "stage_done",
+    "stage_record",
+    "StageMissing",
+    "STAGES",
+    "student_cache_key",
+    "student_folder",
+    "transfer_stage",
+    "tune_stage",
+    "USER_STAGES",
+]

@@ -1,0 +1,42 @@
+"""Loading by path: the models, tokenizers and prompted models the stages (and the audit and benchmarks) work on."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import POSTConfig
+
+
+def load_model(path: str, masked: bool):
+    """The model at `path` (a folder or Hub id) in float32 and eval mode: a masked LM when `masked`, else causal."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cls = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def load_tokenizer(path: str):
+    """The tokenizer at `path`, padding with its end-of-sequence token when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def random_subset(dataset, n: Optional[int], seed: int):
+    """`n` examples of `dataset` drawn with `seed`; the whole dataset when `n` is None or not below its size."""
+    if n is None or len(dataset) <= n:
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(n))
+
+
+def load_prompted_model(model_path: str, adapter: str, masked: bool):
+    """The model at `model_path` (`load_model`) with the POST prompt adapter saved in folder `adapter`."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(model_path, masked), adapter,
+                                     config=POSTConfig.from_pretrained(adapter))

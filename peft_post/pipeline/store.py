@@ -1,0 +1,349 @@
+"""The run folder and the shared cache: where each stage's output, record and private data lives.
+
+A provider stage (distill, transfer) is finished when its folder holds ``stage.json`` (`finish_stage` renames the
+folder into place with it). A user stage (tune, full_tuning) releases exactly `RELEASED_FILES` into its folder and
+keeps its record, checkpoints and every private test score in the run's private workspace, ``<run_dir>/private/``
+(`release_user_stage`, `private_stage_done`). Also here: the cache keys of the distilled student and of the private
+test scores, the public splits the provider's stages use, and the preflight check that public or distillation data
+is not the private data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Optional
+
+from ..assets import DEFAULT_DISTILLATION_DATASET
+from ..config import POST_CONFIG_NAME
+from ..io import atomic_write_json
+from .config import PUBLIC_SPLITS_OF_PRIVATE_DATASETS, PipelineConfig
+
+STAGE_FILE = "stage.json"
+# The user's own part of a run folder: records and scores computed from private data, and the checkpoints of the
+# stages that read it. Nothing in it is handed to anyone.
+PRIVATE_DIR = "private"
+# Stages that train on the private training split. Their folder is what the user hands over, so it holds
+# `RELEASED_FILES` only, and their record (losses, N, wall time, memory) lives in the private workspace.
+USER_STAGES = ("tune", "full_tuning")
+STAGE_FOLDERS = {"tune": "source_prompt", "transfer": "transferred_prompt", "full_tuning": "full_prompt"}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Exactly what a user stage releases: the adapter PEFT writes (config, weights, its README card), the POST fields
+# (`post_config.json`, with the DP ledger) and the DP accountant's history (`tuning.privacy.ACCOUNTANT_STATE_NAME`,
+# which holds the accountant's steps and the ledger only). An allow-list, not a deny-list: whatever else a trainer
+# saves (`training_args.bin` with the seed, the tokenizer, a future log) stays out unless someone decides it may go.
+RELEASED_FILES = frozenset({"adapter_config.json", ADAPTER_WEIGHTS, POST_CONFIG_NAME, "README.md",
+                            "dp_accountant.json"})
+SCORES_FILE = "test_scores.json"
+# The private test split's scores are cached per prompt under this fingerprint for the bare target (zero-shot).
+NO_PROMPT = "no_prompt"
+# Distillation corpora can be large: the preflight checks a uniform sample of this many texts (a 1% overlap shows
+# as about 50 of them), so the check costs the same on every run.
+DISTILL_OVERLAP_SAMPLE = 5000
+
+
+def stage_done(folder: str) -> Optional[dict]:
+    """The stage record of a finished provider stage folder (distill, transfer), or None. A user stage keeps its
+    record in the private workspace: see `private_stage_done` and `stage_record`."""
+    path = os.path.join(folder, STAGE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def finish_stage(partial: str, final: str, record: dict) -> dict:
+    """Publish a provider stage (distill, transfer): write its record into the partial folder, then rename it into
+    place (atomic).
+
+    The record carries the stage's peak resident memory (`track_stage` reset the high-water mark on entry), so a
+    later run that reuses the stage still reports what it cost.
+    """
+    from ..report import peak_rss_mb
+
+    record = {**record, "peak_memory_mb": round(peak_rss_mb(), 1)}
+    atomic_write_json(os.path.join(partial, STAGE_FILE), record)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return record
+
+
+def private_workspace(folder: str) -> str:
+    """The private workspace beside a stage folder: ``<run_dir>/private`` for ``<run_dir>/source_prompt``."""
+    return os.path.join(os.path.dirname(os.path.abspath(folder)), PRIVATE_DIR)
+
+
+def private_record_path(folder: str, stage: str) -> str:
+    """Where the record of user stage `stage`, whose released folder is `folder`, lives: ``private/<stage>.json``."""
+    return os.path.join(private_workspace(folder), f"{stage}.json")
+
+
+def adapter_fingerprint(folder: str) -> Optional[str]:
+    """sha256 of the adapter weights in `folder` (None without them): what ties a private record, or a cached
+    test score, to the exact prompt it describes, wherever the folder was copied."""
+    from ..assets import sha256_file
+
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    return sha256_file(path) if os.path.isfile(path) else None
+
+
+def private_stage_done(folder: str, stage: str) -> Optional[dict]:
+    """The private record of a finished user stage (`USER_STAGES`, or the audit's shadows) released as `folder`,
+    or None.
+
+    Finished means the record exists *and* names the adapter the folder holds: a released folder without its record
+    (a crash between publishing and recording, a folder copied in without `private/`) counts as unfinished, and so
+    does a record whose folder was replaced since.
+    """
+    path = private_record_path(folder, stage)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    fingerprint = adapter_fingerprint(folder)
+    if fingerprint is None or record.get("adapter_sha256") != fingerprint:
+        return None
+    return record
+
+
+def stage_record(run_dir: str, name: str) -> Optional[dict]:
+    """The record of finished run-folder stage `name` ('tune', 'transfer', 'full_tuning') of `run_dir`, or None;
+    for the user stages it is read from the private workspace."""
+    if name not in STAGE_FOLDERS:
+        raise ValueError(f"`name` must be one of {sorted(STAGE_FOLDERS)}, got {name!r}.")
+    folder = os.path.join(run_dir, STAGE_FOLDERS[name])
+    return private_stage_done(folder, name) if name in USER_STAGES else stage_done(folder)
+
+
+def release_user_stage(saved: str, folder: str, stage: str, record: dict, workspace: str) -> dict:
+    """Publish a user stage. `folder` receives exactly the `RELEASED_FILES` the trainer saved in `saved` (renamed
+    into place, atomic); the record (with the released adapter's fingerprint and the stage's peak memory) is written
+    to the private workspace after it; the workspace (checkpoints: optimizer and RNG state) is removed last. A crash
+    in between leaves a folder without its record, which `private_stage_done` treats as unfinished, and the
+    checkpoints it resumes from."""
+    from ..report import peak_rss_mb
+
+    release = os.path.join(workspace, "release")
+    shutil.rmtree(release, ignore_errors=True)
+    os.makedirs(release)
+    names = sorted(os.listdir(saved))
+    for name in names:
+        if name in RELEASED_FILES:
+            os.replace(os.path.join(saved, name), os.path.join(release, name))
+    fingerprint = adapter_fingerprint(release)
+    if fingerprint is None:
+        raise RuntimeError(f"The trainer saved no {ADAPTER_WEIGHTS} in {saved} (it saved {names}).")
+    record = {**record, "peak_memory_mb": round(peak_rss_mb(), 1), "adapter_sha256": fingerprint,
+              "released_files": sorted(set(names) & RELEASED_FILES),
+              "withheld_files": sorted(set(names) - RELEASED_FILES)}
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(release, folder)
+    atomic_write_json(private_record_path(folder, stage), record)
+    shutil.rmtree(workspace, ignore_errors=True)
+    return record
+
+
+def migrate_legacy_user_stage(folder: str, stage: str) -> None:
+    """A user stage published before the private workspace existed kept its record (losses, N) and its private test
+    scores inside the released folder. Move the record into the workspace and delete every file that is not
+    released, so such a run is reused, not retrained, and its folder becomes safe to hand over. Idempotent: the
+    legacy record goes last, so an interrupted migration is finished by the next run."""
+    legacy = os.path.join(folder, STAGE_FILE)
+    if not os.path.isfile(legacy):
+        return
+    with open(legacy, encoding="utf-8") as f:
+        record = json.load(f)
+    withheld = sorted(set(os.listdir(folder)) - RELEASED_FILES - {STAGE_FILE})
+    for name in withheld:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    fingerprint = adapter_fingerprint(folder)
+    if fingerprint is not None:  # without weights the stage is unfinished anyway, and tuned again
+        released = sorted(set(os.listdir(folder)) - {STAGE_FILE})
+        atomic_write_json(private_record_path(folder, stage), {**record, "adapter_sha256": fingerprint,
+                                                               "released_files": released, "withheld_files": withheld})
+    os.remove(legacy)
+
+
+def _spec_key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_id(path: str) -> str:
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
+def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
+    """Everything that determines the distilled student, hashed: same key, same student."""
+    spec = {
+        "target": _model_id(target_path),
+        "layers": cfg.keep_layers(), "data": cfg.distill_dataset, "steps": cfg.distill_max_steps,
+        "lr": cfg.distill_learning_rate, "batch": cfg.distill_batch_size, "block": cfg.distill_block_size,
+        "templated": cfg.distill_templated_fraction, "template": cfg.template, "seed": cfg.seed,
+        # float(): `5` and `5.0` are the same student, and json writes them differently.
+        "label_slot_weight": float(cfg.distill_label_slot_weight), "freeze_embeddings": cfg.distill_freeze_embeddings,
+    }
+    if cfg.distill_split != "train":  # keeps the keys of students distilled before the field existed
+        spec["split"] = cfg.distill_split
+    return _spec_key(spec)
+
+
+def student_folder(cfg: PipelineConfig, target_path: str) -> str:
+    """The folder of `cfg`'s distilled student in the shared cache (there or not yet)."""
+    from ..assets import cache_dir
+
+    return os.path.join(cache_dir(), "students", student_cache_key(cfg, target_path))
+
+
+def public_pool(cfg: PipelineConfig):
+    """The public dataset in the pipeline's order: the transfer's training examples, then its held-out ones, then
+    the rest, which no stage sees."""
+    from ..assets import load_text_dataset
+
+    return load_text_dataset(cfg.public_dataset, split=cfg.public_split).shuffle(seed=cfg.seed)
+
+
+def public_splits(cfg: PipelineConfig):
+    public = public_pool(cfg)
+    n_train, n_eval = cfg.num_public_examples, cfg.num_public_eval_examples
+    if len(public) < n_train + n_eval:
+        raise ValueError(f"The public dataset has {len(public)} examples, fewer than num_public_examples + "
+                         f"num_public_eval_examples = {n_train + n_eval}; lower them.")
+    return public.select(range(n_train)), public.select(range(n_train, n_train + n_eval))
+
+
+def _texts(dataset, column: str) -> list:
+    # One slice, not row by row: iterating a `datasets` column formats each row separately (10x slower here).
+    return dataset.select_columns([column])[:][column]
+
+
+def check_private_data_separation(cfg: PipelineConfig) -> dict:
+    """Refuse public transfer or distillation texts that are texts of the private dataset; returns the overlaps.
+
+    Measured after `assets.normalize_text`, against every split of the private dataset (all of them are the user's;
+    a split `PUBLIC_SPLITS_OF_PRIVATE_DATASETS` designates as public excepted): the share of the public transfer
+    texts (the ``num_public_examples + num_public_eval_examples`` the transfer trains and picks α on) and of a
+    uniform sample of up to `DISTILL_OVERLAP_SAMPLE` distillation texts (when the student is distilled here). A
+    share above ``cfg.max_private_overlap`` raises a ValueError naming both datasets. `PipelineConfig` already
+    refused the same dataset by name; this catches the same sentences under another name.
+
+    It reads the private data, so only the user runs it: in a deployment the provider never holds that data, and the
+    user checks the public sets the provider names before handing a prompt over. `run_pipeline` plays every actor
+    in one process and runs it before any stage.
+    """
+    from ..assets import load_text_dataset
+    from ..data_overlap import measure_overlap, sample_indices, text_keys
+
+    start = time.perf_counter()
+    result: dict = {"max_private_overlap": cfg.max_private_overlap, "private_dataset": cfg.private_dataset}
+    if cfg.max_private_overlap >= 1:
+        return {**result, "checked": False}
+    exempt = PUBLIC_SPLITS_OF_PRIVATE_DATASETS.get(cfg.private_dataset)
+    private = load_text_dataset(cfg.private_dataset)
+    splits = [name for name, ds in private.items() if name != exempt and cfg.text_column in ds.column_names]
+    if not splits:
+        raise ValueError(f"`private_dataset` {cfg.private_dataset!r} has no split with the text column "
+                         f"{cfg.text_column!r}; set `text_column`.")
+    keys = text_keys(t for name in splits for t in _texts(private[name], cfg.text_column))
+    result["private_splits"] = splits
+    fix = ("Use public data the private data is not drawn from, or drop the private texts from it first "
+           "(`peft_post.assets.remove_overlap`); raise `max_private_overlap` only for texts that are public anyway.")
+
+    public_train, public_eval = public_splits(cfg)
+    public = measure_overlap(_texts(public_train, cfg.text_column) + _texts(public_eval, cfg.text_column), keys)
+    result["public"] = {"dataset": cfg.public_dataset, "split": cfg.public_split, **public.to_dict()}
+    if public.fraction > cfg.max_private_overlap:
+        raise ValueError(
+            f"{public.fraction:.1%} of the public transfer texts ({public.num_private} of {public.num_texts}: the "
+            f"examples the transfer trains and picks α on) of `public_dataset` {cfg.public_dataset!r} (split "
+            f"{cfg.public_split!r}) are texts of `private_dataset` {cfg.private_dataset!r}, above "
+            f"`max_private_overlap` = {cfg.max_private_overlap:g}. The provider would train on private data without "
+            f"any privacy protection. {fix}")
+    if cfg.student_model is None:
+        distill = load_text_dataset(cfg.distill_dataset, split=cfg.distill_split)
+        sample = distill.select(sample_indices(len(distill), DISTILL_OVERLAP_SAMPLE, cfg.seed))
+        measured = measure_overlap(_texts(sample, cfg.text_column), keys)
+        result["distill"] = {"dataset": cfg.distill_dataset, "split": cfg.distill_split, "size": len(distill),
+                             **measured.to_dict()}
+        if measured.fraction > cfg.max_private_overlap:
+            hint = (" (its 'without_trec' split leaves the TREC questions out, for a private embedded:trec task)"
+                    if cfg.distill_dataset == DEFAULT_DISTILLATION_DATASET and cfg.distill_split != "without_trec"
+                    else "")
+            raise ValueError(
+                f"{measured.fraction:.1%} of a sample of the distillation texts ({measured.num_private} of "
+                f"{measured.num_texts}) of `distill_dataset` {cfg.distill_dataset!r} (split {cfg.distill_split!r})"
+                f"{hint} are texts of `private_dataset` {cfg.private_dataset!r}, above `max_private_overlap` = "
+                f"{cfg.max_private_overlap:g}. The student would be distilled on private data without any privacy "
+                f"protection and handed to every user. {fix}")
+    return {**result, "checked": True, "seconds": time.perf_counter() - start}
+
+
+def evaluation_key(cfg: PipelineConfig, target_path: str, method: str, student_path: Optional[str] = None) -> str:
+    """Everything a test-split score depends on besides the prompt it scores (`adapter_fingerprint`), hashed."""
+    spec = {"method": method, "target": _model_id(target_path), "data": cfg.private_dataset,
+            "split": cfg.private_test_split, "n": cfg.max_test_examples, "seed": cfg.seed,
+            "template": cfg.template, "labels": cfg.label_word_lists(), "columns": [cfg.text_column, cfg.label_column]}
+    if student_path is not None:  # methods that run the student
+        spec["student"] = _model_id(student_path)
+    return _spec_key(spec)
+
+
+def _scores_path(run_dir: str) -> str:
+    return os.path.join(run_dir, PRIVATE_DIR, SCORES_FILE)
+
+
+def _read_scores(run_dir: str) -> dict:
+    path = _scores_path(run_dir)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def cached_evaluation(run_dir: str, prompt: Optional[str], key: str, compute) -> dict:
+    """``compute()``, cached in the run's private workspace under the fingerprint of the prompt it scores (`prompt`,
+    its folder; None for the bare target) and `key`.
+
+    Private test scores are the user's: they never go into a prompt folder, which is handed to the provider. Keyed
+    by the prompt's content, a stage reused in this run folder, or copied in with `copy_stage`, is not scored twice,
+    and a score never outlives the prompt it was measured on.
+    """
+    fingerprint = NO_PROMPT if prompt is None else adapter_fingerprint(prompt)
+    cached = _read_scores(run_dir)
+    if key not in cached.get(fingerprint, {}):
+        cached.setdefault(fingerprint, {})[key] = compute()
+        atomic_write_json(_scores_path(run_dir), cached)
+    return cached[fingerprint][key]
+
+
+def copy_stage(source_run: str, run_dir: str, name: str) -> bool:
+    """Copy finished stage `name` ('tune', 'transfer', 'full_tuning') of run folder `source_run` into `run_dir`:
+    its folder, its private record (user stages) and the cached private test scores of its prompt, so `run_dir`
+    reuses the stage and its scores (an α sweep over one source prompt). Returns False, copying nothing, when
+    `source_run` has not finished the stage. Both run folders must be the user's: this copies private files.
+    """
+    if stage_record(source_run, name) is None:
+        return False
+    folder = os.path.join(run_dir, STAGE_FOLDERS[name])
+    source = os.path.join(source_run, STAGE_FOLDERS[name])
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    shutil.copytree(source, folder)
+    if name in USER_STAGES:  # last: until the record is there, the copied folder counts as unfinished
+        os.makedirs(private_workspace(folder), exist_ok=True)
+        shutil.copyfile(private_record_path(source, name), private_record_path(folder, name))
+    fingerprint = adapter_fingerprint(folder)
+    theirs = _read_scores(source_run).get(fingerprint)
+    if theirs:
+        ours = _read_scores(run_dir)
+        ours[fingerprint] = {**ours.get(fingerprint, {}), **theirs}
+        atomic_write_json(_scores_path(run_dir), ours)
+    return True
