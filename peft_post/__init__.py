@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .assets import default_model_path, load_text_dataset
 from .config import POST_CONFIG_NAME, POSTConfig
 from .distill import DistillationConfig, DistillationTrainer, make_student
+from .dp_audit import DPAuditConfig, epsilon_lower_bound, run_distinguishing_audit
 from .evaluation import evaluate_prompt, load_accuracy_metric, score_dataset
 from .hub import build_model_card, load_transferred_prompt, push_transferred_prompt
 from .losses import class_scores, transfer_loss, verbalizer_loss
@@ -22,8 +23,10 @@ __all__ = [
     "direct_transfer",
     "DistillationConfig",
     "DistillationTrainer",
+    "DPAuditConfig",
     "DPConfig",
     "DPPromptTrainer",
+    "epsilon_lower_bound",
     "evaluate_prompt",
     "score_dataset",
     "get_prompt",
@@ -40,6 +43,7 @@ __all__ = [
     "PromptTrainer",
     "PromptTrainingConfig",
     "push_transferred_prompt",
+    "run_distinguishing_audit",
     "set_prompt",
     "suggest_alpha",
     "TaskTemplate",

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from .io import atomic_write_json
+# The DP audit (an empirical lower bound on ε from canary runs) lives in `dp_audit`; both audits are reachable here.
+from .dp_audit import DPAuditConfig, epsilon_lower_bound, run_distinguishing_audit, run_dp_audit  # noqa: F401
 
 AUDIT_FILE = "audit.json"
 VARIANCES = ("global", "per_example")

@@ -5,6 +5,7 @@
     peft-post run --config run.yaml --dp false
     peft-post tune --run_dir runs/post  # one stage; earlier run-folder stages must be done
     peft-post audit --dp false --tune_max_steps 60   # membership-inference audit of the tuning recipe (LiRA)
+    peft-post audit-dp --trials 32                    # DP audit: an empirical lower bound on ε (canary runs)
     peft-post push --adapter runs/post/transferred_prompt --repo_id me/my-prompt --base_model org/model
 """
 
@@ -20,9 +21,10 @@ from typing import Optional
 from transformers import HfArgumentParser
 
 from .audit import AuditConfig
+from .dp_audit import DPAuditConfig
 from .pipeline import STAGES, PipelineConfig, run_pipeline
 
-COMMANDS = ("run",) + STAGES + ("audit", "push")
+COMMANDS = ("run",) + STAGES + ("audit", "audit-dp", "push")
 HELP = {
     "run": "Run every stage in order (skipping finished ones) and write the report.",
     "distill": "Stage 1 (provider): distil the student from the target, cached for later runs.",
@@ -31,6 +33,7 @@ HELP = {
     "full_tuning": "Baseline: tune a prompt directly on the target (needs --full_baseline).",
     "evaluate": "Score every method on the private test split and write report.json/md/png.",
     "audit": "Membership-inference audit (LiRA) of p_s tuned on the student with this recipe: AUC, TPR at low FPR.",
+    "audit-dp": "DP audit: train many prompts with and without a canary, bound ε from below (Clopper-Pearson).",
     "push": "Upload a transferred prompt with an honest model card to the Hub.",
 }
 
@@ -99,6 +102,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _push(_parse(PushArguments, rest, prog))
         if command == "audit":
             return _audit(*_parse((PipelineConfig, AuditConfig), rest, prog), command=_command_line(command, rest))
+        if command == "audit-dp":
+            return _audit_dp(*_parse((PipelineConfig, DPAuditConfig), rest, prog),
+                             command=_command_line(command, rest))
         cfg = _parse(PipelineConfig, rest, prog)
         results = run_pipeline(cfg, only=None if command == "run" else command,
                                command=_command_line(command, rest))
@@ -129,6 +135,22 @@ def _audit(cfg: PipelineConfig, audit: AuditConfig, command: str) -> int:
           f"held-out {result['shadow_test_accuracy']:.3f}")
     if result["privacy"]:
         print(f"  shadows' DP: epsilon {result['privacy']['epsilon']:.2f} at delta {result['privacy']['delta']:.2g}")
+    return 0
+
+
+def _audit_dp(cfg: PipelineConfig, audit: DPAuditConfig, command: str) -> int:
+    from .dp_audit import run_dp_audit
+
+    result = run_dp_audit(cfg, audit, command=command)
+    claimed = result["claimed_epsilon"]
+    print(f"DP audit ({audit.trials} runs per dataset and case, N = {result['num_examples']}, "
+          f"{int(audit.confidence * 100)}% confidence); claimed epsilon {claimed}")
+    for case, r in result["cases"].items():
+        caught = isinstance(claimed, (int, float)) and r["epsilon_lb"] > claimed
+        print(f"  {case:<12} epsilon_lb {r['epsilon_lb']:.3f} (at most {r['max_epsilon_lb']:.3f} with these runs) via "
+              f"{r['bound']['statistic']}; ledger epsilon {r['claimed_epsilon']}"
+              f"{'  -> REFUTES the claimed epsilon' if caught else ''}")
+    print(f"  wrote {result['path']}")
     return 0
 
 

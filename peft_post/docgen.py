@@ -21,6 +21,7 @@ def _config_classes() -> dict:
     from .audit import AuditConfig
     from .config import POSTConfig
     from .distill import DistillationConfig
+    from .dp_audit import DPAuditConfig
     from .pipeline import PipelineConfig
     from .transfer import TransferConfig
     from .tuning import DPConfig, PromptTrainingConfig
@@ -33,6 +34,7 @@ def _config_classes() -> dict:
         "DistillationConfig": (DistillationConfig, TrainingArguments),
         "PipelineConfig": (PipelineConfig, None),
         "AuditConfig": (AuditConfig, None),
+        "DPAuditConfig": (DPAuditConfig, None),
     }
 
 
