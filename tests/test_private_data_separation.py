@@ -52,8 +52,9 @@ def test_the_released_prompt_folders_hold_exactly_the_adapter_and_its_ledger(tin
     assert set(os.listdir(full)) == ADAPTER_FILES  # the non-private baseline has no ledger
     # Nothing else the stages made is beside the released folders: no .partial folder, no checkpoint anywhere
     # outside the private workspace, which the stages clean up once their record is written.
-    assert sorted(os.listdir(run_dir)) == ["config.json", "evaluation.json", "full_prompt", "private", "report.json",
-                                           "report.md", "report.png", "source_prompt", "transferred_prompt"]
+    assert sorted(os.listdir(run_dir)) == [".lock", "config.json", "evaluation.json", "full_prompt", "private",
+                                           "report.json", "report.md", "report.png", "source_prompt",
+                                           "transferred_prompt"]
     private = os.path.join(run_dir, "private")
     assert sorted(os.listdir(private)) == ["data_overlap.json", "full_tuning.json", "test_scores.json", "tune.json"]
     assert not any("checkpoint" in d for _, dirs, _ in os.walk(run_dir) for d in dirs)

@@ -27,12 +27,17 @@ from .config import PRESETS, PUBLIC_SPLITS_OF_PRIVATE_DATASETS, PipelineConfig
 from .loading import load_model, load_prompted_model, load_tokenizer, random_subset
 from .runner import STAGES, StageMissing, run_pipeline
 from .stages import distill_stage, evaluate_stage, transfer_stage, tune_stage
-from .store import (ADAPTER_WEIGHTS, DISTILL_OVERLAP_SAMPLE, NO_PROMPT, PRIVATE_DIR, RELEASED_FILES, SCORES_FILE,
-                    STAGE_FILE, STAGE_FOLDERS, USER_STAGES, adapter_fingerprint, check_private_data_separation,
-                    copy_stage, private_record_path, private_stage_done, private_workspace, public_pool, public_splits,
-                    stage_done, stage_record, student_cache_key, student_folder)
+from .store import (ADAPTER_WEIGHTS, DISTILL_OVERLAP_SAMPLE, LOCK_FILE, NO_PROMPT, PRIVATE_DIR, RELEASED_FILES,
+                    SCORES_FILE, STAGE_FILE, STAGE_FOLDERS, USER_STAGES, adapter_fingerprint,
+                    check_private_data_separation, copy_stage, private_record_path, private_stage_done,
+                    private_workspace, public_pool, public_splits, run_folder_lock, RunFolderBusy, stage_done,
+                    stage_record, student_cache_key, student_cache_lock, student_folder)
 
 __all__ = [
+    "LOCK_FILE",
+    "RunFolderBusy",
+    "run_folder_lock",
+    "student_cache_lock",
     "ADAPTER_WEIGHTS",
     "adapter_fingerprint",
     "check_private_data_separation",

@@ -13,7 +13,7 @@ from ..io import atomic_write_json
 from .config import PipelineConfig
 from .stages import distill_stage, evaluate_stage, transfer_stage, tune_stage
 from .store import (PRIVATE_DIR, STAGE_FOLDERS, USER_STAGES, check_private_data_separation, migrate_legacy_user_stage,
-                    stage_record)
+                    run_folder_lock, stage_record)
 
 STAGES = ("distill", "tune", "transfer", "full_tuning", "evaluate")
 
@@ -28,16 +28,21 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
     ``only`` runs a single stage (the `peft-post <stage>` subcommands): the earlier run-folder stages must already be
     done; the student, which lives in the shared cache, is distilled on demand when it is missing.
     """
-    from ..assets import resolve_model
-    from ..report import POSTResults, curve_from_log_history, track_stage, write_report
-
     if only is not None and only not in STAGES:
         raise ValueError(f"`only` must be one of {STAGES}, got {only!r}.")
     if only == "full_tuning" and not cfg.full_baseline:
         raise ValueError("The full_tuning stage runs only with --full_baseline.")
     # Before any work, and before the run folder exists: public or distillation data that is the private data.
     overlap = check_private_data_separation(cfg)
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    with run_folder_lock(cfg.run_dir):
+        return _run_stages(cfg, only, command, overlap)
+
+
+def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str], overlap: dict):
+    """`run_pipeline`'s work, with the run folder held by this job."""
+    from ..assets import resolve_model
+    from ..report import POSTResults, curve_from_log_history, track_stage, write_report
+
     atomic_write_json(os.path.join(cfg.run_dir, "config.json"), dataclasses.asdict(cfg))
     atomic_write_json(os.path.join(cfg.run_dir, PRIVATE_DIR, "data_overlap.json"), overlap)
     masked = cfg.masked

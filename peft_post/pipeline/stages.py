@@ -18,7 +18,7 @@ import torch
 from .config import PipelineConfig
 from .loading import load_model, load_prompted_model, load_tokenizer, random_subset
 from .store import (cached_evaluation, evaluation_key, finish_stage, private_stage_done, private_workspace,
-                    public_splits, release_user_stage, stage_done, student_folder)
+                    public_splits, release_user_stage, stage_done, student_cache_lock, student_folder)
 
 
 def _last_checkpoint(folder: str) -> Optional[str]:
@@ -36,15 +36,26 @@ def _trainer_args(cls, output_dir: str, cfg: PipelineConfig, **kwargs):
 
 
 def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[str, dict]:
-    """Distil (or reuse) the student; returns its folder and its stage record."""
-    from ..assets import load_text_dataset
-    from ..distill import DistillationConfig, DistillationTrainer, make_student, with_task_template
-    from ..evaluation import evaluate_prompt
-
+    """Distil (or reuse) the student; returns its folder and its stage record. One job distils a given student at a
+    time; another that needs it waits, then reuses it."""
     final = student_folder(cfg, target_path)
     record = stage_done(final)
     if record is not None:
         return final, {**record, "reused": True}
+    with student_cache_lock(final):
+        # Checked again under the lock: a job that waited for another one reuses the student it distilled.
+        record = stage_done(final)
+        if record is not None:
+            return final, {**record, "reused": True}
+        return final, _distill_student(cfg, target_path, masked, final)
+
+
+def _distill_student(cfg: PipelineConfig, target_path: str, masked: bool, final: str) -> dict:
+    """Distil the student into `final` (the caller holds its cache lock); returns the stage record."""
+    from ..assets import load_text_dataset
+    from ..distill import DistillationConfig, DistillationTrainer, make_student, with_task_template
+    from ..evaluation import evaluate_prompt
+
     partial = final + ".partial"
     os.makedirs(partial, exist_ok=True)
     start = time.perf_counter()
@@ -79,7 +90,7 @@ def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[
                                    "accuracy": student_zs["accuracy"], "num_examples": student_zs["num_examples"],
                                    "per_class": student_zs["per_class"]},
               "log_history": trainer.state.log_history}
-    return final, finish_stage(partial, final, record)
+    return finish_stage(partial, final, record)
 
 
 def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, stage: str, dp: bool) -> dict:

@@ -10,6 +10,7 @@ is not the private data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +44,55 @@ NO_PROMPT = "no_prompt"
 # Distillation corpora can be large: the preflight checks a uniform sample of this many texts (a 1% overlap shows
 # as about 50 of them), so the check costs the same on every run.
 DISTILL_OVERLAP_SAMPLE = 5000
+# Held by the job that uses a run folder (`run_folder_lock`).
+LOCK_FILE = ".lock"
+
+
+class RunFolderBusy(ValueError):
+    """Another job holds the run folder (two jobs on one folder used to leave it holding a stage record without
+    its outputs, for good)."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str):
+    """Hold `run_dir` for this job: a second job on the same folder fails at once with `RunFolderBusy`, naming it.
+
+    A file lock (`filelock`, as huggingface_hub uses for its cache), so it holds across processes and is released
+    when the holder exits, even when it is killed.
+    """
+    from filelock import FileLock, Timeout
+
+    os.makedirs(run_dir, exist_ok=True)
+    lock = FileLock(os.path.join(run_dir, LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunFolderBusy(
+            f"Another job is using the run folder {run_dir!r} (it holds {lock.lock_file}). Wait for it to finish, "
+            "or give this run its own --run_dir.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def student_cache_lock(folder: str):
+    """Hold the student-cache entry `folder` while distilling it. A second job that needs the same student waits for
+    the first and then reuses its student, instead of distilling it again into the same folder."""
+    from filelock import FileLock, Timeout
+
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    lock = FileLock(folder + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"Another job is distilling the student at {folder}; waiting for it to finish ...", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def stage_done(folder: str) -> Optional[dict]:
