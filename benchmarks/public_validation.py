@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from peft_post.assets import resolve_model
+from peft_post.assets import portable_path, resolve_model
 from peft_post.evaluation import evaluate_prompt
 from peft_post.io import atomic_write_json
 from peft_post.pipeline import (PipelineConfig, load_model, load_prompted_model, load_tokenizer, public_pool,
@@ -63,7 +63,7 @@ def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
         scored_targets[zs_key] = score(load_model(target, masked), "target zero-shot")
     report_path = os.path.join(run_dir, "report.json")
     return {
-        "run_dir": run_dir, "student_dir": student,
+        "run_dir": portable_path(run_dir), "student_dir": portable_path(student),
         "command": read_json(report_path).get("command") if os.path.isfile(report_path) else None,
         "settings": {"student_layers": cfg.student_layers, "distill_max_steps": cfg.distill_max_steps,
                      "dp": cfg.dp, "tune_max_steps": cfg.tune_max_steps, "tune_batch_size": cfg.tune_batch_size,

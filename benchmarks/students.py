@@ -17,7 +17,7 @@ import sys
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from peft_post.assets import resolve_model
+from peft_post.assets import portable_path, resolve_model
 from peft_post.evaluation import evaluate_prompt
 from peft_post.io import atomic_write_json
 from peft_post.pipeline import PipelineConfig, public_splits, student_folder
@@ -59,7 +59,7 @@ def student_row(run: str) -> dict:
     transfer = read_json(os.path.join(run_dir, "transferred_prompt", "stage.json"))
     curve = [p["public_accuracy"] for p in report["transfer_curve"] if p.get("public_accuracy") is not None]
     return {
-        "run_dir": run_dir, "student_dir": student,
+        "run_dir": portable_path(run_dir), "student_dir": portable_path(student),
         "command": report.get("command"),
         "student": {
             "key": os.path.basename(student), "layers": cfg.student_layers, "steps": distill["steps"],

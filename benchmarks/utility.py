@@ -29,6 +29,7 @@ import time
 
 from transformers import HfArgumentParser
 
+from peft_post.assets import portable_path
 from peft_post.io import atomic_write_json
 from peft_post.pipeline import PipelineConfig, copy_stage, run_pipeline, stage_record
 
@@ -162,7 +163,8 @@ def main(argv=None):
                     results = run_pipeline(cfg, command=command)
                     report = results.to_dict()
                     cells.append({
-                        "run_dir": cell_dir, "seed": seed, "dp": dp, "public_dataset": public, "alpha_setting": alpha,
+                        "run_dir": portable_path(cell_dir), "seed": seed, "dp": dp, "public_dataset": public,
+                        "alpha_setting": alpha,
                         "alpha": report["transfer_alpha"], "accuracy": report["accuracy"],
                         "privacy": report["privacy"], "stages": report["stages"], "notes": report["notes"],
                         "cell_wall_time_s": time.perf_counter() - cell_start,

@@ -118,6 +118,18 @@ def cache_dir() -> str:
     return os.path.abspath(path)
 
 
+def portable_path(path: str) -> str:
+    """`path` as a committed result may record it: ``$PEFT_POST_CACHE/...`` inside the asset cache, relative inside
+    the working directory, and otherwise ``.../<last two parts>`` (a temporary or home folder means nothing on
+    another machine)."""
+    full = os.path.abspath(path)
+    for root, shown in ((cache_dir(), "$" + CACHE_ENV), (os.getcwd(), None)):
+        if full == root or full.startswith(root + os.sep):
+            relative = os.path.relpath(full, root)
+            return relative if shown is None else f"{shown}/{relative}"
+    return ".../" + "/".join(full.split(os.sep)[-2:])
+
+
 def _resolve_cache(path: Optional[str]) -> str:
     return os.path.abspath(path or cache_dir())
 

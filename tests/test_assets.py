@@ -311,3 +311,14 @@ def test_load_trec_three_disjoint_stratified_splits(monkeypatch):
     for bad in (dict(test_size=0), dict(public_size=1.5), dict(test_size=200)):
         with pytest.raises(ValueError, match="size"):
             A.load_trec(**bad)
+
+
+def test_portable_path_keeps_machine_folders_out_of_committed_results(tmp_path, monkeypatch):
+    from peft_post.assets import portable_path
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFT_POST_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(str(cache / "students" / "abc")) == "$PEFT_POST_CACHE/students/abc"
+    assert portable_path(str(tmp_path / "runs" / "t32")) == "runs/t32"
+    assert portable_path("/somewhere/else/exp/t60") == ".../exp/t60"
