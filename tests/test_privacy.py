@@ -378,3 +378,20 @@ def test_tiny_noise_multipliers_get_a_finite_upper_bound_quickly():
     assert tiny > history_epsilon([(SMALL_SIGMA / 2, 0.7, 4)], 1e-3) > history_epsilon([(SMALL_SIGMA, 0.7, 4)], 1e-3)
     assert history_epsilon([(SMALL_SIGMA / 2, 0.7, 4)], 1e-3, ADD_OR_REMOVE_ONE) < history_epsilon(
         [(SMALL_SIGMA / 2, 0.7, 4)], 1e-3)
+
+
+@pytest.mark.parametrize("sigma,q,steps,delta", [(0.73, 0.125, 80, 1 / 256), (1.1, 0.01, 300, 1e-5)])
+def test_the_add_remove_figure_agrees_with_opacus_and_replace_one_is_above_it(sigma, q, steps, delta):
+    """Anchor to Opacus: its PRV accountant (add/remove) gives the ledger's `epsilon_add_remove` for the same steps."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = PLDAccountant()
+    acc.history = [(sigma, q, steps)]
+    prv = PRVAccountant()
+    prv.history = [(sigma, q, steps)]
+    rdp = RDPAccountant()
+    rdp.history = [(sigma, q, steps)]
+    ours = acc.get_epsilon(delta, ADD_OR_REMOVE_ONE)
+    assert ours == pytest.approx(prv.get_epsilon(delta), rel=0.02)
+    assert ours <= rdp.get_epsilon(delta), "RDP is the looser analysis of the same mechanism"
+    assert acc.get_epsilon(delta) > ours
