@@ -1,4 +1,5 @@
-"""Atomic file output: a reader never sees a half-written file, and an interrupted write leaves the old one."""
+"""File output: atomic writes (a reader never sees a half-written file, and an interrupted write leaves the old one),
+and what a released folder must not keep."""
 
 from __future__ import annotations
 
@@ -30,3 +31,13 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def drop_training_arguments(folder: str) -> None:
+    """Remove the ``training_args.bin`` that `Trainer.save_model` pickles beside an adapter: it holds the run's seed
+    and local paths, which a folder handed to someone else does not carry."""
+    from transformers.trainer import TRAINING_ARGS_NAME
+
+    path = os.path.join(folder, TRAINING_ARGS_NAME)
+    if os.path.isfile(path):
+        os.remove(path)

@@ -67,10 +67,6 @@ def calibrated_noise_multiplier(model, tokenizer, dataset, dp_config, training_a
         shutil.rmtree(outdir, ignore_errors=True)
 
 
-# The trainer's PLD accountant needs time and memory ~1/σ²: σ = 0.1 takes ~3 s per ledger, σ = 2.5e-5 asked for
-# 5.8 TiB. A no_clipping case (σ' = σC/C') below this is refused rather than left to hang.
-
-
 def run_dp_audit(cfg, audit: DPAuditConfig, command: Optional[str] = None) -> dict:
     """`peft-post audit-dp`: the distinguishing audit of the pipeline's DP tuning (its student, private data, prompt
     and DP budget) for each case of `audit.cases`; writes the result as JSON (`audit.output`, default

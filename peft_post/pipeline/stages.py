@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..io import drop_training_arguments
 from .config import PipelineConfig
 from .loading import load_model, load_prompted_model, load_tokenizer, random_subset
 from .store import (cached_evaluation, evaluation_key, finish_stage, private_stage_done, private_workspace,
@@ -181,9 +182,7 @@ def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, sou
     shutil.rmtree(args.output_dir, ignore_errors=True)
     # Trainer pickles its arguments beside the adapter; they hold the run's seed, which the user's stages share, and
     # the provider publishes this folder.
-    training_args = os.path.join(partial, "training_args.bin")
-    if os.path.isfile(training_args):
-        os.remove(training_args)
+    drop_training_arguments(partial)
     record = {"stage": "transfer", "alpha": alpha, "alpha_inputs": alpha_inputs, "steps": trainer.state.global_step,
               "num_public_examples": len(public_train), "wall_time_s": time.perf_counter() - start,
               "log_history": trainer.state.log_history}

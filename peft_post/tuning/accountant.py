@@ -104,16 +104,20 @@ def calibrate_noise_multiplier(
             f"{target_epsilon}; raise target_epsilon to the total budget you accept, or start from a public prompt."
         )
     low, high = 0.0, 1.0
-    while eps(high) > target_epsilon:
+    eps_high = eps(high)
+    while eps_high > target_epsilon:
         low, high = high, 2 * high
         if high > 1e6:
             raise ValueError(f"No noise multiplier up to 1e6 reaches ε = {target_epsilon}; raise target_epsilon.")
-    while target_epsilon - eps(high) > epsilon_tolerance and high - low > 1e-6:
+        eps_high = eps(high)
+    # One accountant run per bisection step: ε of the upper end is kept, not recomputed when only `low` moves.
+    while target_epsilon - eps_high > epsilon_tolerance and high - low > 1e-6:
         mid = (low + high) / 2
-        if eps(mid) > target_epsilon:
+        eps_mid = eps(mid)
+        if eps_mid > target_epsilon:
             low = mid
         else:
-            high = mid
+            high, eps_high = mid, eps_mid
     return high
 
 

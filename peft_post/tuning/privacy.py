@@ -196,7 +196,8 @@ def privacy_ledger(
         "epsilon_add_remove": accountant.get_epsilon(delta, ADD_OR_REMOVE_ONE),
         "noise_source": noise_source.kind,
         "guarantee_holds": not reasons,
-        **({"guarantee_void_reasons": reasons} if reasons else {}),
+        # A continued ledger brings its reasons along, and this run may find the same one again: state each once.
+        **({"guarantee_void_reasons": list(dict.fromkeys(reasons))} if reasons else {}),
         **extra,
     }
     if steps > 0:

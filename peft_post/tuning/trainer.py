@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import speed_metrics
 
 from ..config import POSTConfig, validate_privacy_ledger
 from ..evaluation import accuracy_report, predict_class_scores
-from ..io import atomic_write_json
+from ..io import atomic_write_json, drop_training_arguments
 from ..losses import verbalizer_loss
 from ..modeling import (base_model_of, forward_through, label_logits, prompt_parameter, require_data_parallel,
                         require_only_prompt_trainable, require_prompt_model, require_single_process)
@@ -337,8 +336,8 @@ class DPPromptTrainer(PromptTrainer):
         self.planned_steps = privacy.planned_steps(self.args.max_steps, self.args.num_train_epochs,
                                                    len(self._batch_sampler()))
         self.delta = privacy.resolve_delta(dp_config.target_delta, n)
-        self.prior_ledger, self.ledger_notes = self._starting_ledger()
-        prior_history = privacy.history_of_ledger(self.prior_ledger) if self.prior_ledger else []
+        prior_ledger, self.ledger_notes = self._starting_ledger()
+        prior_history = privacy.history_of_ledger(prior_ledger) if prior_ledger else []
         self.noise_multiplier = privacy.resolve_noise_multiplier(
             dp_config.target_epsilon,
             dp_config.noise_multiplier,
@@ -478,9 +477,7 @@ class DPPromptTrainer(PromptTrainer):
         if not _internal_call and self.args.should_save:
             # The released folder is the adapter and its ledger; the training arguments (seed, paths, batch size)
             # stay in the user's checkpoints.
-            path = os.path.join(output_dir, TRAINING_ARGS_NAME)
-            if os.path.isfile(path):
-                os.remove(path)
+            drop_training_arguments(output_dir)
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
@@ -531,7 +528,7 @@ class DPPromptTrainer(PromptTrainer):
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         target = self.dp_config.target_epsilon
-        eps = self.privacy_report()["epsilon"]
+        eps = self.accountant.get_epsilon(self.delta)  # the headline ε only, not the whole ledger
         if target is not None and eps > target:
             warnings.warn(
                 f"ε = {eps:.3f} exceeds target_epsilon = {target} (more steps were run than the {self.planned_steps} "
