@@ -6,7 +6,7 @@ wall time and peak memory of each stage, and the transfer curve. Everything else
 gain over zero-shot, share of the gap to full prompt tuning closed) is derived here, from those numbers only.
 
 The functions are pure (results in, text/bytes out) except `write_report`, which writes the three files
-atomically, and `track_stage`, a small helper that measures a stage for the results.
+atomically. A stage's wall time and peak memory are measured by `peft_post.profiling.track_stage`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from __future__ import annotations
 import io
 import math
 import os
-import sys
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 from .config import guarantee_holds, validate_privacy_ledger
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -373,44 +370,3 @@ def curve_from_log_history(log_history: list[dict], accuracy_key: str = "eval_ac
         if accuracy_key in entry:
             points.setdefault(int(step), {})["public_accuracy"] = float(entry[accuracy_key])
     return [CurvePoint(step=s, **v) for s, v in sorted(points.items())]
-
-
-# ------------------------------------------------------------------------------------------------ stage measuring
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (since the last `track_stage` reset, on Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource  # not on Windows; imported here so the report itself works there
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def _reset_peak_rss() -> bool:
-    # Linux resets the high-water mark VmHWM when "5" is written to clear_refs; elsewhere the peak stays
-    # process-wide (the peak since start), which is still an upper bound of the stage's.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def track_stage(name: str, stages: list) -> Iterator[None]:
-    """Time the block and record its peak resident memory as a `StageStats` appended to `stages`.
-
-    On Linux the peak is that of the block (the process high-water mark is reset on entry); elsewhere it is the
-    process peak so far. A stage that raises appends nothing.
-    """
-    _reset_peak_rss()
-    start = time.perf_counter()
-    yield  # a stage that raises is not recorded: it did not finish
-    stages.append(StageStats(name=name, wall_time_s=time.perf_counter() - start,
-                             peak_memory_mb=round(peak_rss_mb(), 1)))

@@ -12,6 +12,8 @@ import zipfile
 import pytest
 
 from peft_post import assets as A
+# Patches and private names go to the module that looks the name up: fetch (pip, ASSETS), models, datasets.
+from peft_post.assets import datasets as D, fetch as F, models as M
 
 
 def _sha(data: bytes) -> str:
@@ -20,7 +22,7 @@ def _sha(data: bytes) -> str:
 
 def make_wheel(folder, package, version, members: dict) -> str:
     """A minimal valid wheel (pip can `download` it from --find-links) holding `members` {path: bytes}."""
-    stem = A._wheel_stem(package)
+    stem = F._wheel_stem(package)
     path = os.path.join(folder, f"{stem}-{version}-py3-none-any.whl")
     dist = f"{stem}-{version}.dist-info"
     with zipfile.ZipFile(path, "w") as z:
@@ -45,13 +47,13 @@ def index(tmp_path, monkeypatch):
 @pytest.fixture
 def count_downloads(monkeypatch):
     calls = []
-    real = A._pip_download
+    real = F._pip_download
 
     def counting(package, version, dest):
         calls.append((package, version))
         real(package, version, dest)
 
-    monkeypatch.setattr(A, "_pip_download", counting)
+    monkeypatch.setattr(F, "_pip_download", counting)
     return calls
 
 
@@ -122,7 +124,7 @@ def test_bad_sha_argument():
 def test_pinned_assets_are_well_formed():
     for name, a in A.ASSETS.items():
         assert len(a.sha256) == 64 and int(a.sha256, 16) >= 0, name
-        assert a.member.startswith(A._wheel_stem(a.package)), name
+        assert a.member.startswith(F._wheel_stem(a.package)), name
 
 
 # ------------------------------------------------------------------------------------ loaders on fixture wheels
@@ -173,7 +175,7 @@ def fake_data(index, monkeypatch):
         if a.member in members:
             pinned[name] = A.WheelAsset(a.package, a.version, a.member, _sha(members[a.member]), a.license,
                                         a.description)
-    monkeypatch.setattr(A, "ASSETS", {**A.ASSETS, **pinned})
+    monkeypatch.setattr(F, "ASSETS", {**A.ASSETS, **pinned})
 
 
 def test_load_vader_binarises_and_drops_neutral(fake_data):
@@ -273,12 +275,12 @@ def test_load_text_dataset_sources(fake_data, tmp_path, monkeypatch):
 def test_default_model_path_reuses_cached_folder(tmp_path, monkeypatch):
     folder = tmp_path / "models" / "SmolLM2-135M-Instruct"
     folder.mkdir(parents=True)
-    (folder / A._MODEL_MARKER).write_text("{}")
+    (folder / M._MODEL_MARKER).write_text("{}")
 
     def no_fetch(*a, **k):
         raise AssertionError("a cached model must not be fetched again")
 
-    monkeypatch.setattr(A, "fetch_asset", no_fetch)
+    monkeypatch.setattr(M, "fetch_asset", no_fetch)
     assert A.default_model_path(cache_dir=str(tmp_path)) == str(folder)
     monkeypatch.setenv(A.CACHE_ENV, str(tmp_path))
     assert A.resolve_model(A.DEFAULT_MODEL) == str(folder)
@@ -292,7 +294,7 @@ def test_load_trec_three_disjoint_stratified_splits(monkeypatch):
     rows = [(c, f"Question {i} about {c.lower()} ?") for i, c in enumerate(codes)]
     rows += [("HUM", "Who is it ?"), ("LOC", "Who is it ?"),  # two labels: dropped
              ("NUM", "How many ?"), ("NUM", "How  many ?"), ("XXX", "Odd code ?")]  # duplicate kept once; bad code
-    monkeypatch.setattr(A, "_trec_rows", lambda cache_dir=None: rows)
+    monkeypatch.setattr(D, "_trec_rows", lambda cache_dir=None: rows)
     d = A.load_trec(seed=0, test_size=20, public_size=0.25)
     assert set(d) == {"train", "test", "public"}
     assert d["train"].features["label"].names == list(A.TREC_COARSE.values())

@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
+from peft_post import profiling as P
 from peft_post import report as R
 
 LEDGER = {"epsilon": 8.0, "delta": 1e-4, "accountant": "prv", "noise_multiplier": 0.731, "max_grad_norm": 1.0,
@@ -172,12 +173,12 @@ def test_curve_from_log_history():
 
 
 def test_track_stage_measures_time_and_peak_memory():
-    if not R._reset_peak_rss():
+    if not P._reset_peak_rss():
         pytest.skip("the peak-memory high-water mark cannot be reset on this platform")
     stages = []
-    with R.track_stage("small", stages):
+    with P.track_stage("small", stages):
         pass
-    with R.track_stage("big", stages):
+    with P.track_stage("big", stages):
         block = np.ones(40_000_000)  # 305 MiB
         block[::4096] = 2.0
         del block
@@ -185,7 +186,7 @@ def test_track_stage_measures_time_and_peak_memory():
     assert small.name == "small" and big.name == "big"
     assert big.peak_memory_mb - small.peak_memory_mb > 250
     with pytest.raises(RuntimeError):
-        with R.track_stage("failed", stages):
+        with P.track_stage("failed", stages):
             raise RuntimeError("boom")
     assert [s.name for s in stages] == ["small", "big"]
 

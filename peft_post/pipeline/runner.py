@@ -41,7 +41,8 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
 def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str], overlap: dict):
     """`run_pipeline`'s work, with the run folder held by this job."""
     from ..assets import resolve_model
-    from ..report import POSTResults, curve_from_log_history, track_stage, write_report
+    from ..profiling import track_stage
+    from ..report import POSTResults, curve_from_log_history, write_report
 
     atomic_write_json(os.path.join(cfg.run_dir, "config.json"), dataclasses.asdict(cfg))
     atomic_write_json(os.path.join(cfg.run_dir, PRIVATE_DIR, "data_overlap.json"), overlap)

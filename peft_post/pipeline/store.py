@@ -112,7 +112,7 @@ def finish_stage(partial: str, final: str, record: dict) -> dict:
     The record carries the stage's peak resident memory (`track_stage` reset the high-water mark on entry), so a
     later run that reuses the stage still reports what it cost.
     """
-    from ..report import peak_rss_mb
+    from ..profiling import peak_rss_mb
 
     record = {**record, "peak_memory_mb": round(peak_rss_mb(), 1)}
     atomic_write_json(os.path.join(partial, STAGE_FILE), record)
@@ -175,7 +175,7 @@ def release_user_stage(saved: str, folder: str, stage: str, record: dict, worksp
     to the private workspace after it; the workspace (checkpoints: optimizer and RNG state) is removed last. A crash
     in between leaves a folder without its record, which `private_stage_done` treats as unfinished, and the
     checkpoints it resumes from."""
-    from ..report import peak_rss_mb
+    from ..profiling import peak_rss_mb
 
     release = os.path.join(workspace, "release")
     shutil.rmtree(release, ignore_errors=True)
