@@ -19,14 +19,13 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
-import torch  # noqa: E402
+import torch
 
-from peft_post.assets import resolve_model  # noqa: E402
-from peft_post.audit import AuditConfig, run_audit  # noqa: E402
-from peft_post.io import atomic_write_json  # noqa: E402
-from peft_post.pipeline import PipelineConfig, student_folder  # noqa: E402
+from peft_post.assets import resolve_model
+from peft_post.audit import AuditConfig, run_audit
+from peft_post.io import atomic_write_json
+from peft_post.pipeline import PipelineConfig, student_folder
 
 SETTINGS = {"non_dp": dict(dp=False), "dp_eps8": dict(dp=True, target_epsilon=8.0)}
 

@@ -27,15 +27,13 @@ import tempfile
 import time
 
 import torch
-from peft import get_peft_model
-from transformers import HfArgumentParser
 
 from peft_post.assets import load_text_dataset, resolve_model
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import (PipelineConfig, distill_stage, load_model, load_prompted_model, load_tokenizer,
-                                public_splits, random_subset, stage_record)
-from peft_post.transfer import TransferConfig, TransferTrainer
-from peft_post.tuning import PromptTrainer, PromptTrainingConfig
+from peft_post.pipeline import (STAGE_FOLDERS, PipelineConfig, distill_stage, load_prompted_model, load_tokenizer,
+                                new_prompted_model, parse_overrides, public_splits, random_subset, stage_record)
+from peft_post.transfer import TransferTrainer
+from peft_post.tuning import PromptTrainer
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cost.json")
 
@@ -72,46 +70,37 @@ def _stepper(trainer, num_steps: int):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    flags = []
-    for pair in args.overrides:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a PipelineConfig field.")
-        flags += [f"--{key}", value]
     work = tempfile.mkdtemp(prefix="post-cost-")
-    cfg = HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(
-        args=[*flags, "--run_dir", args.run_dir or work, "--dp", "false"])[0]
+    try:
+        cfg = PipelineConfig(**parse_overrides([*args.overrides, f"run_dir={args.run_dir or work}", "dp=false"]))
+    except ValueError as err:
+        raise SystemExit(f"--set: {err}") from None
     target_path = resolve_model(cfg.target_model)
     student_path = resolve_model(cfg.student_model) if cfg.student_model else distill_stage(cfg, target_path, False)[0]
     train = random_subset(load_text_dataset(cfg.private_dataset, split=cfg.private_train_split), cfg.max_train_examples,
                           cfg.seed)
-    public_train, _ = public_splits(cfg)
+    public_train, public_eval = public_splits(cfg)
 
     def prompt_trainer(model_path: str, name: str):
-        tokenizer = load_tokenizer(model_path)
-        torch.manual_seed(cfg.seed)
-        model = get_peft_model(load_model(model_path, False), cfg.post_config(model_path))
-        targs = PromptTrainingConfig(output_dir=os.path.join(work, name), seed=cfg.seed, report_to="none",
-                                     use_cpu=True, max_steps=cfg.tune_max_steps, learning_rate=cfg.tune_learning_rate,
-                                     per_device_train_batch_size=cfg.tune_batch_size, text_column=cfg.text_column,
-                                     label_column=cfg.label_column)
-        return PromptTrainer(model, targs, train_dataset=train, processing_class=tokenizer)
+        # The pipeline's own model and arguments (`tune_prompt` builds the same trainer).
+        model = new_prompted_model(model_path, cfg.post_config(model_path), False, cfg.seed)
+        return PromptTrainer(model, cfg.tune_args(os.path.join(work, name)), train_dataset=train,
+                             processing_class=load_tokenizer(model_path))
 
     full = prompt_trainer(target_path, "full")
     student = prompt_trainer(student_path, "student")
+    transfer_record = stage_record(args.run_dir, "transfer") if args.run_dir else None
     if args.run_dir and stage_record(args.run_dir, "tune"):
-        source = load_prompted_model(student_path, os.path.join(args.run_dir, "source_prompt"), False)
+        source = load_prompted_model(student_path, os.path.join(args.run_dir, STAGE_FOLDERS["tune"]), False)
     else:  # the transfer step's cost does not depend on what the source prompt learned
         source = student.model
-    torch.manual_seed(cfg.seed)
-    target = get_peft_model(load_model(target_path, False), cfg.post_config(target_path))
+    target = new_prompted_model(target_path, cfg.post_config(target_path), False, cfg.seed)
+    # The pipeline's transfer arguments (`transfer_prompt` builds the same trainer), with the run's α when there is
+    # one, else `transfer_alpha`, else `transfer_args`' placeholder 0.5 (both KL terms: a step's largest cost).
     transfer = TransferTrainer(
         target, source,
-        TransferConfig(output_dir=os.path.join(work, "transfer"), seed=cfg.seed, report_to="none", use_cpu=True,
-                       max_steps=cfg.transfer_max_steps, learning_rate=cfg.transfer_learning_rate,
-                       per_device_train_batch_size=cfg.transfer_batch_size, alpha=cfg.alpha or 1.0,
-                       temperature=cfg.temperature, text_column=cfg.text_column, label_column=cfg.label_column),
-        public_dataset=public_train, processing_class=load_tokenizer(target_path))
+        cfg.transfer_args(os.path.join(work, "transfer"), alpha=transfer_record["alpha"] if transfer_record else None),
+        public_dataset=public_train, public_eval_dataset=public_eval, processing_class=load_tokenizer(target_path))
     start = time.perf_counter()
     transfer.build_cache()
     cache_s = time.perf_counter() - start

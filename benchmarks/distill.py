@@ -214,7 +214,7 @@ def main():
         entry["topk_exactness_untrained"] = topk_exactness(student, teacher, heldout, heldout_cache, (16, 64, 256), 32)
         log(f"{name} timing {entry['timing']['s_per_step_median']}")
 
-        def evaluate():
+        def evaluate(student=student):
             metrics = evaluate_distillation(student, teacher, heldout, tok, teacher_cache=heldout_cache,
                                             batch_size=args.batch_size)
             metrics["zero_shot_accuracy"] = zero_shot(student)

@@ -24,17 +24,16 @@ import warnings
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
-from peft import get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
 
-from peft_post import POSTConfig  # noqa: E402
-from peft_post.io import atomic_write_json  # noqa: E402
-from peft_post.losses import verbalizer_loss  # noqa: E402
-from peft_post.modeling import prompt_parameter  # noqa: E402
-from peft_post.testing import build_tokenizer, tiny_config  # noqa: E402
-from peft_post.tuning import DPConfig, DPPromptTrainer, PromptTrainer, PromptTrainingConfig  # noqa: E402
+from peft_post import POSTConfig
+from peft_post.io import atomic_write_json
+from peft_post.losses import verbalizer_loss
+from peft_post.modeling import prompt_parameter
+from peft_post.testing import build_tokenizer, tiny_config
+from peft_post.tuning import DPConfig, DPPromptTrainer, PromptTrainer, PromptTrainingConfig
 
 WORDS = ["the", "movie", "film", "plot", "acting", "was", "a", "story", "and", "it", "very", "truly", "cast",
          "ending", "script", "great", "terrible", "good", "bad", "boring", "moving", "dull", "fun"]

@@ -36,12 +36,11 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
-import torch  # noqa: E402
+import torch
 
-from peft_post import dp_audit as A  # noqa: E402
-from peft_post.io import atomic_write_json  # noqa: E402
+from peft_post import dp_audit as A
+from peft_post.io import atomic_write_json
 
 TEMPLATE = "Review: {text}\nSentiment:"
 INIT_TEXT = "Predict if sentiment of this review is positive or negative"

@@ -17,6 +17,7 @@ starts from), at the default preset's prompt length.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -25,9 +26,8 @@ import torch
 from peft_post.assets import portable_path, resolve_model
 from peft_post.evaluation import evaluate_prompt
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import (PipelineConfig, load_model, load_prompted_model, load_tokenizer, public_pool,
-                                student_folder)
-from students import read_json, run_config
+from peft_post.pipeline import (STAGE_FOLDERS, PipelineConfig, load_model, load_prompted_model, load_tokenizer,
+                                new_prompted_model, public_pool, student_folder)
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "public_validation.json")
 
@@ -43,7 +43,7 @@ def validation_slice(cfg, num_examples: int):
 
 
 def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
-    cfg = run_config(run_dir)
+    cfg = PipelineConfig.from_run_dir(run_dir)
     target = resolve_model(cfg.target_model)
     student = resolve_model(cfg.student_model) if cfg.student_model is not None else student_folder(cfg, target)
     data = validation_slice(cfg, num_examples)
@@ -64,26 +64,32 @@ def run_row(run_dir: str, num_examples: int, scored_targets: dict) -> dict:
     report_path = os.path.join(run_dir, "report.json")
     return {
         "run_dir": portable_path(run_dir), "student_dir": portable_path(student),
-        "command": read_json(report_path).get("command") if os.path.isfile(report_path) else None,
+        "command": _report_command(report_path),
         "settings": {"student_layers": cfg.student_layers, "distill_max_steps": cfg.distill_max_steps,
                      "dp": cfg.dp, "tune_max_steps": cfg.tune_max_steps, "tune_batch_size": cfg.tune_batch_size,
                      "tune_learning_rate": cfg.tune_learning_rate, "transfer_max_steps": cfg.transfer_max_steps,
-                     "transfer_learning_rate": cfg.transfer_learning_rate, "alpha": cfg.alpha,
+                     "transfer_learning_rate": cfg.transfer_learning_rate, "alpha": cfg.transfer_alpha,
                      "num_virtual_tokens": cfg.num_virtual_tokens, "prompt_init_text": cfg.prompt_init_text},
         "num_examples": len(data),
         "accuracy": {
             "zero_shot": scored_targets[zs_key],
             "student_zero_shot": score(load_model(student, masked), "student zero-shot"),
-            "student_prompt": score(load_prompted_model(student, os.path.join(run_dir, "source_prompt"), masked),
+            "student_prompt": score(load_prompted_model(student, os.path.join(run_dir, STAGE_FOLDERS["tune"]), masked),
                                     "student p_s"),
-            "post": score(load_prompted_model(target, os.path.join(run_dir, "transferred_prompt"), masked), "POST"),
+            "post": score(load_prompted_model(target, os.path.join(run_dir, STAGE_FOLDERS["transfer"]), masked), "POST"),
         },
     }
 
 
-def init_text_rows(texts: list, num_examples: int) -> list:
-    from peft import get_peft_model
+def _report_command(path: str):
+    """The command line a run's report.json records, or None before the run has a report."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("command")
 
+
+def init_text_rows(texts: list, num_examples: int) -> list:
     default = PipelineConfig()
     target = resolve_model(default.target_model)
     tokenizer = load_tokenizer(target)
@@ -91,8 +97,7 @@ def init_text_rows(texts: list, num_examples: int) -> list:
     rows = []
     for text in texts:
         cfg = PipelineConfig(prompt_init_text=text)
-        torch.manual_seed(cfg.seed)
-        model = get_peft_model(load_model(target, cfg.masked), cfg.post_config(target)).eval()
+        model = new_prompted_model(target, cfg.post_config(target), cfg.masked, cfg.seed).eval()
         r = evaluate_prompt(model, tokenizer, data, cfg.post_config(), batch_size=cfg.eval_batch_size,
                             desc="init prompt")
         rows.append({"init_text": text, "text_tokens": len(tokenizer(text)["input_ids"]),

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_post.assets import portable_path, resolve_model
 from peft_post.evaluation import evaluate_prompt
@@ -31,16 +31,9 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def run_config(run_dir: str) -> PipelineConfig:
-    """The `PipelineConfig` the run in `run_dir` ran with (its ``config.json``)."""
-    saved = read_json(os.path.join(run_dir, "config.json"))
-    flags = [f"--{k}={v}" for k, v in saved.items() if v is not None]
-    return HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(args=flags)[0]
-
-
 def student_row(run: str) -> dict:
     run_dir, _, student = run.partition("@")
-    cfg = run_config(run_dir)
+    cfg = PipelineConfig.from_run_dir(run_dir)
     report = read_json(os.path.join(run_dir, "report.json"))
     named = bool(student)
     if not named:

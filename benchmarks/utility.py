@@ -27,11 +27,11 @@ import statistics
 import sys
 import time
 
-from transformers import HfArgumentParser
 
 from peft_post.assets import portable_path
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import PipelineConfig, copy_stage, run_pipeline, stage_record
+from peft_post.pipeline import (PipelineConfig, copy_stage, parse_overrides, rename_legacy_fields, run_pipeline,
+                                stage_record)
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "utility.json")
 METHODS = ("zero_shot", "full_prompt_tuning", "student_prompt", "direct_transfer", "post")
@@ -55,22 +55,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _overrides(pairs: list[str]) -> list[str]:
-    """``KEY=VALUE`` pairs as `peft-post run` flags, checked against `PipelineConfig` by its own parser."""
-    flags = []
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a PipelineConfig field.")
-        if key in ("run_dir", "seed", "dp", "public_dataset", "alpha", "full_baseline"):
-            raise SystemExit(f"--set {key}=...: the grid sets {key} itself; use the dedicated flag.")
-        flags += [f"--{key}", value]
-    _config(flags)
-    return flags
+# The fields each cell sets itself.
+GRID_FIELDS = ("run_dir", "seed", "dp", "public_dataset", "transfer_alpha", "full_baseline")
 
 
-def _config(flags: list[str]) -> PipelineConfig:
-    return HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(args=flags)[0]
+def _overrides(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs as typed `PipelineConfig` field values, checked by building a config with them."""
+    try:
+        values = parse_overrides(pairs)
+        for key in values:
+            if key in GRID_FIELDS:
+                raise ValueError(f"the grid sets {key} itself; use the dedicated flag")
+        PipelineConfig(**values)
+    except ValueError as err:
+        raise SystemExit(f"--set: {err}") from None
+    return values
 
 
 def _seed_stage(cell_dir: str, stage: str, donors: list[str]) -> None:
@@ -127,11 +126,13 @@ def main(argv=None):
     os.makedirs(args.root, exist_ok=True)
     grid_file = os.path.join(args.root, "grid.json")
     # The resolved settings, not the flags: a preset that changed since the root was made changes its cells too.
-    settings = {"config": dataclasses.asdict(_config(overrides)), "dp_config": dataclasses.asdict(_config(dp_overrides))}
+    settings = {"config": dataclasses.asdict(PipelineConfig(**overrides)),
+                "dp_config": dataclasses.asdict(PipelineConfig(**dp_overrides))}
     if os.path.isfile(grid_file):
         with open(grid_file, encoding="utf-8") as f:
             previous = json.load(f)
         if "config" in previous:
+            previous = {**previous, **{part: rename_legacy_fields(previous[part]) for part in ("config", "dp_config")}}
             changed = sorted({k for part in ("config", "dp_config") for k in set(settings[part]) | set(previous[part])
                               if settings[part].get(k) != previous[part].get(k)})
         else:  # a root made before grid.json held the resolved settings: only its flags are known
@@ -155,10 +156,10 @@ def main(argv=None):
                     _seed_stage(cell_dir, "tune", tune_donors)
                     if args.full_baseline:
                         _seed_stage(cell_dir, "full_tuning", full_donors)
-                    cfg = _config([*(dp_overrides if dp else overrides), "--run_dir", cell_dir, "--seed", str(seed),
-                                   "--dp", str(dp), "--public_dataset", public,
-                                   "--full_baseline", str(args.full_baseline),
-                                   *([] if alpha == "heuristic" else ["--alpha", alpha])])
+                    cfg = PipelineConfig(**(dp_overrides if dp else overrides)).with_overrides(dict(
+                        run_dir=cell_dir, seed=int(seed), dp=dp, public_dataset=public,
+                        full_baseline=args.full_baseline,
+                        **({} if alpha == "heuristic" else {"transfer_alpha": float(alpha)})))
                     cell_start = time.perf_counter()
                     results = run_pipeline(cfg, command=command)
                     report = results.to_dict()
@@ -178,8 +179,8 @@ def main(argv=None):
     print(table)
     atomic_write_json(args.out, {
         "command": command, "machine": "2 CPU cores (shared), no GPU",
-        "overrides": {"set": overrides, "dp_set": dp_overrides}, "config": dataclasses.asdict(_config(overrides)),
-        "dp_config": dataclasses.asdict(_config(dp_overrides)), "wall_time_s": time.perf_counter() - start,
+        "overrides": {"set": overrides, "dp_set": dp_overrides}, "config": dataclasses.asdict(PipelineConfig(**overrides)),
+        "dp_config": dataclasses.asdict(PipelineConfig(**dp_overrides)), "wall_time_s": time.perf_counter() - start,
         "summary": rows, "cells": cells, "markdown": table,
     })
 

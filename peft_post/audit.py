@@ -260,29 +260,24 @@ def audit_examples(cfg, num_examples: int):
 
 def _train_shadow(cfg, student_path: str, masked: bool, examples, in_mask: np.ndarray, folder: str,
                   seed: int) -> dict:
-    """Tune one shadow prompt on its IN half with the pipeline's tuning stage, score all N examples, save."""
-    from datasets import DatasetDict
-
+    """Tune one shadow prompt on its IN half with the pipeline's `tune_prompt` (in memory: the shadow's data never
+    goes to disk), then score all N examples."""
     from .evaluation import score_dataset
-    from .pipeline import load_prompted_model, load_tokenizer, tune_stage
+    from .pipeline import load_tokenizer, new_prompted_model, tune_prompt
 
-    data_dir = os.path.join(folder, "in_data")
-    if not os.path.isdir(data_dir):
-        # Written under a temporary name so an interrupted write is never read back as the shadow's data.
-        shutil.rmtree(data_dir + ".partial", ignore_errors=True)
-        DatasetDict({"train": examples.select(np.flatnonzero(in_mask))}).save_to_disk(data_dir + ".partial")
-        os.replace(data_dir + ".partial", data_dir)
-    shadow_cfg = dataclasses.replace(cfg, private_dataset=data_dir, private_train_split="train",
-                                     max_train_examples=int(in_mask.sum()), seed=seed)
-    prompt_dir = os.path.join(folder, "prompt")
-    record = tune_stage(shadow_cfg, student_path, masked, prompt_dir, "audit_shadow", cfg.dp)
+    shadow_cfg = dataclasses.replace(cfg, seed=seed)
+    tokenizer = load_tokenizer(student_path)
+    model = new_prompted_model(student_path, cfg.post_config(student_path), masked, seed)
+    checkpoints = os.path.join(folder, "checkpoints")
     start = time.perf_counter()
-    scores, labels = score_dataset(load_prompted_model(student_path, prompt_dir, masked),
-                                   load_tokenizer(student_path), examples, cfg.post_config(),
+    trainer, record = tune_prompt(shadow_cfg, model, tokenizer, examples.select(np.flatnonzero(in_mask)), checkpoints,
+                                  cfg.dp)
+    tune_wall_time = time.perf_counter() - start
+    scores, labels = score_dataset(trainer.model, tokenizer, examples, cfg.post_config(),
                                    text_column=cfg.text_column, label_column=cfg.label_column,
                                    batch_size=cfg.eval_batch_size, desc="audit: score")
-    # The shadow's copy of private data is not needed once its prompt is trained and scored.
-    shutil.rmtree(data_dir)
+    # The checkpoints (computed from the shadow's half of the private data) are not needed once it is scored.
+    shutil.rmtree(checkpoints, ignore_errors=True)
     right = (scores.argmax(-1) == labels).numpy()
     return {
         "class_scores": scores.tolist(),
@@ -294,8 +289,8 @@ def _train_shadow(cfg, student_path: str, masked: bool, examples, in_mask: np.nd
         "steps": record["steps"],
         "privacy": record["privacy"],
         "seed": seed,
-        "tune_wall_time_s": record["wall_time_s"],
-        "wall_time_s": record["wall_time_s"] + time.perf_counter() - start,
+        "tune_wall_time_s": tune_wall_time,
+        "wall_time_s": time.perf_counter() - start,
     }
 
 

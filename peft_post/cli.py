@@ -2,7 +2,7 @@
 
     peft-post run                     # every stage on the embedded default (SmolLM2 + Rotten Tomatoes), DP ε=8
     peft-post run --preset quick      # a first look in a few minutes
-    peft-post run --config run.yaml --dp false
+    peft-post run --config run.yaml --dp false --transfer_alpha 0.5
     peft-post tune --run_dir runs/post  # one stage; earlier run-folder stages must be done
     peft-post audit --dp false --tune_max_steps 60   # membership-inference audit of the tuning recipe (LiRA)
     peft-post audit-dp --trials 32                    # DP audit: an empirical lower bound on ε (canary runs)
@@ -22,7 +22,7 @@ from transformers import HfArgumentParser
 
 from .audit import AuditConfig
 from .dp_audit import DPAuditConfig
-from .pipeline import STAGES, PipelineConfig, run_pipeline
+from .pipeline import STAGES, PipelineConfig, rename_legacy_fields, rename_legacy_flags, run_pipeline
 
 COMMANDS = ("run",) + STAGES + ("audit", "audit-dp", "push")
 HELP = {
@@ -55,6 +55,8 @@ class PushArguments:
 def _parse(dataclass_type, argv: list[str], prog: str):
     """Parse `argv` into `dataclass_type`, or into each of a tuple of dataclass types (returning a tuple)."""
     types = dataclass_type if isinstance(dataclass_type, tuple) else (dataclass_type,)
+    if PipelineConfig in types:
+        argv = rename_legacy_flags(argv)
     parser = HfArgumentParser(types, prog=prog, description=HELP.get(prog.split()[-1]))
     parser.add_argument("--config", default=None, help="YAML or JSON file of arguments; flags override it.")
     config_path = None
@@ -73,6 +75,8 @@ def _parse(dataclass_type, argv: list[str], prog: str):
                 values = yaml.safe_load(f) or {}
             else:
                 values = json.load(f)
+        if PipelineConfig in types:
+            values = rename_legacy_fields(values)
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:

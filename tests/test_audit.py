@@ -212,8 +212,9 @@ def test_overfit_prompts_are_audited_well_above_chance_and_a_rerun_reuses_every_
     assert saved["auc"] == result["auc"] and saved["command"] == "test"
     shadow = json.loads((tmp_path / "audit" / "shadows" / "000" / "scores.json").read_text())
     assert sum(shadow["membership"]) == 8 and len(shadow["confidence"]) == 16
-    assert not (tmp_path / "audit" / "shadows" / "000" / "in_data").exists()
-    stage = tmp_path / "audit" / "shadows" / "000" / "private" / "audit_shadow.json"  # the shadow's private record
+    # A shadow trains in memory: its half of the data, its prompt and its checkpoints never stay on disk.
+    assert os.listdir(tmp_path / "audit" / "shadows" / "000") == ["scores.json"]
+    stage = tmp_path / "audit" / "shadows" / "000" / "scores.json"
     mtime = os.path.getmtime(stage)
 
     again = run_audit(cfg, AuditConfig(num_examples=16, num_shadows=4, audit_dir=str(tmp_path / "audit")))
@@ -241,7 +242,7 @@ def test_bad_audit_arguments_fail_before_any_work(tiny_private, tmp_path, flags,
 def test_cli_audit_of_dp_prompts(tiny_private, tmp_path, capsys):
     args = [f"--{k}={v}" for k, v in tiny_private.items()]
     # Batch 1 (q = 1/8) keeps the shadows' DP runs small.
-    assert main(["audit", *args, "--dp", "true", "--target_epsilon", "1",
+    assert main(["audit", *args, "--dp", "true", "--dp_target_epsilon", "1",
                  "--tune_batch_size", "1", "--num_examples", "16", "--num_shadows", "4"]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "run" / "audit_dp" / "audit.json").read_text())

@@ -61,7 +61,7 @@ def test_a_copied_source_prompt_is_reused_with_its_test_scores(tiny_run, tmp_pat
     import peft_post.evaluation
 
     run_dir, args = tiny_run
-    assert main(["run", *args, "--alpha", "1.0"]) == 0
+    assert main(["run", *args, "--transfer_alpha", "1.0"]) == 0
     first = json.loads(open(os.path.join(run_dir, "report.json")).read())
     scores = json.loads(open(os.path.join(run_dir, "private", "test_scores.json")).read())
     source_scores = scores[stage_record(run_dir, "tune")["adapter_sha256"]]
@@ -72,7 +72,7 @@ def test_a_copied_source_prompt_is_reused_with_its_test_scores(tiny_run, tmp_pat
     evaluate_prompt = peft_post.evaluation.evaluate_prompt
     monkeypatch.setattr(peft_post.evaluation, "evaluate_prompt",
                         lambda *a, desc=None, **kw: scored.append(desc) or evaluate_prompt(*a, desc=desc, **kw))
-    argv = [*args, "--alpha", "0.0", "--transfer_cache_top_k", "2"]
+    argv = [*args, "--transfer_alpha", "0.0", "--transfer_cache_top_k", "2"]
     argv[argv.index("--run_dir") + 1] = sweep
     assert main(["run", *argv]) == 0
     assert scored == ["zero-shot", "POST"]
@@ -123,11 +123,19 @@ def test_config_file_and_overrides(tmp_path, tiny_run):
     import yaml
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"alpha": 0.3, "dp": False}))
+    path.write_text(yaml.safe_dump({"transfer_alpha": 0.3, "dp": False}))
     from peft_post.cli import _parse
 
-    cfg = _parse(PipelineConfig, ["--config", str(path), *args, "--alpha", "0.6"], "peft-post run")
-    assert cfg.alpha == 0.6 and cfg.dp is False and cfg.run_dir == run_dir
+    cfg = _parse(PipelineConfig, ["--config", str(path), *args, "--transfer_alpha", "0.6"], "peft-post run")
+    assert cfg.transfer_alpha == 0.6 and cfg.dp is False and cfg.run_dir == run_dir
+    # The old names (before each field carried its stage's prefix) still work, in files and on the command line.
+    path.write_text(yaml.safe_dump({"alpha": 0.3, "target_epsilon": 2.0}))
+    with pytest.warns(FutureWarning, match="now called `transfer_alpha`"):
+        cfg = _parse(PipelineConfig, ["--config", str(path), *args], "peft-post run")
+    assert (cfg.transfer_alpha, cfg.dp_target_epsilon) == (0.3, 2.0)
+    with pytest.warns(FutureWarning, match="now `--transfer_temperature`"):
+        cfg = _parse(PipelineConfig, [*args, "--temperature=3", "--accountant", "pld"], "peft-post run")
+    assert (cfg.transfer_temperature, cfg.dp_accountant) == (3.0, "pld")
     path.write_text(yaml.safe_dump({"not_a_field": 1}))
     with pytest.raises(SystemExit):
         _parse(PipelineConfig, ["--config", str(path)], "peft-post run")
@@ -136,8 +144,9 @@ def test_config_file_and_overrides(tmp_path, tiny_run):
 @pytest.mark.parametrize(
     "flags,match",
     [
-        (["--alpha", "1.5"], "alpha"),
-        (["--target_epsilon", "0"], "target_epsilon"),
+        (["--transfer_alpha", "1.5"], "transfer_alpha"),
+        (["--dp_target_epsilon", "0"], "dp_target_epsilon"),
+        (["--transfer_learning_rate", "0"], "transfer_learning_rate"),
         (["--student_layers", "a,b"], "student_layers"),
         (["--preset", "huge"], "preset"),
         (["--label_words", "good"], "label_words"),

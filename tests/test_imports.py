@@ -8,9 +8,10 @@ name that says what it is, and the module that defines it keeps it working as pa
 - ``<alias>._name`` where ``<alias>`` was bound to a module by ``import <module> [as alias]`` or
   ``from <package> import <module> [as alias]``,
 
-where ``<module>`` is another module of this project (a ``peft_post`` module, or a benchmark script, which the
-benchmarks import by bare name). Dunder names (``__version__``) are fine; third-party private names (e.g. Opacus's)
-are out of scope here.
+where ``<module>`` is another module of this project (a ``peft_post`` module, or a benchmark). Dunder names
+(``__version__``) are fine; third-party private names (e.g. Opacus's) are out of scope here. Two more rules keep the
+scripts independent: no benchmark imports another, and no test module imports another test module (shared builders
+live in `peft_post.testing` or in ``tests/conftest.py`` fixtures).
 """
 
 from __future__ import annotations
@@ -35,11 +36,8 @@ def _python_files(folder: str) -> list[str]:
 
 
 def _module_name(path: str) -> str:
-    """``peft_post/pipeline/store.py`` -> ``peft_post.pipeline.store``; a package's ``__init__.py`` -> the package;
-    a benchmark script -> its bare name (benchmarks import each other from their own folder)."""
+    """``peft_post/pipeline/store.py`` -> ``peft_post.pipeline.store``; a package's ``__init__.py`` -> the package."""
     relative = os.path.relpath(path, ROOT)[:-len(".py")].split(os.sep)
-    if relative[0] == BENCHMARKS:
-        relative = relative[1:]
     if relative[-1] == "__init__":
         relative = relative[:-1]
     return ".".join(relative)
@@ -117,7 +115,40 @@ def private_uses(path: str) -> list[str]:
 
 def test_the_walk_sees_the_project():
     assert "peft_post.pipeline" in PACKAGES and "peft_post.pipeline.stages" in PROJECT_MODULES
-    assert "students" in PROJECT_MODULES  # a benchmark, by the bare name its siblings import it with
+    assert "benchmarks.students" in PROJECT_MODULES and "benchmarks" in PACKAGES
+
+
+def _imported_modules(path: str) -> set[str]:
+    """The top-level names and dotted modules that the file at `path` imports (absolute imports only)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+BENCHMARK_MODULES = sorted(m for m in PROJECT_MODULES if m.startswith(BENCHMARKS + "."))
+TEST_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "tests")) if f.startswith("test_") and f.endswith(".py"))
+
+
+@pytest.mark.parametrize("module", BENCHMARK_MODULES)
+def test_no_benchmark_imports_another(module):
+    path = next(p for p, m in FILES.items() if m == module)
+    others = {m for m in BENCHMARK_MODULES if m != module} | {m.split(".")[-1] for m in BENCHMARK_MODULES if m != module}
+    assert _imported_modules(path) & others == set()
+
+
+@pytest.mark.parametrize("name", TEST_FILES)
+def test_no_test_module_imports_another(name):
+    others = {f[:-len(".py")] for f in TEST_FILES if f != name}
+    imported = {m.split(".")[-1] if m.startswith("tests.") else m for m in _imported_modules(
+        os.path.join(ROOT, "tests", name))}
+    assert imported & others == set()
 
 
 @pytest.mark.parametrize("path", sorted(FILES), ids=lambda p: os.path.relpath(p, ROOT))

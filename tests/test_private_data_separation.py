@@ -104,8 +104,8 @@ def test_a_user_stage_resumes_from_private_checkpoints_and_a_folder_without_its_
     assert not os.path.exists(os.path.join(run_dir, "source_prompt")) and stage_record(run_dir, "tune") is None
 
     resumed_from = []
-    last_checkpoint = stages._last_checkpoint
-    monkeypatch.setattr(stages, "_last_checkpoint",
+    last_checkpoint = stages.last_checkpoint
+    monkeypatch.setattr(stages, "last_checkpoint",
                         lambda f: resumed_from.append(last_checkpoint(f)) or resumed_from[-1])
     assert main(["tune", *args]) == 0
     assert resumed_from == [os.path.join(workspace, "checkpoints", "checkpoint-3")]

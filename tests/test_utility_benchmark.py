@@ -1,20 +1,10 @@
 """benchmarks/utility.py on tiny models: the grid shares stages across cells and summarises what it ran."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-BENCHMARK = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "utility.py")
-
-
-@pytest.fixture
-def utility():
-    spec = importlib.util.spec_from_file_location("utility_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import cost, utility
 
 
 def _as_set_flags(args):
@@ -24,7 +14,7 @@ def _as_set_flags(args):
     return public, [f"--set={k[2:]}={v}" for k, v in pairs.items()]
 
 
-def test_grid_shares_the_source_prompt_across_alphas_and_summarises(utility, tiny_run, tmp_path, monkeypatch):
+def test_grid_shares_the_source_prompt_across_alphas_and_summarises(tiny_run, tmp_path, monkeypatch):
     _, args = tiny_run
     public, flags = _as_set_flags(args)
     root, out = str(tmp_path / "grid"), str(tmp_path / "utility.json")
@@ -66,9 +56,6 @@ def test_grid_shares_the_source_prompt_across_alphas_and_summarises(utility, tin
 def test_cost_benchmark_times_the_three_steps_interleaved(tiny_run, tmp_path):
     from peft_post.cli import main as cli
 
-    spec = importlib.util.spec_from_file_location("cost_benchmark", BENCHMARK.replace("utility.py", "cost.py"))
-    cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cost)
     run_dir, args = tiny_run
     assert cli(["run", *args, "--dp", "false", "--full_baseline", "true"]) == 0
     public, flags = _as_set_flags(args)

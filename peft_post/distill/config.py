@@ -58,6 +58,9 @@ class DistillationConfig(TrainingArguments):
         if self.alpha_ce == 0 and self.alpha_lm == 0 and self.alpha_cos == 0 and self.alpha_label_slot == 0:
             raise ValueError("`alpha_ce`, `alpha_lm`, `alpha_cos` and `alpha_label_slot` are all 0: the loss would be "
                              "0. Set at least one (paper: 5, 2, 1).")
+        if isinstance(self.learning_rate, bool) or not (isinstance(self.learning_rate, (int, float))
+                                                         and 0 < self.learning_rate < float("inf")):
+            raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate!r}.")
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature} (paper: 2).")
         if not 0 < self.mlm_probability < 1:

@@ -42,7 +42,7 @@ class DPAuditConfig:
                   "signal linear in the release and so gives the attack the most power."})
     learning_rate: float = field(default=0.01, metadata={"help": "Learning rate of the runs (small: linear regime)."})
     noise_multiplier: Optional[float] = field(
-        default=None, metadata={"help": "σ of the honest case; None calibrates σ to the pipeline's target_epsilon."})
+        default=None, metadata={"help": "σ of the honest case; None calibrates σ to the pipeline's dp_target_epsilon."})
     canary_text: Optional[str] = field(
         default=None,
         metadata={"help": "Text of the canary; None picks, from a few out-of-distribution candidates, the one whose "

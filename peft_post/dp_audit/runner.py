@@ -72,11 +72,9 @@ def run_dp_audit(cfg, audit: DPAuditConfig, command: Optional[str] = None) -> di
     and DP budget) for each case of `audit.cases`; writes the result as JSON (`audit.output`, default
     ``<run_dir>/dp_audit.json``) and returns it. D and D' hold `audit.num_examples` examples of the private
     training split plus the canary (D) or a replacement (D')."""
-    from peft import get_peft_model
-
     from ..assets import load_text_dataset, resolve_model
     from ..io import atomic_write_json
-    from ..pipeline import distill_stage, load_model, load_tokenizer
+    from ..pipeline import distill_stage, load_tokenizer, new_prompted_model
     from ..tasks import check_classification_dataset
     from ..tuning import DPConfig, PromptTrainingConfig
 
@@ -99,8 +97,7 @@ def run_dp_audit(cfg, audit: DPAuditConfig, command: Optional[str] = None) -> di
     else:
         student_path, _ = distill_stage(cfg, resolve_model(cfg.target_model), masked)
     tokenizer = load_tokenizer(student_path)
-    torch.manual_seed(cfg.seed)
-    model = get_peft_model(load_model(student_path, masked), cfg.post_config(student_path))
+    model = new_prompted_model(student_path, cfg.post_config(student_path), masked, cfg.seed)
     if audit.canary_text is None:
         canary, candidates = choose_canary(model, tokenizer, data, text_column=text_column, label_column=label_column)
     else:
@@ -116,9 +113,8 @@ def run_dp_audit(cfg, audit: DPAuditConfig, command: Optional[str] = None) -> di
     clip = cfg.dp_max_grad_norm
     sigma = audit.noise_multiplier
     if sigma is None:
-        probe = DPConfig(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, max_grad_norm=clip)
-        sigma = calibrated_noise_multiplier(model, tokenizer, d_in, probe, args)
-    honest = DPConfig(noise_multiplier=sigma, target_delta=cfg.target_delta, max_grad_norm=clip)
+        sigma = calibrated_noise_multiplier(model, tokenizer, d_in, cfg.dp_config(), args)
+    honest = DPConfig(noise_multiplier=sigma, target_delta=cfg.dp_target_delta, max_grad_norm=clip)
     rows = list(d_in) + ([replacement] if replacement is not None else [])
     max_norm = max_example_gradient_norm(model, tokenizer, rows, text_column, label_column)
     no_clipping_norm = math.ceil(1.1 * max(max_norm, clip) * 10) / 10
@@ -135,7 +131,7 @@ def run_dp_audit(cfg, audit: DPAuditConfig, command: Optional[str] = None) -> di
         "cases": results,
         "canary": canary,
         "canary_candidates": candidates,
-        "honest_dp": {"noise_multiplier": sigma, "max_grad_norm": clip, "target_delta": cfg.target_delta},
+        "honest_dp": {"noise_multiplier": sigma, "max_grad_norm": clip, "target_delta": cfg.dp_target_delta},
         "no_clipping_norm": no_clipping_norm,
         "largest_example_gradient_norm_at_p0": max_norm,
         "student_model": cfg.student_model or "distilled by the pipeline (cached)",

@@ -17,16 +17,21 @@ data is refused: by name in `PipelineConfig`, by measured text overlap in `check
 The package, by job; a module imports only modules after it in this list (docs/architecture.md):
 
 - `runner`: `run_pipeline`, the stage order (`STAGES`) and the report;
-- `stages`: the four stages (`distill_stage`, `tune_stage`, `transfer_stage`, `evaluate_stage`);
-- `loading`: models, tokenizers and prompted models by path (`load_model`, `load_tokenizer`, `load_prompted_model`);
+- `stages`: the stage functions on models and datasets (`distill_student`, `tune_prompt`, `transfer_prompt`,
+  `score_methods`), and the stages by name and path above them (`distill_stage`, `tune_stage`, `transfer_stage`,
+  `evaluate_stage`);
+- `loading`: models, tokenizers and prompted models by path (`load_model`, `load_tokenizer`, `load_prompted_model`,
+  `new_prompted_model`);
 - `store`: the run folder, the private workspace, the cache keys, the public splits and the private-data check;
-- `config`: `PipelineConfig` and its `PRESETS`.
+- `config`: `PipelineConfig` (which builds every stage config) and its `PRESETS`.
 """
 
-from .config import PRESETS, PUBLIC_SPLITS_OF_PRIVATE_DATASETS, PipelineConfig
-from .loading import load_model, load_prompted_model, load_tokenizer, random_subset
+from .config import (CONFIG_FILE, PRESETS, PUBLIC_SPLITS_OF_PRIVATE_DATASETS, RENAMED_FIELDS, PipelineConfig,
+                     parse_overrides, rename_legacy_fields, rename_legacy_flags)
+from .loading import load_model, load_prompted_model, load_tokenizer, new_prompted_model, random_subset
 from .runner import STAGES, StageMissing, run_pipeline
-from .stages import distill_stage, evaluate_stage, transfer_stage, tune_stage
+from .stages import (distill_stage, distill_student, evaluate_stage, last_checkpoint, score_methods, transfer_prompt,
+                     transfer_stage, tune_prompt, tune_stage)
 from .store import (ADAPTER_WEIGHTS, DISTILL_OVERLAP_SAMPLE, LOCK_FILE, NO_PROMPT, PRIVATE_DIR, RELEASED_FILES,
                     SCORES_FILE, STAGE_FILE, STAGE_FOLDERS, USER_STAGES, adapter_fingerprint,
                     check_private_data_separation, copy_stage, private_record_path, private_stage_done,
@@ -34,6 +39,17 @@ from .store import (ADAPTER_WEIGHTS, DISTILL_OVERLAP_SAMPLE, LOCK_FILE, NO_PROMP
                     stage_record, student_cache_key, student_cache_lock, student_folder)
 
 __all__ = [
+    "CONFIG_FILE",
+    "distill_student",
+    "last_checkpoint",
+    "new_prompted_model",
+    "parse_overrides",
+    "RENAMED_FIELDS",
+    "rename_legacy_fields",
+    "rename_legacy_flags",
+    "score_methods",
+    "transfer_prompt",
+    "tune_prompt",
     "LOCK_FILE",
     "RunFolderBusy",
     "run_folder_lock",

@@ -1,19 +1,68 @@
 """`PipelineConfig`: the arguments of `peft-post run` and of each stage subcommand, with their presets.
 
-The config validates itself on construction, from the arguments alone: ranges, the template and label words, the
-student's layer list, and public or distillation data that is the private data by name (the measured text overlap is
-`store.check_private_data_separation`'s, since it reads the data).
+`PipelineConfig` is the pipeline's one source of stage settings: `distill_args`, `tune_args`, `dp_config`,
+`transfer_args` and `post_config` build the stage configs from its fields (the field maps below say which field
+becomes which argument), so every caller (the stages, the audits, the benchmarks) trains with the same arguments.
+Each field has one stage prefix (``distill_``, ``tune_``, ``dp_``, ``transfer_``) or belongs to a dataset
+(``private_``, ``public_``) or to the whole run.
+
+The config validates itself on construction, from the arguments alone. It builds every stage config once, so each
+range is checked by the config that owns it (an error names the pipeline field), and it checks its own fields: sizes,
+the student's layer list, and public or distillation data that is the private data by name (the measured text
+overlap is `store.check_private_data_separation`'s, since it reads the data).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from ..assets import DEFAULT_DISTILLATION_DATASET, DEFAULT_MODEL, DEFAULT_PRIVATE_DATASET, DEFAULT_PUBLIC_DATASET
 from ..config import POSTConfig
 from ..data_overlap import same_dataset
-from ..tuning.config import DP_ACCOUNTANTS
+
+CONFIG_FILE = "config.json"
+
+# Fields renamed so that each carries its stage's prefix. Old run folders' config.json files, `--config` files and
+# command lines that use the old names still work, with a warning.
+RENAMED_FIELDS = {
+    "alpha": "transfer_alpha",
+    "temperature": "transfer_temperature",
+    "accountant": "dp_accountant",
+    "target_epsilon": "dp_target_epsilon",
+    "target_delta": "dp_target_delta",
+}
+
+# Stage config argument -> PipelineConfig field, per stage: how the builders below fill each stage config, and how a
+# stage config's error is reported under the field name the user gave.
+COMMON_TRAINER_FIELDS = {"seed": "seed", "save_steps": "save_steps", "per_device_eval_batch_size": "eval_batch_size"}
+DISTILL_FIELDS = {
+    "max_steps": "distill_max_steps", "learning_rate": "distill_learning_rate",
+    "per_device_train_batch_size": "distill_batch_size", "block_size": "distill_block_size",
+    "dataset_text_field": "text_column", "freeze_embeddings": "distill_freeze_embeddings",
+    "freeze_lm_head": "distill_freeze_embeddings", "alpha_label_slot": "distill_label_slot_weight",
+}
+TUNE_FIELDS = {
+    "max_steps": "tune_max_steps", "learning_rate": "tune_learning_rate",
+    "per_device_train_batch_size": "tune_batch_size", "text_column": "text_column", "label_column": "label_column",
+}
+DP_FIELDS = {
+    "target_epsilon": "dp_target_epsilon", "target_delta": "dp_target_delta", "max_grad_norm": "dp_max_grad_norm",
+    "accountant": "dp_accountant",
+}
+TRANSFER_FIELDS = {
+    "max_steps": "transfer_max_steps", "learning_rate": "transfer_learning_rate",
+    "per_device_train_batch_size": "transfer_batch_size", "alpha": "transfer_alpha",
+    "temperature": "transfer_temperature", "cache_top_k": "transfer_cache_top_k", "text_column": "text_column",
+    "label_column": "label_column", "public_dataset_name": "public_dataset",
+}
+# The α a transfer config is validated with (and `transfer_args` builds with) while `transfer_alpha` is None: the
+# heuristic picks α only when the transfer stage runs.
+ALPHA_PLACEHOLDER = 0.5
 
 # A public split of a dataset that also holds the private task, built disjoint from its train and test splits:
 # `assets.load_trec` keeps every question in one split only, and its `public` split plays the provider's data.
@@ -132,21 +181,21 @@ class PipelineConfig:
                   "of the signal in noise)."},
     )
     dp: bool = field(default=True, metadata={"help": "Tune p_s with differential privacy (DP-SGD on the prompt)."})
-    target_epsilon: float = field(default=8.0, metadata={"help": "DP budget ε (the paper uses 8)."})
-    target_delta: Optional[float] = field(default=None, metadata={"help": "DP δ; None = 1/N."})
+    dp_target_epsilon: float = field(default=8.0, metadata={"help": "DP budget ε (the paper uses 8)."})
+    dp_target_delta: Optional[float] = field(default=None, metadata={"help": "DP δ; None = 1/N."})
     dp_max_grad_norm: float = field(default=1.0, metadata={"help": "DP per-example clipping bound C."})
-    accountant: str = field(
+    dp_accountant: str = field(
         default="pld",
         metadata={"help": "Privacy accountant: 'pld' (dp_accounting, replace-one adjacency; see docs/privacy.md)."},
     )
     transfer_max_steps: Optional[int] = field(default=None, metadata={"help": "Fixed number of transfer steps."})
     transfer_learning_rate: Optional[float] = field(default=None, metadata={"help": "Transfer Adam learning rate."})
     transfer_batch_size: int = field(default=8, metadata={"help": "Public examples per transfer step."})
-    alpha: Optional[float] = field(
+    transfer_alpha: Optional[float] = field(
         default=None,
         metadata={"help": "POST α in [0, 1]; None picks it with the paper's heuristic on the PUBLIC held-out split."},
     )
-    temperature: float = field(default=2.0, metadata={"help": "Transfer temperature T."})
+    transfer_temperature: float = field(default=2.0, metadata={"help": "Transfer temperature T."})
     transfer_cache_top_k: Optional[int] = field(
         default=None,
         metadata={"help": "Compare the transfer distributions on a small token set (the label words and the "
@@ -165,33 +214,18 @@ class PipelineConfig:
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        for name in ("distill_max_steps", "tune_max_steps", "transfer_max_steps", "num_virtual_tokens",
-                     "max_train_examples", "max_test_examples", "num_public_examples", "num_public_eval_examples",
-                     "distill_batch_size", "distill_block_size", "tune_batch_size", "transfer_batch_size",
-                     "eval_batch_size", "save_steps"):
+        # Sizes no stage config checks: a Trainer reads max_steps <= 0 as "train by epochs" and takes any batch size.
+        for name in ("distill_max_steps", "tune_max_steps", "max_train_examples",
+                     "max_test_examples", "num_public_examples", "num_public_eval_examples", "distill_batch_size",
+                     "tune_batch_size", "transfer_batch_size", "eval_batch_size", "save_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        for name in ("distill_learning_rate", "tune_learning_rate", "transfer_learning_rate", "temperature",
-                     "target_epsilon", "dp_max_grad_norm"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+        # Checked here because `distill_args` passes the weight on only when templated texts are used.
         if not (isinstance(self.distill_label_slot_weight, (int, float)) and self.distill_label_slot_weight >= 0):
             raise ValueError(f"`distill_label_slot_weight` must be >= 0, got {self.distill_label_slot_weight!r}.")
         if not 0 <= self.distill_templated_fraction <= 1:
             raise ValueError(f"`distill_templated_fraction` must be in [0, 1], got {self.distill_templated_fraction!r}.")
-        if self.transfer_cache_top_k is not None and (
-                not isinstance(self.transfer_cache_top_k, int) or self.transfer_cache_top_k < 1):
-            raise ValueError(f"`transfer_cache_top_k` must be None (the whole vocabulary) or an int >= 1, got "
-                             f"{self.transfer_cache_top_k!r}.")
-        if self.alpha is not None and not 0 <= self.alpha <= 1:
-            raise ValueError(f"`alpha` must be in [0, 1] or None (heuristic), got {self.alpha!r}.")
-        if self.target_delta is not None and not 0 < self.target_delta < 1:
-            raise ValueError(f"`target_delta` must be in (0, 1) or None (1/N), got {self.target_delta!r}.")
-        if self.accountant not in DP_ACCOUNTANTS:
-            raise ValueError(f"`accountant` must be one of {DP_ACCOUNTANTS} (Opacus's 'prv' and 'rdp' analyse "
-                             f"add/remove adjacency only; docs/privacy.md), got {self.accountant!r}.")
         if isinstance(self.max_private_overlap, bool) or not (
                 isinstance(self.max_private_overlap, (int, float)) and 0 <= self.max_private_overlap <= 1):
             raise ValueError(f"`max_private_overlap` must be in [0, 1] (1 turns the check off), got "
@@ -199,7 +233,113 @@ class PipelineConfig:
         self._check_private_data_names()
         if self.student_model is None:
             self.keep_layers()  # validates the layer list before any work
-        self.post_config()  # validates template and label words
+        # Every stage config once, so each checks its own fields before any work (building one costs < 1 ms).
+        self.post_config()
+        if self.student_model is None:
+            self.distill_args(os.curdir)
+        self.tune_args(os.curdir)
+        self.dp_config()
+        self.transfer_args(os.curdir)
+
+    # ---------------------------------------------------------------------------------------- the stage configs
+    def trainer_arguments(self) -> dict:
+        """The `TrainingArguments` every stage shares: seed, checkpointing, logging and the device."""
+        import torch
+
+        return dict(
+            **{arg: getattr(self, name) for arg, name in COMMON_TRAINER_FIELDS.items()},
+            save_strategy="steps", save_total_limit=1, logging_steps=10, report_to="none", disable_tqdm=False,
+            use_cpu=not torch.cuda.is_available(),
+        )
+
+    def distill_args(self, output_dir: str):
+        """The `DistillationConfig` of the student's distillation, checkpointing into `output_dir`."""
+        from ..distill import DistillationConfig
+
+        values = self._stage_values(DISTILL_FIELDS)
+        if self.masked or self.distill_templated_fraction == 0:
+            values["alpha_label_slot"] = 0.0  # no templated texts, hence no label slots to weigh
+        return _named_errors(lambda: DistillationConfig(output_dir=output_dir, **self.trainer_arguments(), **values),
+                             {**COMMON_TRAINER_FIELDS, **DISTILL_FIELDS})
+
+    def tune_args(self, output_dir: str):
+        """The `PromptTrainingConfig` of the user's prompt tuning (and of the full-tuning baseline)."""
+        from ..tuning import PromptTrainingConfig
+
+        return _named_errors(lambda: PromptTrainingConfig(output_dir=output_dir, **self.trainer_arguments(),
+                                                          **self._stage_values(TUNE_FIELDS)),
+                             {**COMMON_TRAINER_FIELDS, **TUNE_FIELDS})
+
+    def dp_config(self):
+        """The `DPConfig` of the user's DP tuning (built whether or not `dp` is on, so its fields are checked)."""
+        from ..tuning import DPConfig
+
+        return _named_errors(lambda: DPConfig(**self._stage_values(DP_FIELDS)), DP_FIELDS)
+
+    def transfer_args(self, output_dir: str, alpha: Optional[float] = None):
+        """The `TransferConfig` of the provider's transfer, with `alpha` (else `transfer_alpha`, else a placeholder
+        for callers that only need the config's shape: the transfer stage passes the heuristic's α)."""
+        from ..transfer import TransferConfig
+
+        values = self._stage_values(TRANSFER_FIELDS)
+        if alpha is not None:
+            values["alpha"] = alpha
+        elif values["alpha"] is None:
+            values["alpha"] = ALPHA_PLACEHOLDER
+        return _named_errors(
+            lambda: TransferConfig(output_dir=output_dir, **self.trainer_arguments(), **values, eval_strategy="steps",
+                                   eval_steps=max(self.transfer_max_steps // 5, 1)),
+            {**COMMON_TRAINER_FIELDS, **TRANSFER_FIELDS})
+
+    def _stage_values(self, fields: Mapping[str, str]) -> dict:
+        return {arg: getattr(self, name) for arg, name in fields.items()}
+
+    # ---------------------------------------------------------------------------------------- building and saving
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "PipelineConfig":
+        """A config from a mapping of field values (a run's ``config.json``, a parsed ``--config`` file): old field
+        names are renamed with a warning, unknown ones are refused."""
+        values = rename_legacy_fields(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown PipelineConfig field(s) {unknown}; see `peft-post run --help`.")
+        return cls(**values)
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str) -> "PipelineConfig":
+        """The config a run folder was made with (its ``config.json``, written when the run started)."""
+        path = os.path.join(run_dir, CONFIG_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{run_dir!r} has no {CONFIG_FILE}: it is not a pipeline run folder "
+                             "(`peft-post run` writes one when it starts).") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); restore it or start a new run folder.") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object of PipelineConfig fields.")
+        return cls.from_dict(values)
+
+    def save(self, run_dir: str) -> str:
+        """Write the config to ``<run_dir>/config.json`` atomically; returns the path."""
+        from ..io import atomic_write_json
+
+        path = os.path.join(run_dir, CONFIG_FILE)
+        atomic_write_json(path, dataclasses.asdict(self))
+        return path
+
+    def with_overrides(self, overrides: Union[Mapping[str, Any], Iterable[str]]) -> "PipelineConfig":
+        """A copy with some fields changed and validated again: a mapping of field values, or ``KEY=VALUE`` strings
+        (the benchmarks' ``--set``) parsed with the types `peft-post` flags have. Preset values already filled in
+        stay: to change the preset, build a new config."""
+        changes = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+        changes = rename_legacy_fields(changes)
+        if changes.get("preset", self.preset) != self.preset:
+            raise ValueError("`with_overrides` cannot change `preset` (the preset's values are already filled in); "
+                             "build a new PipelineConfig(preset=...) instead.")
+        return type(self).from_dict({**dataclasses.asdict(self), **changes})
 
     def _check_private_data_names(self) -> None:
         """Refuse, from the arguments alone, public or distillation data that is the private dataset, and a test
@@ -251,3 +391,64 @@ class PipelineConfig:
             **init,
             **overrides,
         )
+
+
+def _named_errors(build: Callable, fields: Mapping[str, str]):
+    """`build()`, with a stage config's error reworded to name the PipelineConfig field the user set (``alpha`` is
+    ``transfer_alpha`` there): the error must name the argument to fix."""
+    try:
+        return build()
+    except ValueError as err:
+        message = str(err)
+        for arg, name in fields.items():
+            message = message.replace(f"`{arg}`", f"`{name}`")
+        raise ValueError(message) from None
+
+
+def rename_legacy_fields(values: Mapping[str, Any]) -> dict:
+    """`values` with `RENAMED_FIELDS`' old names replaced by the new ones (warning once per name)."""
+    values = dict(values)
+    for old, new in RENAMED_FIELDS.items():
+        if old in values:
+            if new in values:
+                raise ValueError(f"Both `{old}` and `{new}` are set; `{old}` is the old name of `{new}`: keep one.")
+            warnings.warn(f"`{old}` is now called `{new}`; the old name will stop working in a later version.",
+                          FutureWarning, stacklevel=3)
+            values[new] = values.pop(old)
+    return values
+
+
+def rename_legacy_flags(argv: list[str]) -> list[str]:
+    """A command line with `RENAMED_FIELDS`' old flags (``--alpha 0.5``, ``--alpha=0.5``) renamed, with a warning."""
+    renamed = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        if flag.startswith("--") and flag[2:] in RENAMED_FIELDS:
+            new = RENAMED_FIELDS[flag[2:]]
+            warnings.warn(f"`{flag}` is now `--{new}`; the old flag will stop working in a later version.",
+                          FutureWarning, stacklevel=2)
+            arg = f"--{new}{sep}{value}"
+        renamed.append(arg)
+    return renamed
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict:
+    """``KEY=VALUE`` strings -> {field: value}, typed as `peft-post` parses its flags (``dp=false`` -> False)."""
+    from transformers import HfArgumentParser
+
+    flags, keys = [], []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Override {pair!r}: expected KEY=VALUE with KEY a PipelineConfig field.")
+        key = RENAMED_FIELDS.get(key, key)
+        keys.append(key)
+        flags += [f"--{key}", value]
+    known = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ValueError(f"Override(s) of unknown PipelineConfig field(s) {unknown}; see `peft-post run --help`.")
+    namespace, rest = HfArgumentParser(PipelineConfig).parse_known_args(flags)
+    if rest:
+        raise ValueError(f"Could not parse the override(s) {rest}.")
+    return {key: getattr(namespace, key) for key in keys}

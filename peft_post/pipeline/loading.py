@@ -40,3 +40,11 @@ def load_prompted_model(model_path: str, adapter: str, masked: bool):
 
     return PeftModel.from_pretrained(load_model(model_path, masked), adapter,
                                      config=POSTConfig.from_pretrained(adapter))
+
+
+def new_prompted_model(model_path: str, post_config: POSTConfig, masked: bool, seed: int):
+    """The model at `model_path` (`load_model`) wrapped with a new POST prompt adapter, created under `seed`."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(load_model(model_path, masked), post_config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shlex
@@ -44,7 +43,7 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
     from ..profiling import track_stage
     from ..report import POSTResults, curve_from_log_history, write_report
 
-    atomic_write_json(os.path.join(cfg.run_dir, "config.json"), dataclasses.asdict(cfg))
+    cfg.save(cfg.run_dir)
     atomic_write_json(os.path.join(cfg.run_dir, PRIVATE_DIR, "data_overlap.json"), overlap)
     masked = cfg.masked
     target_path = resolve_model(cfg.target_model)

@@ -1,7 +1,16 @@
-"""The four stages: distil the student (provider), tune a prompt (user), transfer it (provider), evaluate (user).
+"""The pipeline's stages, in two layers.
 
-Each takes the `PipelineConfig` and the paths it works on, skips itself when its output is already there, and
-returns its record. Only `tune_stage` reads the private training split, and only `evaluate_stage` the private test
+The stage functions work on objects: models, tokenizers and datasets in, the result and its record out. They read
+only what they are given and write only checkpoints into the folder they are given, so the audits and the benchmarks
+train exactly as the pipeline does, with in-memory data:
+
+- `distill_student`: the student from the teacher and public text (provider);
+- `tune_prompt`: a prompt on a prompted model and the private training data (user), optionally DP;
+- `transfer_prompt`: p_s onto the target with public data only (provider);
+- `score_methods`: each method's accuracy on the private test data (user).
+
+The `*_stage` functions above them load by name and path, skip a stage whose output is already there, and publish
+the output (`store`). Only `tune_stage` reads the private training split, and only `evaluate_stage` the private test
 split. `distill_stage` reads the target and public text; `transfer_stage` reads the released source prompt, the
 student, the target and public data.
 """
@@ -11,29 +20,26 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
 from ..io import drop_training_arguments
 from .config import PipelineConfig
-from .loading import load_model, load_prompted_model, load_tokenizer, random_subset
+from .loading import load_model, load_prompted_model, load_tokenizer, new_prompted_model, random_subset
 from .store import (cached_evaluation, evaluation_key, finish_stage, private_stage_done, private_workspace,
                     public_splits, release_user_stage, stage_done, student_cache_lock, student_folder)
 
+# Progress-bar labels of `score_methods`, per method.
+METHOD_DESCRIPTIONS = {"zero_shot": "zero-shot", "student_prompt": "student p_s", "direct_transfer": "direct transfer",
+                       "post": "POST", "full_prompt_tuning": "full PT"}
 
-def _last_checkpoint(folder: str) -> Optional[str]:
+
+def last_checkpoint(folder: str) -> Optional[str]:
+    """The newest Trainer checkpoint in `folder`, or None (also when the folder does not exist)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(folder) if os.path.isdir(folder) else None
-
-
-def _trainer_args(cls, output_dir: str, cfg: PipelineConfig, **kwargs):
-    return cls(
-        output_dir=output_dir, seed=cfg.seed, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
-        logging_steps=10, report_to="none", disable_tqdm=False, use_cpu=not torch.cuda.is_available(),
-        per_device_eval_batch_size=cfg.eval_batch_size, **kwargs,
-    )
 
 
 def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[str, dict]:
@@ -54,52 +60,56 @@ def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[
 def _distill_student(cfg: PipelineConfig, target_path: str, masked: bool, final: str) -> dict:
     """Distil the student into `final` (the caller holds its cache lock); returns the stage record."""
     from ..assets import load_text_dataset
-    from ..distill import DistillationConfig, DistillationTrainer, make_student, with_task_template
-    from ..evaluation import evaluate_prompt
 
     partial = final + ".partial"
     os.makedirs(partial, exist_ok=True)
-    start = time.perf_counter()
-    teacher = load_model(target_path, masked)
     tokenizer = load_tokenizer(target_path)
-    student = make_student(teacher, cfg.keep_layers())
-    text = load_text_dataset(cfg.distill_dataset, split=cfg.distill_split)
-    if not masked and cfg.distill_templated_fraction > 0:
-        text = with_task_template(text, cfg.template, cfg.distill_templated_fraction, cfg.seed, cfg.text_column)
-    args = _trainer_args(
-        DistillationConfig, os.path.join(partial, "checkpoints"), cfg, max_steps=cfg.distill_max_steps,
-        learning_rate=cfg.distill_learning_rate, per_device_train_batch_size=cfg.distill_batch_size,
-        block_size=cfg.distill_block_size, dataset_text_field=cfg.text_column,
-        alpha_label_slot=cfg.distill_label_slot_weight if not masked and cfg.distill_templated_fraction > 0 else 0.0,
-        freeze_embeddings=cfg.distill_freeze_embeddings, freeze_lm_head=cfg.distill_freeze_embeddings,
-    )
-    trainer = DistillationTrainer(student, teacher, args, train_dataset=text, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
+    _, public_eval = public_splits(cfg)
+    student, record = distill_student(cfg, load_model(target_path, masked), tokenizer,
+                                      load_text_dataset(cfg.distill_dataset, split=cfg.distill_split),
+                                      os.path.join(partial, "checkpoints"), public_eval=public_eval)
     student.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    shutil.rmtree(args.output_dir, ignore_errors=True)
+    shutil.rmtree(os.path.join(partial, "checkpoints"), ignore_errors=True)
+    return finish_stage(partial, final, {"stage": "distill", "teacher": target_path, **record})
+
+
+def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: str, public_eval=None):
+    """Distil a student of `teacher` (the layers `cfg.student_layers`) on the public `text` dataset; returns the
+    student (eval mode) and the record.
+
+    Checkpoints go to `output_dir`, and a run that finds one there resumes from it. With `public_eval` (public
+    labelled data), the record holds the student's zero-shot accuracy on it: the provider's check before handing the
+    student out, since a student that cannot do the task zero-shot gives prompts that mostly correct its own bias,
+    which transfers badly.
+    """
+    from ..distill import DistillationTrainer, make_student, with_task_template
+    from ..evaluation import evaluate_prompt
+
+    start = time.perf_counter()
+    masked = cfg.masked
+    student = make_student(teacher, cfg.keep_layers())
+    if not masked and cfg.distill_templated_fraction > 0:
+        text = with_task_template(text, cfg.template, cfg.distill_templated_fraction, cfg.seed, cfg.text_column)
+    args = cfg.distill_args(output_dir)
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=text, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir))
     wall_time = time.perf_counter() - start
-    # The provider's check before handing the student out (public labelled data only): a student that cannot do
-    # the task zero-shot gives prompts that mostly correct its own bias, which transfers badly.
-    _, public_eval = public_splits(cfg)
-    student_zs = evaluate_prompt(student.eval(), tokenizer, public_eval, cfg.post_config(target_path),
-                                 text_column=cfg.text_column, label_column=cfg.label_column,
-                                 batch_size=cfg.eval_batch_size, desc="student: public zero-shot")
-    record = {"stage": "distill", "teacher": target_path, "keep_layers": cfg.keep_layers(),
-              "steps": trainer.state.global_step, "wall_time_s": wall_time,
-              "public_zero_shot": {"dataset": cfg.public_dataset, "split": cfg.public_split,
-                                   "accuracy": student_zs["accuracy"], "num_examples": student_zs["num_examples"],
-                                   "per_class": student_zs["per_class"]},
-              "log_history": trainer.state.log_history}
-    return finish_stage(partial, final, record)
+    record = {"keep_layers": cfg.keep_layers(), "steps": trainer.state.global_step, "wall_time_s": wall_time}
+    student.eval()
+    if public_eval is not None:
+        student_zs = evaluate_prompt(student, tokenizer, public_eval, cfg.post_config(), text_column=cfg.text_column, label_column=cfg.label_column,
+                                     batch_size=cfg.eval_batch_size, desc="student: public zero-shot")
+        record["public_zero_shot"] = {"dataset": cfg.public_dataset, "split": cfg.public_split,
+                                      "accuracy": student_zs["accuracy"], "num_examples": student_zs["num_examples"],
+                                      "per_class": student_zs["per_class"]}
+    record["log_history"] = trainer.state.log_history
+    return student, record
 
 
 def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, stage: str, dp: bool) -> dict:
     """Tune a prompt on `model_path` with the private training split (the user's stage). Returns the record."""
-    from peft import get_peft_model
-
     from ..assets import load_text_dataset
-    from ..tuning import DPConfig, DPPromptTrainer, PromptTrainer, PromptTrainingConfig
 
     record = private_stage_done(folder, stage)
     # Checkpoints (optimizer and RNG state, computed from private data) and the trainer's full output stay in the
@@ -112,40 +122,41 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     train = random_subset(load_text_dataset(cfg.private_dataset, split=cfg.private_train_split), cfg.max_train_examples,
                           cfg.seed)
     tokenizer = load_tokenizer(model_path)
-    torch.manual_seed(cfg.seed)
-    model = get_peft_model(load_model(model_path, masked), cfg.post_config(model_path))
-    args = _trainer_args(
-        PromptTrainingConfig, os.path.join(workspace, "checkpoints"), cfg, max_steps=cfg.tune_max_steps,
-        learning_rate=cfg.tune_learning_rate, per_device_train_batch_size=cfg.tune_batch_size,
-        text_column=cfg.text_column, label_column=cfg.label_column,
-    )
-    common = dict(train_dataset=train, processing_class=tokenizer)
-    if dp:
-        dp_config = DPConfig(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
-                             max_grad_norm=cfg.dp_max_grad_norm, accountant=cfg.accountant)
-        trainer = DPPromptTrainer(model, args, dp_config=dp_config, **common)
-    else:
-        trainer = PromptTrainer(model, args, **common)
-    trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
+    model = new_prompted_model(model_path, cfg.post_config(model_path), masked, cfg.seed)
+    trainer, record = tune_prompt(cfg, model, tokenizer, train, os.path.join(workspace, "checkpoints"), dp)
     saved = os.path.join(workspace, "saved")
     shutil.rmtree(saved, ignore_errors=True)
     trainer.save_model(saved)
-    # Everything below is computed from private data without noise (losses, N) or describes the user's run: it is
-    # the user's record, never released.
-    record = {"stage": stage, "model": model_path, "steps": trainer.state.global_step, "num_train_examples": len(train),
-              "privacy": trainer.privacy_report() if dp else None, "wall_time_s": time.perf_counter() - start,
-              "log_history": trainer.state.log_history}
+    # Everything in the record is computed from private data without noise (losses, N) or describes the user's run:
+    # it is the user's record, never released.
+    record = {"stage": stage, "model": model_path, **record, "wall_time_s": time.perf_counter() - start}
     return release_user_stage(saved, folder, stage, record, workspace)
+
+
+def tune_prompt(cfg: PipelineConfig, model, tokenizer, train_dataset, output_dir: str, dp: bool):
+    """Tune the prompt of `model` (a `PeftModel` with a POST adapter) on `train_dataset`, with DP-SGD when `dp`;
+    returns the trainer (its `model` is tuned; its `save_model` writes the adapter with its DP ledger) and the record.
+
+    Checkpoints go to `output_dir` (private: they are computed from the training data), and a run that finds one
+    there resumes from it, under DP with the same noise stream.
+    """
+    from ..tuning import DPPromptTrainer, PromptTrainer
+
+    args = cfg.tune_args(output_dir)
+    common = dict(train_dataset=train_dataset, processing_class=tokenizer)
+    if dp:
+        trainer = DPPromptTrainer(model, args, dp_config=cfg.dp_config(), **common)
+    else:
+        trainer = PromptTrainer(model, args, **common)
+    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir))
+    record = {"steps": trainer.state.global_step, "num_train_examples": len(train_dataset),
+              "privacy": trainer.privacy_report() if dp else None, "log_history": trainer.state.log_history}
+    return trainer, record
 
 
 def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, source_prompt: str, masked: bool,
                    folder: str) -> dict:
     """Transfer p_s to the target with public data only (the provider's stage). Returns the record."""
-    from peft import get_peft_model
-
-    from ..evaluation import evaluate_prompt
-    from ..transfer import TransferConfig, TransferTrainer, suggest_alpha
-
     record = stage_done(folder)
     if record is not None:
         return {**record, "reused": True}
@@ -154,74 +165,95 @@ def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, sou
     public_train, public_eval = public_splits(cfg)
     tokenizer = load_tokenizer(target_path)
     source = load_prompted_model(student_path, source_prompt, masked)
-    task = source.active_peft_config
-    target_base = load_model(target_path, masked)
-    alpha, alpha_inputs = cfg.alpha, None
-    if alpha is None:
-        # The heuristic's accuracies come from PUBLIC labelled data: the provider holds no private data.
-        zs = evaluate_prompt(target_base, tokenizer, public_eval, task, text_column=cfg.text_column,
-                             label_column=cfg.label_column, batch_size=cfg.eval_batch_size, desc="alpha: zero-shot")
-        src = evaluate_prompt(source, tokenizer, public_eval, task, text_column=cfg.text_column,
-                              label_column=cfg.label_column, batch_size=cfg.eval_batch_size, desc="alpha: source")
-        alpha = suggest_alpha(zs["accuracy"], src["accuracy"], task.num_classes)
-        alpha_inputs = {"public_zero_shot": zs["accuracy"], "public_source": src["accuracy"]}
-    torch.manual_seed(cfg.seed)
-    # Prompt tuning leaves the base weights untouched, so the model scored zero-shot above is the one wrapped here.
-    target = get_peft_model(target_base, cfg.post_config(target_path))
-    args = _trainer_args(
-        TransferConfig, os.path.join(partial, "checkpoints"), cfg, max_steps=cfg.transfer_max_steps,
-        learning_rate=cfg.transfer_learning_rate, per_device_train_batch_size=cfg.transfer_batch_size,
-        alpha=alpha, temperature=cfg.temperature, text_column=cfg.text_column, label_column=cfg.label_column,
-        public_dataset_name=cfg.public_dataset, eval_strategy="steps", cache_top_k=cfg.transfer_cache_top_k,
-        eval_steps=max(cfg.transfer_max_steps // 5, 1),
-    )
-    trainer = TransferTrainer(target, source, args, public_dataset=public_train, public_eval_dataset=public_eval,
-                              processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
+    target = new_prompted_model(target_path, cfg.post_config(target_path), masked, cfg.seed)
+    trainer, record = transfer_prompt(cfg, target, source, tokenizer, public_train, public_eval,
+                                      os.path.join(partial, "checkpoints"))
     trainer.save_model(partial)
-    shutil.rmtree(args.output_dir, ignore_errors=True)
+    shutil.rmtree(os.path.join(partial, "checkpoints"), ignore_errors=True)
     # Trainer pickles its arguments beside the adapter; they hold the run's seed, which the user's stages share, and
     # the provider publishes this folder.
     drop_training_arguments(partial)
-    record = {"stage": "transfer", "alpha": alpha, "alpha_inputs": alpha_inputs, "steps": trainer.state.global_step,
-              "num_public_examples": len(public_train), "wall_time_s": time.perf_counter() - start,
-              "log_history": trainer.state.log_history}
+    record = {"stage": "transfer", **record, "wall_time_s": time.perf_counter() - start}
     return finish_stage(partial, folder, record)
+
+
+def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train, public_eval, output_dir: str,
+                    alpha: Optional[float] = None):
+    """Transfer the prompt of `source` (the student's `PeftModel`) into `target` (the target's `PeftModel`) on the
+    public data; returns the trainer (its `save_model` writes p_t with its provenance) and the record.
+
+    α is `alpha`, else `cfg.transfer_alpha`, else the paper's heuristic on `public_eval`: the accuracies of the
+    unprompted target and of the source there (public labelled data: the provider holds no private data).
+    Checkpoints go to `output_dir`, and a run that finds one there resumes from it.
+    """
+    from ..evaluation import evaluate_prompt
+    from ..transfer import TransferTrainer, suggest_alpha
+
+    alpha = cfg.transfer_alpha if alpha is None else alpha
+    alpha_inputs = None
+    if alpha is None:
+        task = source.active_peft_config
+        kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, batch_size=cfg.eval_batch_size)
+        zs = evaluate_prompt(target, tokenizer, public_eval, task, use_prompt=False, desc="alpha: zero-shot", **kw)
+        src = evaluate_prompt(source, tokenizer, public_eval, task, desc="alpha: source", **kw)
+        alpha = suggest_alpha(zs["accuracy"], src["accuracy"], task.num_classes)
+        alpha_inputs = {"public_zero_shot": zs["accuracy"], "public_source": src["accuracy"]}
+    trainer = TransferTrainer(target, source, cfg.transfer_args(output_dir, alpha=alpha), public_dataset=public_train,
+                              public_eval_dataset=public_eval, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir))
+    record = {"alpha": alpha, "alpha_inputs": alpha_inputs, "steps": trainer.state.global_step,
+              "num_public_examples": len(public_train), "log_history": trainer.state.log_history}
+    return trainer, record
 
 
 def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, folders: dict, masked: bool) -> dict:
     """Accuracy of every method on the private test split: scored once, used for nothing but the report.
 
-    Each score is cached in the run's private workspace under the fingerprint of the prompt it scores, so a run that
-    reuses a stage reuses its scores too (`cached_evaluation`).
+    Each score is cached in the run's private workspace under the fingerprint of the prompt it scores (`cached_evaluation`),
+    so a run that reuses a stage reuses its scores too.
     """
     from ..assets import load_text_dataset
-    from ..evaluation import evaluate_prompt
     from ..transfer import direct_transfer
 
     test = random_subset(load_text_dataset(cfg.private_dataset, split=cfg.private_test_split), cfg.max_test_examples,
                          cfg.seed)
     tokenizer = load_tokenizer(target_path)
-    task = cfg.post_config()
-    kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, batch_size=cfg.eval_batch_size)
-
-    def score(method: str, prompt: Optional[str], load, desc: str, student: Optional[str] = None) -> dict:
-        return cached_evaluation(cfg.run_dir, prompt, evaluation_key(cfg, target_path, method, student),
-                                 lambda: evaluate_prompt(load(), tokenizer, test, task, desc=desc, **kw))
-
-    results = {
-        "zero_shot": score("zero_shot", None, lambda: load_model(target_path, masked), "zero-shot"),
-        "student_prompt": score("student_prompt", folders["tune"],
-                                lambda: load_prompted_model(student_path, folders["tune"], masked), "student p_s",
-                                student_path),
-        "direct_transfer": score("direct_transfer", folders["tune"], lambda: direct_transfer(
-            load_prompted_model(student_path, folders["tune"], masked), load_model(target_path, masked)),
-            "direct transfer", student_path),
-        "post": score("post", folders["transfer"],
-                      lambda: load_prompted_model(target_path, folders["transfer"], masked), "POST"),
+    # method -> (the prompt folder it scores, whether it runs the student, its model's loader)
+    methods = {
+        "zero_shot": (None, False, lambda: load_model(target_path, masked)),
+        "student_prompt": (folders["tune"], True, lambda: load_prompted_model(student_path, folders["tune"], masked)),
+        "direct_transfer": (folders["tune"], True, lambda: direct_transfer(
+            load_prompted_model(student_path, folders["tune"], masked), load_model(target_path, masked))),
+        "post": (folders["transfer"], False, lambda: load_prompted_model(target_path, folders["transfer"], masked)),
     }
     if cfg.full_baseline:
-        results["full_prompt_tuning"] = score(
-            "full_prompt_tuning", folders["full_tuning"],
-            lambda: load_prompted_model(target_path, folders["full_tuning"], masked), "full PT")
+        methods["full_prompt_tuning"] = (folders["full_tuning"], False,
+                                         lambda: load_prompted_model(target_path, folders["full_tuning"], masked))
+    results = {}
+    for method, (prompt, runs_student, load) in methods.items():
+        key = evaluation_key(cfg, target_path, method, student_path if runs_student else None)
+        results[method] = cached_evaluation(
+            cfg.run_dir, prompt, key, lambda method=method, load=load: score_methods(cfg, tokenizer, test,
+                                                                                   {method: load})[method])
     return {"num_test_examples": len(test), "results": results}
+
+
+def score_methods(cfg: PipelineConfig, tokenizer, test_dataset,
+                  models: Mapping[str, Union[torch.nn.Module, Callable[[], Any]]]) -> dict:
+    """Accuracy and per-class counts of each method's model on `test_dataset`, under `cfg`'s task: {method: scores}.
+
+    `models` maps a method name to its model, or to a function that loads it; loaders are called one at a time, so
+    only one model is in memory at once. Plain models are scored zero-shot, `PeftModel`s with their prompt.
+    """
+    from ..evaluation import evaluate_prompt
+
+    task = cfg.post_config()
+    scores = {}
+    for method, model in models.items():
+        if not isinstance(model, torch.nn.Module):
+            model = model()
+        scores[method] = evaluate_prompt(model, tokenizer, test_dataset, task, text_column=cfg.text_column,
+                                         label_column=cfg.label_column, batch_size=cfg.eval_batch_size,
+                                         desc=METHOD_DESCRIPTIONS.get(method, method))
+        del model
+    return scores

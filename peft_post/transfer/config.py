@@ -97,6 +97,9 @@ class TransferConfig(TrainingArguments):
             )
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1], got {self.alpha!r}.")
+        if isinstance(self.learning_rate, bool) or not (isinstance(self.learning_rate, (int, float))
+                                                         and 0 < self.learning_rate < float("inf")):
+            raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate!r}.")
         if not isinstance(self.temperature, (int, float)) or not 0 < self.temperature < float("inf"):
             raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature!r}.")
         if self.cache_top_k is not None and (not isinstance(self.cache_top_k, int) or self.cache_top_k < 1):
