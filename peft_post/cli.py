@@ -49,7 +49,13 @@ class PushArguments:
         default=None, metadata={"help": "report.json of the run, to put its evaluation table in the card."}
     )
     private: bool = field(default=True, metadata={"help": "Create the repo private (default)."})
-    token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    token: Optional[str] = field(
+        default=None, metadata={"help": "Hub token (default: HF_TOKEN, else the one saved by `hf auth login`)."}
+    )
+    license: Optional[str] = field(default=None, metadata={"help": "License id for the card, e.g. 'apache-2.0'."})
+    datasets: Optional[list[str]] = field(
+        default=None, metadata={"help": "Hub ids of the public data sets to list in the card's metadata."}
+    )
 
 
 def _parse(dataclass_type, argv: list[str], prog: str):
@@ -159,17 +165,25 @@ def _audit_dp(cfg: PipelineConfig, audit: DPAuditConfig, command: str) -> int:
 
 
 def _push(args: PushArguments) -> int:
-    from .hub import load_transferred_prompt, push_transferred_prompt
-    from .config import POSTConfig
+    """Upload the adapter folder and its card: no model is loaded; no token exits 2 before any request."""
+    from .hub import push_adapter_folder
 
     evaluation = None
     if args.report is not None:
+        if not os.path.isfile(args.report):
+            raise ValueError(f"--report {args.report!r} is not a file; pass the report.json of the run.")
         with open(args.report, encoding="utf-8") as f:
-            evaluation = {k: v for k, v in json.load(f)["accuracy"].items() if v is not None}
-    base = args.base_model or POSTConfig.from_pretrained(args.adapter).base_model_name_or_path
-    model = load_transferred_prompt(base, args.adapter)
-    info = push_transferred_prompt(model, args.repo_id, private=args.private, token=args.token,
-                                   evaluation=evaluation, base_model=args.base_model)
+            accuracy = json.load(f).get("accuracy")
+        if not isinstance(accuracy, dict):
+            raise ValueError(f"--report {args.report!r} has no 'accuracy' table; pass the report.json of the run.")
+        evaluation = {k: v for k, v in accuracy.items() if v is not None} or None
+    try:
+        info = push_adapter_folder(args.adapter, args.repo_id, private=args.private, token=args.token,
+                                   evaluation=evaluation, base_model=args.base_model, license=args.license,
+                                   datasets=args.datasets)
+    except OSError as err:  # the Hub could not be reached or refused the upload (HfHubHTTPError is an OSError)
+        print(f"peft-post push: error: {err}", file=sys.stderr)
+        return 1
     print(f"pushed {args.adapter} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
     return 0
 

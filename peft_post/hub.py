@@ -1,28 +1,33 @@
 """Publish a POST soft prompt to the Hugging Face Hub with an honest model card, and load it back.
 
 `model.push_to_hub` is not used: it replaces PEFT's card with a transformers card (wrong ``library_name``, PEFT tags
-lost; DESIGN §4). Instead the adapter is written with ``save_pretrained`` (``adapter_config.json``,
-``adapter_model.safetensors`` and the POST side file ``post_config.json``), our card replaces ``README.md``, and
-the folder goes up in one commit with ``HfApi().upload_folder``.
-"""
+lost; DESIGN §4). Instead the adapter files (``adapter_config.json``, ``adapter_model.safetensors`` and the POST side
+file ``post_config.json``: written with ``save_pretrained`` by `push_transferred_prompt`, or taken from a saved
+folder by `push_adapter_folder`, which loads no model) go up with our card as ``README.md`` in one commit with
+``HfApi().upload_folder``. The card's text is the Jinja2 template ``templates/model_card.md``, rendered by
+`ModelCard.from_template`; this module only computes its variables (formatted numbers, table rows)."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import os
+import shutil
 import tempfile
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
-from peft.utils import CONFIG_NAME
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-from .config import POSTConfig, guarantee_holds
+from .config import POST_CONFIG_NAME, POSTConfig, guarantee_holds
 from .io import atomic_write_text
 
 PAPER_URL = "https://arxiv.org/abs/2506.16196"
 DEFAULT_COMMIT_MESSAGE = "Upload POST soft prompt"
 BASE_TAGS = ("peft", "prompt-tuning", "post")
 DP_TAG = "differential-privacy"
+MODEL_CARD_TEMPLATE = "model_card.md"  # Jinja2, in peft_post/templates/
+ADAPTER_WEIGHT_NAMES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
 
 _LEDGER_ROWS = (
     ("epsilon", "ε (epsilon)"),
@@ -90,156 +95,65 @@ def _normalise_evaluation(evaluation: Optional[Mapping]) -> list[tuple[str, floa
     return rows
 
 
-def _snippet(config: POSTConfig, base_model: str, repo_id: str) -> str:
-    masked = config.task_type == "FEATURE_EXTRACTION"
-    auto = "AutoModelForMaskedLM" if masked else "AutoModelForCausalLM"
-    lines = [
-        "import torch",
-        f"from transformers import {auto}, AutoTokenizer",
-        "from peft import PeftModel",
-        "",
-        f'base = {auto}.from_pretrained("{base_model}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{base_model}")',
-        f'model = PeftModel.from_pretrained(base, "{repo_id}").eval()',
-        "",
-        f"template = {config.template!r}",
-        f"label_words = {config.label_words!r}",
-        "# Each label word is scored by the first token of ' word' (with the leading space).",
-        'label_ids = [[tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in words] for words in label_words]',
-        "",
-        'text = "A moving, beautifully acted film."',
-    ]
-    if masked:
-        lines += [
-            "inputs = tokenizer(template.format(text=text, mask=tokenizer.mask_token), return_tensors=\"pt\")",
-            "# PEFT prepends the virtual tokens, so the <mask> slot moves right by their number.",
-            "slot = model.peft_config[\"default\"].num_virtual_tokens + int((inputs.input_ids[0] == tokenizer.mask_token_id).nonzero()[0, 0])",
-            "with torch.no_grad():",
-            "    logits = model(**inputs).logits[0, slot]",
-        ]
-    else:
-        lines += [
-            "inputs = tokenizer(template.format(text=text), return_tensors=\"pt\")",
-            "with torch.no_grad():",
-            "    logits = model(**inputs).logits[0, -1]  # the label is the token after the template",
-        ]
-    lines += [
-        "scores = [logits[ids].mean().item() for ids in label_ids]",
-        "print(label_words[scores.index(max(scores))][0], scores)",
-    ]
-    return "\n".join(lines)
+def _ledger_rows(ledger: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of a DP ledger: the known keys in `_LEDGER_ROWS` order, then any others by name."""
+    labels = dict(_LEDGER_ROWS)
+    keys = [k for k, _ in _LEDGER_ROWS if k in ledger] + sorted(k for k in ledger if k not in labels)
+    return [(labels.get(key, key), _fmt(ledger[key])) for key in keys]
 
 
-def _provenance_section(config: POSTConfig, base_model: str) -> str:
-    transferred = config.source_model_name_or_path is not None
-    out = ["## Transfer provenance", ""]
-    if transferred:
-        out += [
-            f"This prompt was not trained on `{base_model}` directly. A prompt was tuned on the small source model "
-            f"`{config.source_model_name_or_path}` and transferred to `{base_model}` with POST, which trains only the "
-            "target prompt to make the prompted target mimic the prompted source, on public data only:",
-            "",
-            "L = (1 − α)·KL_T(a_t, a_s) + α·KL_T(a_t − b_t, a_s − b_s)",
-            "",
-            "where a/b are the label-slot logits with/without the prompt on the source (s) and target (t) models.",
-            "",
-        ]
-    else:
-        out += [
-            "No source model is recorded: this prompt was not produced by a POST transfer (it was tuned on "
-            f"`{base_model}` directly, or its provenance was not recorded).",
-            "",
-        ]
+def _provenance_rows(config: POSTConfig, base_model: str) -> list[tuple[str, str]]:
     rows = [("target (base) model", base_model)]
-    if transferred:
+    if config.source_model_name_or_path is not None:
         rows.append(("source model", config.source_model_name_or_path))
     rows += [
         ("transfer α (direction-term weight)", "not recorded" if config.transfer_alpha is None else config.transfer_alpha),
         ("transfer temperature T", config.transfer_temperature),
         ("virtual tokens", config.num_virtual_tokens),
     ]
-    for key in sorted(config.provenance or {}):
-        rows.append((key, (config.provenance or {})[key]))
-    out += ["| field | value |", "|---|---|"] + [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in rows]
-    if not config.provenance:
-        out += ["", "No further provenance (public data set, step count, seed) was recorded with this prompt."]
-    return "\n".join(out)
+    provenance = config.provenance or {}
+    rows += [(key, provenance[key]) for key in sorted(provenance)]
+    return [(_fmt(k), _fmt(v)) for k, v in rows]
 
 
-def _privacy_section(config: POSTConfig) -> str:
-    out = ["## Privacy", ""]
+def _card_variables(config: POSTConfig, repo_id: str, base_model: str, rows) -> dict:
+    """The variables of ``templates/model_card.md``: values already formatted for a Markdown table or code line."""
     ledger = config.privacy
-    transferred = config.source_model_name_or_path is not None
-    if ledger is None:
-        out += [
-            "**This prompt has no differential-privacy guarantee.** Its training did not use DP-SGD, so the prompt "
-            "may reveal information about the examples it was trained on (soft prompts trained without DP are "
-            "measurably vulnerable to membership inference). Do not publish it if that training data is private.",
-        ]
-        cleared = (config.provenance or {}).get("dp_claim_cleared")
-        if cleared:
-            out += ["", f"An earlier DP ledger (ε = {_fmt(cleared.get('previous_epsilon'))}) was cleared: "
-                        f"{_fmt(cleared.get('reason'))}."]
-        return "\n".join(out)
-    where = (
-        f"on the source model `{config.source_model_name_or_path}`" if transferred else "on the base model"
+    cleared = None if ledger is not None else (config.provenance or {}).get("dp_claim_cleared")
+    masked = config.task_type == "FEATURE_EXTRACTION"
+    return dict(
+        paper_url=PAPER_URL,
+        repo_id=repo_id,
+        base_model=base_model,
+        source_model=config.source_model_name_or_path,
+        num_virtual_tokens=config.num_virtual_tokens,
+        dp_holds=guarantee_holds(ledger),
+        # the loading snippet
+        masked=masked,
+        auto_class="AutoModelForMaskedLM" if masked else "AutoModelForCausalLM",
+        template_repr=repr(config.template),
+        label_words_repr=repr(config.label_words),
+        # the task
+        template_text=_fmt(config.template),
+        max_length=config.max_length,
+        label_rows=[(c, _fmt(words)) for c, words in enumerate(config.label_words)],
+        # provenance
+        provenance_rows=_provenance_rows(config, base_model),
+        provenance_recorded=bool(config.provenance),
+        # privacy: `ledger_rows` is None without a ledger
+        ledger_rows=None if ledger is None else _ledger_rows(ledger),
+        void_reasons=None if ledger is None else "; ".join(ledger.get("guarantee_void_reasons", [])),
+        replace_one=ledger is not None and ledger.get("adjacency") == "replace_one",
+        adjacency=None if ledger is None else _fmt(ledger.get("adjacency", "add/remove-one (not recorded)")),
+        cleared=None if not cleared else {
+            "previous_epsilon": _fmt(cleared.get("previous_epsilon")), "reason": _fmt(cleared.get("reason")),
+        },
+        # evaluation: (name, accuracy, examples, data)
+        evaluation_rows=[
+            (_fmt(name), f"{100 * accuracy:.2f}%", "" if count is None else count, _fmt(dataset or ""))
+            for name, accuracy, count, dataset in rows
+        ],
     )
-    if not guarantee_holds(ledger):
-        out += ["**The differential-privacy guarantee does not hold for this prompt**, although it was trained with "
-                "DP-SGD: " + "; ".join(ledger.get("guarantee_void_reasons", [])) + ". Treat it as non-private.", ""]
-    out += [
-        f"The prompt was trained {where} with DP-SGD updating the prompt only: each example's gradient was clipped to "
-        "norm C, Gaussian noise of standard deviation σ·C was added to the sum, and batches were drawn by Poisson "
-        "sampling with rate q. The accountant turns these into the (ε, δ) guarantee below. The table is the whole "
-        "ledger, as saved in `post_config.json`.",
-        "",
-        "| privacy ledger | value |",
-        "|---|---|",
-    ]
-    labels = dict(_LEDGER_ROWS)
-    keys = [k for k, _ in _LEDGER_ROWS if k in ledger] + sorted(k for k in ledger if k not in labels)
-    out += [f"| {labels.get(key, key)} | {_fmt(ledger[key])} |" for key in keys]
-    relation = ("replacing any single example of the private data set by another (replace-one adjacency; the data "
-                "set's size is public, as q reveals it)" if ledger.get("adjacency") == "replace_one"
-                else f"the neighbouring relation {_fmt(ledger.get('adjacency', 'add/remove-one (not recorded)'))}")
-    out += [
-        "",
-        f"**What this protects:** each single example of the private data set the prompt was tuned on, against "
-        f"{relation}. Anything derived from the published prompt (its values, or outputs of a model using it) is "
-        "(ε, δ)-close to what it would have been with that example changed.",
-    ]
-    if transferred:
-        out[-1] += (
-            " The transfer to the target model read only the DP-trained source prompt and public data, never the "
-            "private data, so by the post-processing property of DP the transferred prompt keeps the same (ε, δ)."
-        )
-    out += [
-        "",
-        "**What this does not protect:**",
-        "",
-        "- inference queries: texts sent to a model that uses this prompt are seen by whoever runs that model;",
-        "- the public data used for the transfer, which is used without noise (it is public by assumption);",
-        "- the base models' own training and distillation data;",
-        "- groups: k related examples (e.g. one person's many reviews) are protected only at roughly k·ε;",
-        "- the numbers themselves: they are the training code's record, not an audit of it.",
-    ]
-    return "\n".join(out)
-
-
-def _evaluation_section(rows) -> str:
-    out = ["## Evaluation", ""]
-    if not rows:
-        return "\n".join(out + ["No evaluation results were published with this prompt."])
-    out += [
-        "Accuracy of the verbalized classification task (template and label words above), as reported by the "
-        "publisher:",
-        "",
-        "| model / prompt | accuracy | examples | data |",
-        "|---|---|---|---|",
-    ]
-    for name, accuracy, count, dataset in rows:
-        out.append(f"| {_fmt(name)} | {100 * accuracy:.2f}% | {'' if count is None else count} | {_fmt(dataset or '')} |")
-    return "\n".join(out)
 
 
 def build_model_card(
@@ -248,15 +162,19 @@ def build_model_card(
     *,
     base_model: Optional[str] = None,
     evaluation: Optional[Mapping] = None,
+    license: Optional[str] = None,
+    datasets: Optional[Sequence[str]] = None,
 ):
-    """The `huggingface_hub.ModelCard` of a POST prompt published as `repo_id`.
+    """The `huggingface_hub.ModelCard` of a POST prompt published as `repo_id`, rendered from
+    ``peft_post/templates/model_card.md`` with `ModelCard.from_template`.
 
     YAML metadata: ``library_name: peft``, ``base_model`` (``base_model`` or ``config.base_model_name_or_path``,
     which must be a Hub id, not a local path), tags ``peft``, ``prompt-tuning``, ``post`` and, only when
-    ``config.privacy`` holds a DP ledger, ``differential-privacy``. Sections: loading with plain PEFT (a runnable
-    snippet), the task, transfer provenance, privacy (ledger and scope, or a plain statement that there is no DP
-    guarantee) and evaluation (``evaluation``: ``{row name: accuracy in [0, 1] or evaluate_prompt(...) result}``,
-    a result may add a ``"dataset"`` key).
+    ``config.privacy`` holds a DP ledger whose guarantee holds, ``differential-privacy``; ``license`` and
+    ``datasets`` (Hub ids) only when given. Sections: loading with plain PEFT (a runnable snippet), the task,
+    transfer provenance, privacy (ledger and scope, or a plain statement that there is no DP guarantee) and
+    evaluation (``evaluation``: ``{row name: accuracy in [0, 1] or evaluate_prompt(...) result}``, a result may
+    add a ``"dataset"`` key).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -271,6 +189,13 @@ def build_model_card(
         "Pass base_model='org/name', the Hub id of the same weights the prompt was made for.",
     )
     _check_hub_id(repo_id, "repo_id", "Use 'user/name' or 'org/name'.")
+    if license is not None and (not isinstance(license, str) or not license.strip()):
+        raise ValueError(f"`license` must be a license id such as 'apache-2.0', got {license!r}.")
+    if datasets is not None:
+        if isinstance(datasets, str) or not datasets:
+            raise ValueError(f"`datasets` must be a non-empty list of Hub dataset ids, got {datasets!r}.")
+        for name in datasets:
+            _check_hub_id(name, "datasets", "List the Hub ids ('org/name') of the public data sets used.")
     rows = _normalise_evaluation(evaluation)
     # The tag means a guarantee that holds: not for a ledger its own trainer declared void (replayable noise).
     tags = list(BASE_TAGS) + ([DP_TAG] if guarantee_holds(config.privacy) else [])
@@ -278,43 +203,84 @@ def build_model_card(
         library_name="peft",
         base_model=base_model,
         tags=tags,
+        license=license,
+        datasets=None if datasets is None else list(datasets),
         pipeline_tag="fill-mask" if config.task_type == "FEATURE_EXTRACTION" else "text-generation",
     )
-    transferred = config.source_model_name_or_path is not None
-    summary = (
-        f"A soft prompt ({config.num_virtual_tokens} virtual tokens) for `{base_model}`, "
-        + (f"transferred from `{config.source_model_name_or_path}` with " if transferred else "published with ")
-        + f"[POST]({PAPER_URL}) (Privacy Of Soft-prompt Transfer, ICML 2025). "
-        + ("It carries a differential-privacy guarantee; see Privacy." if guarantee_holds(config.privacy)
-           else "It carries **no** differential-privacy guarantee; see Privacy.")
-    )
-    label_table = ["| label id | label words |", "|---|---|"] + [
-        f"| {c} | {_fmt(words)} |" for c, words in enumerate(config.label_words)
-    ]
-    body = "\n\n".join([
-        f"# POST soft prompt for {base_model}",
-        summary,
-        "## How to load it with plain PEFT\n\n"
-        "The adapter is an ordinary PEFT prompt-tuning adapter: `transformers` and `peft` are all you need.\n\n"
-        f"```python\n{_snippet(config, base_model, repo_id)}\n```\n\n"
-        "With `peft_post` installed, `load_transferred_prompt(base, repo_id)` also restores the POST fields "
-        "(template, label words, provenance, privacy ledger) from `post_config.json` as a `POSTConfig`.",
-        "## Task\n\n"
-        f"Classification as text infilling: each input is rendered through the template `{_fmt(config.template)}` "
-        f"(at most {config.max_length} tokens, cut from the left) and class c scores the mean logit of its label "
-        "words at the label slot.\n\n" + "\n".join(label_table),
-        _provenance_section(config, base_model),
-        _privacy_section(config),
-        _evaluation_section(rows),
-        "## Citation\n\n"
-        "Wang, Xu, Boenisch, Backes, Choquette-Choo, Dziedzic. *Efficient and Privacy-Preserving Soft Prompt "
-        f"Transfer for LLMs.* ICML 2025. {PAPER_URL}",
-    ])
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+    template = importlib.resources.files(__package__) / "templates" / MODEL_CARD_TEMPLATE
+    with importlib.resources.as_file(template) as path:
+        return ModelCard.from_template(data, template_path=str(path),
+                                       **_card_variables(config, repo_id, base_model, rows))
 
 
-def push_transferred_prompt(
-    peft_model,
+def _require_token(token: Union[str, bool, None]) -> str:
+    """The token to push with (`token`, else the saved login or HF_TOKEN); a `ValueError` before any request if none."""
+    from huggingface_hub import get_token
+
+    if token is False:
+        raise ValueError("`token=False`: pushing to the Hub needs a token with write access.")
+    if token is not None and token is not True:
+        if not isinstance(token, str) or not token.strip():
+            raise ValueError(f"`token` must be a Hub access token string, got {type(token).__name__}.")
+        return token
+    found = get_token()
+    if not found:
+        raise ValueError(
+            "No Hugging Face token: pushing needs one with write access. Run `hf auth login`, or set the HF_TOKEN "
+            "environment variable (or pass a token). Nothing was uploaded."
+        )
+    return found
+
+
+def _check_token_with_hub(api) -> None:
+    """Ask the Hub whether it accepts `api`'s token; a clear error when it does not or cannot be reached."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        api.whoami()
+    except HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        if status == 401:
+            raise ValueError(
+                f"The Hub rejected the token ({e}). Run `hf auth login --force` with a token that has write access, "
+                "or set HF_TOKEN to one. Nothing was uploaded."
+            ) from e
+        raise ConnectionError(f"The Hub at {api.endpoint} answered {status} when checking the token: {e}") from e
+    except Exception as e:  # offline mode, DNS, refused connection: the HTTP client's own error classes
+        raise ConnectionError(
+            f"Could not reach the Hub at {api.endpoint} to check the token ({type(e).__name__}: {e}). Pushing needs "
+            "a network connection (and HF_HUB_OFFLINE unset). Nothing was uploaded."
+        ) from e
+
+
+def read_adapter_folder(adapter: str) -> POSTConfig:
+    """The `POSTConfig` of the POST adapter saved in the folder `adapter`, read from its JSON files only.
+
+    A `ValueError` naming `adapter` when it is not a folder, lacks ``adapter_config.json``, the adapter weights or
+    ``post_config.json``, or holds another kind of adapter. No model is loaded and no request is made.
+    """
+    if not isinstance(adapter, (str, os.PathLike)) or not os.path.isdir(adapter):
+        raise ValueError(
+            f"`adapter` {adapter!r} is not a folder: pass the folder of a saved POST prompt, e.g. "
+            "runs/post/transferred_prompt."
+        )
+    adapter = os.fspath(adapter)
+    missing = [name for name in (CONFIG_NAME, POST_CONFIG_NAME) if not os.path.isfile(os.path.join(adapter, name))]
+    if not any(os.path.isfile(os.path.join(adapter, name)) for name in ADAPTER_WEIGHT_NAMES):
+        missing.append(" or ".join(ADAPTER_WEIGHT_NAMES))
+    if missing:
+        raise ValueError(
+            f"`adapter` {adapter!r} is not a saved POST prompt: it lacks {', '.join(missing)}. Pass the folder that "
+            "save_pretrained wrote (e.g. runs/post/transferred_prompt), not a run folder or a checkpoint."
+        )
+    try:
+        return POSTConfig.from_pretrained(adapter)
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"`adapter` {adapter!r} does not hold a valid POST prompt: {e}") from e
+
+
+def push_adapter_folder(
+    adapter: str,
     repo_id: str,
     *,
     private: bool = True,
@@ -322,38 +288,41 @@ def push_transferred_prompt(
     evaluation: Optional[Mapping] = None,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     base_model: Optional[str] = None,
-    adapter_name: str = "default",
+    license: Optional[str] = None,
+    datasets: Optional[Sequence[str]] = None,
 ):
-    """Upload a POST prompt and its model card to the Hub repo `repo_id` (created private by default).
+    """Upload the POST prompt saved in the folder `adapter` and its model card to the Hub repo `repo_id` (created
+    private by default). No model is loaded or downloaded.
 
-    ``base_model`` overrides the adapter's ``base_model_name_or_path`` in the card *and* in the uploaded
-    ``adapter_config.json`` (needed when the model was loaded from a local folder). Refuses to upload into an
-    existing public repo when ``private=True``. Returns the `huggingface_hub.CommitInfo` of the upload.
+    In order: the token (`token`, else ``HF_TOKEN`` or the ``hf auth login`` one; a `ValueError` saying how to log in
+    when there is none), the folder (`read_adapter_folder`) and the card (`build_model_card`, from the folder's
+    ``adapter_config.json`` and ``post_config.json``) are checked before any request; then the Hub is asked whether
+    it accepts the token (a `ValueError` when it does not, a `ConnectionError` when it cannot be reached). Only the
+    adapter files (``adapter_config.json``, the weights, ``post_config.json``) and the card as ``README.md`` go up,
+    in one commit; other files in the folder (trainer state, checkpoints) stay. ``base_model`` overrides the
+    adapter's ``base_model_name_or_path`` in the card *and* in the uploaded ``adapter_config.json`` (needed when
+    the prompt was made on a local folder), so that `AutoPeftModel*` finds the base weights on the Hub. Refuses to
+    upload into an existing public repo when ``private=True``. Returns the `huggingface_hub.CommitInfo`.
     """
     from huggingface_hub import HfApi
-    from peft import PeftModel
 
-    if not isinstance(peft_model, PeftModel) or adapter_name not in getattr(peft_model, "peft_config", {}):
-        raise ValueError(
-            f"`peft_model` must be a PeftModel with an adapter named {adapter_name!r}, got {type(peft_model).__name__}."
-        )
-    config = peft_model.peft_config[adapter_name]
-    card = build_model_card(config, repo_id, base_model=base_model, evaluation=evaluation)
-    base_model = card.data.base_model
+    token = _require_token(token)
+    config = read_adapter_folder(adapter)
+    card = build_model_card(config, repo_id, base_model=base_model, evaluation=evaluation, license=license,
+                            datasets=datasets)
     if not isinstance(commit_message, str) or not commit_message.strip():
         raise ValueError("`commit_message` must be a non-empty string.")
 
     api = HfApi(token=token)
-    with tempfile.TemporaryDirectory(prefix="post-push-") as tmp:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
-        # PEFT saves a non-default adapter into a subfolder named after it.
-        folder = tmp if adapter_name == "default" else os.path.join(tmp, adapter_name)
-        # The Hub id goes in after saving: during save PEFT probes base_model_name_or_path for config.json, and a
-        # local folder answers without a network request.
+    _check_token_with_hub(api)
+    with tempfile.TemporaryDirectory(prefix="post-push-") as folder:
+        for name in (CONFIG_NAME, POST_CONFIG_NAME) + ADAPTER_WEIGHT_NAMES:
+            if os.path.isfile(os.path.join(adapter, name)):
+                shutil.copyfile(os.path.join(adapter, name), os.path.join(folder, name))
         adapter_config_path = os.path.join(folder, CONFIG_NAME)
         with open(adapter_config_path, encoding="utf-8") as f:
             adapter_config = json.load(f)
-        adapter_config["base_model_name_or_path"] = base_model
+        adapter_config["base_model_name_or_path"] = card.data.base_model
         atomic_write_text(adapter_config_path, json.dumps(adapter_config, indent=2, sort_keys=True))
         atomic_write_text(os.path.join(folder, "README.md"), str(card))
 
@@ -363,9 +332,34 @@ def push_transferred_prompt(
                 f"`private=True` but the Hub repo {repo_id!r} already exists and is public; nothing was uploaded. "
                 "Make the repo private first, or pass private=False to publish there."
             )
-        return api.upload_folder(
-            folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message
+        return api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                                 commit_message=commit_message)
+
+
+def push_transferred_prompt(peft_model, repo_id: str, *, adapter_name: str = "default", **push_options):
+    """Upload the POST prompt `adapter_name` of the PeftModel `peft_model` and its model card to the Hub repo
+    `repo_id`: `push_adapter_folder` of the folder its ``save_pretrained`` writes.
+
+    ``push_options`` are those of `push_adapter_folder`: ``private=True``, ``token=None``, ``evaluation=None``,
+    ``commit_message``, ``base_model=None``, ``license=None``, ``datasets=None``. The token is checked first, then
+    that the adapter is a POSTConfig one; both before anything is written or sent.
+    """
+    from peft import PeftModel
+
+    push_options["token"] = _require_token(push_options.get("token"))
+    if not isinstance(peft_model, PeftModel) or adapter_name not in getattr(peft_model, "peft_config", {}):
+        raise ValueError(
+            f"`peft_model` must be a PeftModel with an adapter named {adapter_name!r}, got {type(peft_model).__name__}."
         )
+    # The card's inputs are checked before saving (push_adapter_folder builds the card again from the saved files):
+    # the folder of a plain PromptTuningConfig would only say that it lacks post_config.json.
+    card_options = {k: v for k, v in push_options.items() if k in ("base_model", "evaluation", "license", "datasets")}
+    build_model_card(peft_model.peft_config[adapter_name], repo_id, **card_options)
+    with tempfile.TemporaryDirectory(prefix="post-save-") as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
+        # PEFT saves a non-default adapter into a subfolder named after it.
+        return push_adapter_folder(tmp if adapter_name == "default" else os.path.join(tmp, adapter_name), repo_id,
+                                   **push_options)
 
 
 def load_transferred_prompt(

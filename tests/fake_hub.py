@@ -1,6 +1,6 @@
 """A local, in-memory stand-in for the Hugging Face Hub, for tests of real `huggingface_hub` upload and download calls.
 
-It speaks the subset of the Hub HTTP API that `huggingface_hub` 2.4 uses for `create_repo`, `upload_folder`
+It speaks the subset of the Hub HTTP API that `huggingface_hub` 2.4 uses for `whoami`, `create_repo`, `upload_folder`
 (validate-yaml, preupload, commit), `repo_info`, `list_repo_tree` (no pagination), and `hf_hub_download` / `file_exists` (HEAD and GET on
 ``/{repo_id}/resolve/{revision}/{filename}``), with the response headers the client relies on (``X-Repo-Commit``,
 ``ETag``, ``Content-Length``, ``X-Error-Code``). It binds 127.0.0.1 only.
@@ -29,6 +29,7 @@ import yaml
 
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
 _ROUTES = [
+    ("GET", re.compile(r"^/api/whoami-v2$"), "whoami"),
     ("POST", re.compile(r"^/api/repos/create$"), "create_repo"),
     ("POST", re.compile(r"^/api/validate-yaml$"), "validate_yaml"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$"), "preupload"),
@@ -183,6 +184,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self._readable_repo(repo_id)
 
     # -- routes ---------------------------------------------------------------------------------------------
+    def _whoami(self, match, body, head=False):
+        user = self.fake_hub.user_of(self.headers)
+        if user is None:
+            self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+            return
+        self._json(200, {"type": "user", "name": user, "auth": {"type": "access_token"}})
+
     def _create_repo(self, match, body, head=False):
         user = self.fake_hub.user_of(self.headers)
         if user is None:

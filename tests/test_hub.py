@@ -2,9 +2,12 @@
 
 import ast
 import glob
+import importlib.resources
 import json
 import os
 import re
+import shutil
+import socket
 
 import pytest
 import torch
@@ -13,8 +16,11 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from peft import PromptTuningConfig, get_peft_model
 
 from fake_hub import FakeHub, point_hub_clients_at
-from peft_post import POST_CONFIG_NAME, POSTConfig, build_model_card, label_logits, load_transferred_prompt
+from peft_post import POST_CONFIG_NAME, POSTConfig, build_model_card, load_transferred_prompt
 from peft_post import push_transferred_prompt
+from peft_post.cli import main as cli_main
+from peft_post.hub import MODEL_CARD_TEMPLATE, PAPER_URL, push_adapter_folder, read_adapter_folder
+from peft_post.modeling import label_logits
 from peft_post.prompts import get_prompt, set_prompt
 from peft_post.tasks import TaskTemplate, VerbalizerCollator
 from peft_post.testing import TINY_LEDGER, tiny_post_config, tiny_sentiment_rows
@@ -59,6 +65,47 @@ def fake_hub(monkeypatch, tmp_path):
     with FakeHub(tokens={TOKEN: "alice"}) as hub:
         point_hub_clients_at(monkeypatch, hub.endpoint, str(tmp_path / "hf-cache"))
         yield hub
+
+
+@pytest.fixture
+def no_saved_token(monkeypatch, tmp_path):
+    """No HF_TOKEN and no `hf auth login` token: what a fresh machine or a CI job without secrets has."""
+    from huggingface_hub import constants, get_token
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-such-token"))
+    assert get_token() is None
+
+
+def hub_requests(hub):
+    """The requests a test caused (huggingface_hub fetches its agent-harness list on its own, at most daily)."""
+    return [r for r in hub.requests if r[1] != "/api/agent-harnesses"]
+
+
+def saved_adapter(load_tiny, tmp_path, kind="gpt2", **kw):
+    """A POST prompt saved the way a run folder holds it, next to files that must not be uploaded."""
+    model = prompted(load_tiny, kind, **kw)
+    folder = tmp_path / f"{kind}-prompt"
+    model.save_pretrained(folder)
+    (folder / "training_args.bin").write_bytes(b"private seed and paths")
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "optimizer.pt").write_bytes(b"state")
+    return model, str(folder)
+
+
+def forbid_model_loading(monkeypatch):
+    """Any attempt to load (or download) a model fails the test."""
+    import peft
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"push loaded a model: from_pretrained{args}")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM, transformers.AutoModel,
+                peft.PeftModel):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
 
 
 # -- the card ---------------------------------------------------------------------------------------------------
@@ -106,6 +153,104 @@ def test_card_without_ledger_states_there_is_no_dp_guarantee(load_tiny):
     assert "not produced by a POST transfer" in card.text
     assert "No evaluation results were published" in card.text
     assert "No further provenance" in card.text
+
+
+def card_lines(config, **kw):
+    return str(build_model_card(config, "alice/p", base_model="org/base", **kw)).splitlines()
+
+
+def test_card_is_rendered_from_the_packaged_jinja_template():
+    source = (importlib.resources.files("peft_post") / "templates" / MODEL_CARD_TEMPLATE).read_text(encoding="utf-8")
+    assert source.startswith("---\n{{ card_data }}\n---\n")
+    for heading in ("How to load it with plain PEFT", "Task", "Transfer provenance", "Privacy", "Evaluation", "Citation"):
+        assert f"\n## {heading}\n" in source
+    text = str(build_model_card(tiny_post_config("gpt2"), "alice/p", base_model="org/base", evaluation=EVALUATION))
+    assert not re.search(r"\{\{|\{%|\{#", text)  # every Jinja tag rendered
+    assert text.endswith(f"ICML 2025. {PAPER_URL}\n") and "\n\n\n" not in text
+    assert re.findall(r"[^\n]\n## ", text) == [] and re.findall(r"\n## [^\n]+\n[^\n]", text) == []  # blank-line framed
+
+
+def test_card_of_a_dp_prompt_says_what_it_said_before():
+    ledger = dict(LEDGER, adjacency="replace_one", history=[[0.73, 0.0125, 320]], epsilon_add_remove=5.25)
+    lines = card_lines(tiny_post_config("gpt2", privacy=ledger, provenance=dict(PROVENANCE)))
+    for line in (
+        "# POST soft prompt for org/base",
+        "A soft prompt (3 virtual tokens) for `org/base`, transferred from `org/tiny-source` with "
+        f"[POST]({PAPER_URL}) (Privacy Of Soft-prompt Transfer, ICML 2025). It carries a differential-privacy "
+        "guarantee; see Privacy.",
+        "Classification as text infilling: each input is rendered through the template `Review: {text}\\nSentiment:` "
+        "(at most 256 tokens, cut from the left) and class c scores the mean logit of its label words at the label slot.",
+        "L = (1 − α)·KL_T(a_t, a_s) + α·KL_T(a_t − b_t, a_s − b_s)",
+        "| neighbouring datasets | replace_one |",
+        "| history [σ, q, steps] per phase | 0.73, 0.0125, 320 |",
+        "| ε under add/remove-one (not the guarantee: N is published) | 5.25 |",
+        "- inference queries: texts sent to a model that uses this prompt are seen by whoever runs that model;",
+        "- the numbers themselves: they are the training code's record, not an audit of it.",
+    ):
+        assert line in lines, line
+    start = lines.index("| field | value |")
+    assert lines[start + 2:start + 11] == [
+        "| target (base) model | org/base |", "| source model | org/tiny-source |",
+        "| transfer α (direction-term weight) | 0.4 |", "| transfer temperature T | 1.5 |", "| virtual tokens | 3 |",
+        "| public_data | vader/movieReviewSnippets |", "| public_size | 64 |", "| seed | 3 |", "| stage | transfer |",
+    ]
+    start = lines.index("| privacy ledger | value |")
+    assert lines[start - 2].startswith("The prompt was trained on the source model `org/tiny-source` with DP-SGD ")
+    assert lines[start + 2:start + 7] == ["| ε (epsilon) | 8 |", "| δ (delta) | 1e-05 |", "| accountant | prv |",
+                                          "| noise multiplier σ | 0.73 |", "| per-example clipping norm C | 1 |"]
+    protects = next(line for line in lines if line.startswith("**What this protects:**"))
+    assert "against replacing any single example of the private data set by another (replace-one adjacency; " in protects
+    assert protects.endswith("by the post-processing property of DP the transferred prompt keeps the same (ε, δ).")
+    assert not any("does not hold" in line or "no differential-privacy guarantee" in line for line in lines)
+
+
+def test_card_of_a_void_guarantee_shows_the_ledger_but_says_it_does_not_hold():
+    reasons = ["the noise came from a seeded generator", "batches are replayable"]
+    config = tiny_post_config("gpt2", privacy=dict(LEDGER, guarantee_holds=False, guarantee_void_reasons=reasons))
+    card = build_model_card(config, "alice/p", base_model="org/base")
+    assert card.data.tags == ["peft", "prompt-tuning", "post"]  # no differential-privacy tag
+    lines = str(card).splitlines()
+    assert next(line for line in lines if line.startswith("A soft prompt")).endswith(
+        "It carries **no** differential-privacy guarantee; see Privacy.")
+    warning = ("**The differential-privacy guarantee does not hold for this prompt**, although it was trained with "
+               "DP-SGD: the noise came from a seeded generator; batches are replayable. Treat it as non-private.")
+    assert lines[lines.index("## Privacy") + 2] == warning  # the first thing the section says
+    for line in ("| ε (epsilon) | 8 |", "| guarantee holds | False |",
+                 "| guarantee_void_reasons | the noise came from a seeded generator, batches are replayable |"):
+        assert line in lines, line
+
+
+def test_card_of_a_direct_dp_prompt_and_of_a_cleared_ledger():
+    direct = card_lines(tiny_post_config("bert", source_model_name_or_path=None, transfer_alpha=None))
+    assert "No source model is recorded: this prompt was not produced by a POST transfer (it was tuned on `org/base` " \
+           "directly, or its provenance was not recorded)." in direct
+    assert "| transfer α (direction-term weight) | not recorded |" in direct
+    assert any(line.startswith("The prompt was trained on the base model with DP-SGD ") for line in direct)
+    protects = next(line for line in direct if line.startswith("**What this protects:**"))
+    assert "against the neighbouring relation add/remove-one (not recorded). Anything" in protects
+    assert "post-processing" not in protects
+
+    cleared = {"dp_claim_cleared": {"previous_epsilon": 8.0, "previous_delta": 1e-5,
+                                    "reason": "trained further without DP by PromptTrainer"}}
+    lines = card_lines(tiny_post_config("gpt2", privacy=None, provenance=cleared))
+    privacy = lines[lines.index("## Privacy"):lines.index("## Evaluation")]
+    assert privacy[2].startswith("**This prompt has no differential-privacy guarantee.** Its training did not use DP-SGD")
+    assert privacy[3:] == ["", "An earlier DP ledger (ε = 8) was cleared: trained further without DP by PromptTrainer.",
+                           ""]
+
+
+def test_card_metadata_takes_license_and_datasets_only_when_given():
+    config = tiny_post_config("gpt2")
+    meta = build_model_card(config, "alice/p", base_model="org/base").data.to_dict()
+    assert "license" not in meta and "datasets" not in meta
+    card = build_model_card(config, "alice/p", base_model="org/base", license="apache-2.0",
+                            datasets=["vader/movieReviewSnippets"])
+    reparsed = ModelCard(str(card)).data
+    assert reparsed.license == "apache-2.0" and reparsed.datasets == ["vader/movieReviewSnippets"]
+    with pytest.raises(ValueError, match="datasets"):
+        build_model_card(config, "alice/p", base_model="org/base", datasets=["./public.csv"])
+    with pytest.raises(ValueError, match="datasets"):
+        build_model_card(config, "alice/p", base_model="org/base", datasets="vader/movieReviewSnippets")
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
@@ -213,7 +358,110 @@ def test_push_refuses_bad_input_before_any_request(fake_hub, load_tiny):
     plain = get_peft_model(load_tiny("gpt2"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     with pytest.raises(ValueError, match="POSTConfig"):
         push_transferred_prompt(plain, "alice/p", token=TOKEN, base_model="org/b")
-    assert [r for r in fake_hub.requests if r[1] != "/api/agent-harnesses"] == []
+    assert hub_requests(fake_hub) == []
+
+
+# -- pushing a saved folder (`peft-post push`): the token first, no model loaded ---------------------------------
+
+
+def test_cli_push_uploads_the_adapter_folder_without_loading_any_model(fake_hub, load_tiny, tmp_path, monkeypatch,
+                                                                       capsys):
+    model, folder = saved_adapter(load_tiny, tmp_path)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"accuracy": {"POST transferred prompt": 0.8125, "full tuning": None}}))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # no --token: the environment's, as in CI
+    with monkeypatch.context() as patched:
+        forbid_model_loading(patched)
+        assert cli_main(["push", "--adapter", folder, "--repo_id", "alice/from-folder", "--base_model",
+                         "org/tiny-gpt2", "--report", str(report)]) == 0
+    assert f"pushed {folder} to alice/from-folder" in capsys.readouterr().out
+    requests = hub_requests(fake_hub)
+    assert requests[0] == ("GET", "/api/whoami-v2")  # the token is checked before anything else
+    assert not any("/resolve/" in path for _, path in requests)  # nothing downloaded, not even a config
+
+    repo = fake_hub.repos["alice/from-folder"]
+    assert repo.private and len(repo.commits) == 1
+    # only the adapter files and the card: not the trainer's files or checkpoints next to them
+    assert set(repo.files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", POST_CONFIG_NAME}
+    for name in ("adapter_model.safetensors", POST_CONFIG_NAME):
+        assert repo.files[name] == open(os.path.join(folder, name), "rb").read()
+    # the card from the folder's JSON is the card of the in-memory model
+    assert repo.files["README.md"].decode() == str(build_model_card(
+        model.peft_config["default"], "alice/from-folder", base_model="org/tiny-gpt2",
+        evaluation={"POST transferred prompt": 0.8125},
+    ))
+    assert json.loads(repo.files["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-gpt2"
+    with open(os.path.join(folder, "adapter_config.json")) as f:  # the folder itself is left as it was
+        assert json.load(f)["base_model_name_or_path"] == model.peft_config["default"].base_model_name_or_path
+
+    loaded = load_transferred_prompt(load_tiny("gpt2"), "alice/from-folder", token=TOKEN)
+    torch.testing.assert_close(get_prompt(loaded), get_prompt(model), rtol=0, atol=0)
+    assert loaded.peft_config["default"].privacy == LEDGER
+
+
+def test_push_without_a_token_says_how_to_log_in_before_any_request(fake_hub, no_saved_token, load_tiny, tmp_path,
+                                                                    capsys):
+    model, folder = saved_adapter(load_tiny, tmp_path)
+    with pytest.raises(ValueError, match=r"hf auth login.*HF_TOKEN"):
+        push_adapter_folder(folder, "alice/p", base_model="org/b")
+    with pytest.raises(ValueError, match=r"hf auth login.*HF_TOKEN"):
+        push_transferred_prompt(model, "alice/p", base_model="org/b")
+    with pytest.raises(ValueError, match="token"):
+        push_adapter_folder(folder, "alice/p", base_model="org/b", token=False)
+    capsys.readouterr()  # drop the model-loading progress bars
+    assert cli_main(["push", "--adapter", folder, "--repo_id", "alice/p", "--base_model", "org/b"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peft-post push: error: No Hugging Face token")
+    assert "hf auth login" in err and "HF_TOKEN" in err and "Traceback" not in err
+    assert hub_requests(fake_hub) == [] and fake_hub.repos == {}
+
+
+def test_push_with_a_rejected_token_stops_after_checking_it(fake_hub, load_tiny, tmp_path, capsys):
+    _, folder = saved_adapter(load_tiny, tmp_path)
+    capsys.readouterr()  # drop the model-loading progress bars
+    assert cli_main(["push", "--adapter", folder, "--repo_id", "alice/p", "--base_model", "org/b",
+                     "--token", "hf_revoked"]) == 2
+    err = capsys.readouterr().err
+    assert "rejected the token" in err and "hf auth login --force" in err and "Traceback" not in err
+    assert hub_requests(fake_hub) == [("GET", "/api/whoami-v2")] and fake_hub.repos == {}
+
+
+def test_push_to_an_unreachable_hub_exits_1_with_a_message(monkeypatch, load_tiny, tmp_path, capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    point_hub_clients_at(monkeypatch, f"http://127.0.0.1:{port}", str(tmp_path / "hf-cache"))
+    _, folder = saved_adapter(load_tiny, tmp_path)
+    capsys.readouterr()  # drop the model-loading progress bars
+    assert cli_main(["push", "--adapter", folder, "--repo_id", "alice/p", "--base_model", "org/b",
+                     "--token", TOKEN]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("peft-post push: error: Could not reach the Hub") and "Traceback" not in err
+
+
+def test_push_names_the_adapter_argument_for_a_missing_or_non_adapter_folder(fake_hub, load_tiny, tmp_path, capsys):
+    _, folder = saved_adapter(load_tiny, tmp_path)
+    plain = tmp_path / "plain-prompt"  # a PEFT prompt-tuning adapter without the POST side file
+    get_peft_model(load_tiny("gpt2"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)).save_pretrained(plain)
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(folder, no_weights)
+    os.remove(no_weights / "adapter_model.safetensors")
+    cases = [
+        (tmp_path / "missing", "is not a folder"),
+        (tmp_path, "lacks adapter_config.json, post_config.json, adapter_model.safetensors or adapter_model.bin"),
+        (plain, "lacks post_config.json"),
+        (no_weights, "lacks adapter_model.safetensors or adapter_model.bin"),
+    ]
+    capsys.readouterr()  # drop the model-loading progress bars
+    for path, why in cases:
+        assert cli_main(["push", "--adapter", str(path), "--repo_id", "alice/p", "--base_model", "org/b",
+                         "--token", TOKEN]) == 2
+        err = capsys.readouterr().err
+        assert f"`adapter` {str(path)!r}" in err and why in err and "Traceback" not in err, err
+        with pytest.raises(ValueError, match="`adapter`"):
+            push_adapter_folder(str(path), "alice/p", base_model="org/b", token=TOKEN)
+    assert read_adapter_folder(folder).privacy == LEDGER
+    assert hub_requests(fake_hub) == []
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "roberta"])
