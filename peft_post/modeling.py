@@ -61,7 +61,8 @@ def is_masked_lm(model) -> bool:
 def output_head(base) -> Optional[torch.nn.Module]:
     """The head that turns the last hidden states of `base` (a bare transformers model) into its logits, where that
     is exact: the output embeddings of a `_CAUSAL_FAST` architecture, the MLM head of a `_MASKED_HEADS` masked LM;
-    None for any other model, which callers then run whole. Gemma's final logit soft-capping is the caller's."""
+    None for any other model, which callers then run whole. Gemma's final logit soft-capping is the caller's
+    (`soft_cap_logits`)."""
     model_type = base.config.model_type
     if model_type in _CAUSAL_FAST:
         return base.get_output_embeddings()
@@ -69,6 +70,13 @@ def output_head(base) -> Optional[torch.nn.Module]:
     if attr is not None and "ForMaskedLM" in type(base).__name__:
         return getattr(base, attr)
     return None
+
+
+def soft_cap_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    """Gemma's final logit soft-capping, ``tanh(logits / cap) * cap``, when `config` sets ``final_logit_softcapping``;
+    `logits` unchanged otherwise. For logits computed from `output_head` outside the model's own forward."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def require_single_process(args, trainer: str, reason: str) -> None:
@@ -196,8 +204,4 @@ def label_logits(
     if head is None:
         return base(**kwargs).logits[rows, positions]
     hidden = getattr(base, base.base_model_prefix)(**kwargs).last_hidden_state[rows, positions]
-    logits = head(hidden)
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return soft_cap_logits(head(hidden), base.config)

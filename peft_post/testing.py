@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Optional
 
 import torch
 
@@ -85,6 +86,39 @@ def build_tiny_model(kind: str, tokenizer, save_dir: str, seed: int = 0, **confi
     tokenizer.save_pretrained(save_dir)
     model = cls.from_pretrained(save_dir)
     return model.eval()
+
+
+def tiny_model(kind: str, tokenizer, num_layers: int = 4, init_range: Optional[float] = None, seed: int = 0):
+    """A seeded tiny model built in memory (not saved), by default 4 layers deep so that students can drop some.
+
+    ``init_range`` replaces the config's ``initializer_range`` (0.02): a larger one gives a peaked, far-from-uniform
+    teacher whose KL is worth lowering.
+    """
+    import transformers as tf
+
+    config = tiny_config(kind, len(tokenizer), num_layers=num_layers, pad_token_id=tokenizer.pad_token_id)
+    if init_range is not None:
+        config.initializer_range = init_range
+    torch.manual_seed(seed)
+    cls = tf.AutoModelForMaskedLM if kind in MASKED_KINDS else tf.AutoModelForCausalLM
+    return cls.from_config(config).eval()
+
+
+def sharpen_model(model, factor: float = 25.0, gain: float = 5.0):
+    """`model`, in place, made prompt-sensitive and opinionated: its layer matrices times `gain`, its (tied) output
+    embeddings times `factor`.
+
+    Config-built models start with std-0.02 weights: every layer is nearly the identity and a prompt barely moves the
+    label logits, so every KL between prompted models is ~0. Sharpened, the losses and their gradients are far from
+    vanishing.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not any(k in name for k in ("embed", "wte", "wpe", "lm_head", "word_embeddings",
+                                                             "position_embeddings", "token_type")):
+                p.mul_(gain)
+        model.get_output_embeddings().weight.mul_(factor)
+    return model
 
 
 def tiny_sentiment_rows(n: int = 32, seed: int = 0) -> list[dict]:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from peft import PeftModel, PromptTuningConfig, get_peft_model
 
-from peft_post import POST_CONFIG_NAME, POSTConfig, label_logits
+from peft_post import POST_CONFIG_NAME, POSTConfig
+from peft_post.modeling import label_logits
 from peft_post.testing import TINY_LEDGER, tiny_post_config, tiny_sentiment_rows
 from peft_post.tasks import TaskTemplate, VerbalizerCollator
 

@@ -15,19 +15,10 @@ from peft_post.distill import TeacherCache, evaluate_distillation, prepare_disti
 from peft_post.distill.cache import apply_head, hidden_and_logits, pad_right
 from peft_post.losses import (cosine_hidden_loss, distillation_kl_loss, distillation_loss, lm_loss,
                               topk_distillation_kl_loss)
-from peft_post.testing import TINY_KINDS, tiny_config, tiny_corpus
+from peft_post.testing import TINY_KINDS, tiny_config, tiny_corpus, tiny_model
 
 LAYER_PREFIX = {"gpt2": "transformer.h", "llama": "model.layers", "qwen2": "model.layers",
                 "roberta": "roberta.encoder.layer", "bert": "bert.encoder.layer", "gemma3": "model.layers"}
-
-
-def deep_model(kind, tokenizer, num_layers=4, init_range=None, seed=0):
-    config = tiny_config(kind, len(tokenizer), num_layers=num_layers, pad_token_id=tokenizer.pad_token_id)
-    if init_range is not None:
-        config.initializer_range = init_range  # a peaked, far-from-uniform teacher gives a KL worth lowering
-    torch.manual_seed(seed)
-    cls = tf.AutoModelForMaskedLM if kind in ("roberta", "bert") else tf.AutoModelForCausalLM
-    return cls.from_config(config).eval()
 
 
 def gemma3_model(vocab_size, num_layers=6):
@@ -42,7 +33,7 @@ def gemma3_model(vocab_size, num_layers=6):
 
 
 def make_teacher(kind, tokenizer):
-    return gemma3_model(len(tokenizer)) if kind == "gemma3" else deep_model(kind, tokenizer)
+    return gemma3_model(len(tokenizer)) if kind == "gemma3" else tiny_model(kind, tokenizer)
 
 
 def config(tmp_path, **kwargs):
@@ -104,7 +95,7 @@ def test_student_keeps_exactly_the_chosen_layers(kind, tokenizer):
 
 
 def test_student_tied_embeddings_stay_tied_in_training(tokenizer):
-    student = make_student(deep_model("llama", tokenizer), [0, 3])
+    student = make_student(tiny_model("llama", tokenizer), [0, 3])
     assert student.lm_head.weight is student.model.embed_tokens.weight
     with torch.no_grad():
         student.model.embed_tokens.weight[5] += 1.0
@@ -118,7 +109,7 @@ def test_student_tied_embeddings_stay_tied_in_training(tokenizer):
 )
 def test_student_rejects_bad_layer_lists(keep, match, tokenizer):
     with pytest.raises(ValueError, match=match):
-        make_student(deep_model("llama", tokenizer), keep)
+        make_student(tiny_model("llama", tokenizer), keep)
 
 
 def test_student_rejects_unknown_architecture(tokenizer):
@@ -233,7 +224,7 @@ def test_config_defaults_are_the_papers(tmp_path):
 def test_masked_lm_without_mask_token_is_rejected(tokenizer, tmp_path):
     tok = copy.deepcopy(tokenizer)
     tok.mask_token = None
-    teacher = deep_model("bert", tokenizer)
+    teacher = tiny_model("bert", tokenizer)
     with pytest.raises(ValueError, match="mask token"):
         DistillationTrainer(make_student(teacher, [0]), teacher, config(tmp_path), train_dataset=texts(0, 50),
                             processing_class=tok)
@@ -241,13 +232,13 @@ def test_masked_lm_without_mask_token_is_rejected(tokenizer, tmp_path):
 
 def test_mismatched_teacher_and_student_are_rejected(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="both"):
-        DistillationTrainer(deep_model("llama", tokenizer), deep_model("bert", tokenizer), config(tmp_path),
+        DistillationTrainer(tiny_model("llama", tokenizer), tiny_model("bert", tokenizer), config(tmp_path),
                             train_dataset=texts(0, 50), processing_class=tokenizer)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_trainer_loss_equals_formula_on_a_fixed_batch(kind, tokenizer, tmp_path):
-    teacher = deep_model(kind, tokenizer, init_range=0.2)
+    teacher = tiny_model(kind, tokenizer, init_range=0.2)
     student = make_student(teacher, [0, 3])
     trainer = DistillationTrainer(student, teacher, config(tmp_path), train_dataset=texts(0, 40),
                                   processing_class=tokenizer)
@@ -276,7 +267,7 @@ def test_trainer_loss_equals_formula_on_a_fixed_batch(kind, tokenizer, tmp_path)
 
 
 def test_short_run_lowers_heldout_kl_and_freezes_the_teacher(tokenizer, tmp_path):
-    teacher = deep_model("llama", tokenizer, init_range=0.3)
+    teacher = tiny_model("llama", tokenizer, init_range=0.3)
     t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = make_student(teacher, [0, -1])
     heldout = texts(300, 360)
@@ -293,7 +284,7 @@ def test_short_run_lowers_heldout_kl_and_freezes_the_teacher(tokenizer, tmp_path
 
 
 def test_masked_lm_run_and_eval(tokenizer, tmp_path):
-    teacher = deep_model("roberta", tokenizer, init_range=0.2)
+    teacher = tiny_model("roberta", tokenizer, init_range=0.2)
     student = make_student(teacher, [0])
     trainer = DistillationTrainer(student, teacher, config(tmp_path, max_steps=3), train_dataset=texts(0, 60),
                                   eval_dataset=texts(300, 320), processing_class=tokenizer)
@@ -303,7 +294,7 @@ def test_masked_lm_run_and_eval(tokenizer, tmp_path):
 
 
 def test_freeze_embeddings_and_head(tokenizer, tmp_path):
-    teacher = deep_model("qwen2", tokenizer)  # untied: embeddings and head are separate
+    teacher = tiny_model("qwen2", tokenizer)  # untied: embeddings and head are separate
     student = make_student(teacher, [0, 3])
     emb, head = student.model.embed_tokens.weight.clone(), student.lm_head.weight.clone()
     layer = student.model.layers[0].mlp.up_proj.weight.clone()
@@ -321,7 +312,7 @@ def test_freeze_embeddings_and_head(tokenizer, tmp_path):
 
 
 def test_checkpoint_resume_matches_an_uninterrupted_run(tokenizer, tmp_path):
-    teacher = deep_model("llama", tokenizer, init_range=0.2)
+    teacher = tiny_model("llama", tokenizer, init_range=0.2)
     data = texts(0, 120)
 
     def run(out, **kw):
@@ -354,7 +345,7 @@ def test_prepare_dataset_blocks_and_document_boundaries(tokenizer):
 
 
 def test_hidden_cache_is_exact_and_trains_identically(tokenizer, tmp_path):
-    teacher = deep_model("llama", tokenizer, init_range=0.2)
+    teacher = tiny_model("llama", tokenizer, init_range=0.2)
     data = prepare_distillation_dataset(texts(0, 120), tokenizer, 32)
     cache = TeacherCache.build(teacher, data, batch_size=8, disable_progress=True)
     assert cache.kind == "hidden" and len(cache) == len(data)
@@ -376,12 +367,12 @@ def test_hidden_cache_is_exact_and_trains_identically(tokenizer, tmp_path):
         DistillationTrainer(make_student(teacher, [0]), teacher, config(tmp_path), train_dataset=other,
                             processing_class=tokenizer, teacher_cache=loaded)
     with pytest.raises(ValueError, match="causal"):
-        TeacherCache.build(deep_model("bert", tokenizer), data)
+        TeacherCache.build(tiny_model("bert", tokenizer), data)
 
 
 def test_topk_cache_error_shrinks_with_k_and_costs_more_bytes_per_token_than_hidden_only_for_large_k(tokenizer):
     """Exactness vs size of the two cache kinds on a tiny model (speed is measured in benchmarks/distill.py)."""
-    teacher = deep_model("llama", tokenizer, init_range=0.3)
+    teacher = tiny_model("llama", tokenizer, init_range=0.3)
     student = make_student(teacher, [0, 3])
     data = prepare_distillation_dataset(texts(300, 360), tokenizer, 32)
     rows = data["input_ids"]
@@ -482,7 +473,7 @@ def test_collator_drops_the_lm_label_after_a_label_slot_and_trainer_needs_slots(
     assert (labels[after] == -100).all()
     real = batch["attention_mask"].bool() & ~after
     assert torch.equal(labels[real], ids[real])
-    teacher = deep_model("llama", tokenizer)
+    teacher = tiny_model("llama", tokenizer)
     with pytest.raises(ValueError, match="alpha_label_slot"):
         DistillationTrainer(make_student(teacher, [0]), teacher, config(tmp_path, alpha_label_slot=1.0),
                             train_dataset=texts(0, 40), processing_class=tokenizer)
@@ -493,7 +484,7 @@ def test_collator_drops_the_lm_label_after_a_label_slot_and_trainer_needs_slots(
 def test_trainer_label_slot_loss_equals_formula(tokenizer, tmp_path):
     from peft_post.distill import with_task_template
 
-    teacher = deep_model("llama", tokenizer, init_range=0.2)
+    teacher = tiny_model("llama", tokenizer, init_range=0.2)
     student = make_student(teacher, [0, 3])
     data = with_task_template(texts(0, 40), "Review: {text}\nSentiment:", 0.5, seed=0)
     trainer = DistillationTrainer(student, teacher, config(tmp_path, alpha_label_slot=4.0, alpha_cos=0),

@@ -1,11 +1,12 @@
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from peft import get_peft_model
 
-from peft_post import (POSTConfig, evaluate_prompt, get_prompt, load_accuracy_metric, prompt_from_text, score_dataset,
-                       set_prompt)
-from peft_post.evaluation import accuracy_report
+from peft_post import POSTConfig, evaluate_prompt
+from peft_post.evaluation import accuracy_report, load_accuracy_metric, load_metric, score_dataset
+from peft_post.prompts import get_prompt, prompt_from_text, set_prompt
 from peft_post.tasks import Verbalizer
 
 
@@ -48,13 +49,53 @@ def test_score_dataset_returns_each_rows_scores_in_dataset_order(load_tiny, toke
         score_dataset(model, tokenizer, data, cfg, batch_size=0)
 
 
-def test_accuracy_report_and_shipped_metric_agree():
+def test_accuracy_report_hand_computed():
+    report = accuracy_report([0, 1, 1, 2], [0, 1, 2, 2], num_classes=4)
+    assert report["accuracy"] == pytest.approx(0.75)
+    # Per class F1 = 2 TP / (predicted + true): class 0: 2/2, class 1: 2/3, class 2: 2/3; class 3 is absent.
+    assert report["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    assert report["num_examples"] == 4
+    assert report["per_class"] == {0: {"total": 1, "correct": 1, "predicted": 1},
+                                   1: {"total": 1, "correct": 1, "predicted": 2},
+                                   2: {"total": 2, "correct": 1, "predicted": 1},
+                                   3: {"total": 0, "correct": 0, "predicted": 0}}
+    with pytest.raises(ValueError, match="No predictions"):
+        accuracy_report([], [], num_classes=2)
+
+
+def test_accuracy_report_and_shipped_metrics_agree():
     preds, refs = [0, 1, 1, 2, 0, 2], [0, 1, 0, 2, 1, 1]
     report = accuracy_report(preds, refs, num_classes=3)
     assert report["accuracy"] == pytest.approx(0.5)
+    assert report["macro_f1"] == pytest.approx((2 / 4 + 2 / 5 + 2 / 3) / 3)
     assert report["per_class"][1] == {"total": 3, "correct": 1, "predicted": 2}
-    metric = load_accuracy_metric()
-    assert metric.compute(predictions=preds, references=refs)["accuracy"] == pytest.approx(report["accuracy"])
+    assert load_accuracy_metric().compute(predictions=preds, references=refs)["accuracy"] == report["accuracy"]
+    f1 = load_metric("f1").compute(predictions=preds, references=refs, average="macro")["f1"]
+    assert f1 == report["macro_f1"]
+    with pytest.raises(ValueError, match="No shipped metric"):
+        load_metric("bleu")
+
+
+def test_shipped_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    refs, preds = rng.integers(0, 4, 50), rng.integers(0, 5, 50)  # class 4 is predicted but never true
+    weights = rng.uniform(0.1, 2.0, 50)
+    f1 = load_metric("f1")
+    for average in ("micro", "macro", "weighted", None):
+        for kwargs in ({}, {"labels": [3, 0, 1]}, {"sample_weight": weights}):
+            got = f1.compute(predictions=preds, references=refs, average=average, **kwargs)["f1"]
+            want = f1_score(refs, preds, average=average, zero_division=0, **kwargs)
+            np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=f"{average} {list(kwargs)}")
+    binary_refs, binary_preds = refs % 2, preds % 2
+    for pos_label in (0, 1):
+        got = f1.compute(predictions=binary_preds, references=binary_refs, pos_label=pos_label)["f1"]
+        assert got == pytest.approx(f1_score(binary_refs, binary_preds, pos_label=pos_label))
+    with pytest.raises(ValueError, match="at most two classes"):
+        f1.compute(predictions=preds, references=refs)
+    with pytest.raises(ValueError, match="average"):
+        f1.compute(predictions=preds, references=refs, average="samples")
 
 
 def test_evaluate_rejects_bad_datasets(load_tiny, tokenizer):

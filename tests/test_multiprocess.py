@@ -15,8 +15,7 @@ from peft import get_peft_model
 import _mp_worker
 from peft_post import DPConfig, DPPromptTrainer, POSTConfig, PromptTrainingConfig
 from peft_post.modeling import prompt_parameter, require_data_parallel
-from test_distill import deep_model
-from test_transfer import _sharpen
+from peft_post.testing import sharpen_model, tiny_model
 
 WORKER = os.path.join(os.path.dirname(__file__), "_mp_worker.py")
 TOL = dict(rtol=0, atol=1e-5)
@@ -34,10 +33,11 @@ def workdir(tokenizer, tiny_model_dirs, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("mp")
     tokenizer.save_pretrained(str(path / "tokenizer"))
-    # Sharpened (see test_transfer): config-built models barely react to a prompt, so every gradient would be ~0.
+    # Sharpened (peft_post.testing.sharpen_model): config-built models barely react to a prompt, so every gradient
+    # would be ~0.
     for name, kind in (("source", "llama"), ("target", "gpt2")):
-        _sharpen(tf.AutoModelForCausalLM.from_pretrained(tiny_model_dirs[kind])).save_pretrained(str(path / name))
-    deep_model("llama", tokenizer, init_range=0.2).save_pretrained(str(path / "teacher"))
+        sharpen_model(tf.AutoModelForCausalLM.from_pretrained(tiny_model_dirs[kind])).save_pretrained(str(path / name))
+    tiny_model("llama", tokenizer, init_range=0.2).save_pretrained(str(path / "teacher"))
     source = _mp_worker._prompted(str(path), "source", tokenizer)
     torch.manual_seed(0)
     p_s = prompt_parameter(source).detach()

@@ -9,10 +9,10 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from peft_post import POSTConfig, label_logits
+from peft_post import POSTConfig
 from peft_post.config import validate_privacy_ledger
 from peft_post.losses import verbalizer_loss
-from peft_post.modeling import prompt_parameter
+from peft_post.modeling import label_logits, prompt_parameter
 from peft_post.tasks import TaskTemplate, Verbalizer, VerbalizerCollator
 from peft_post.testing import tiny_sentiment_dataset, tiny_sentiment_rows
 from peft_post.tuning import DPConfig, DPPromptTrainer, PromptTrainingConfig

@@ -2,8 +2,10 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_post import POSTConfig, TaskTemplate, Verbalizer, VerbalizerCollator, label_logits, label_positions
+from peft_post import POSTConfig, TaskTemplate, Verbalizer, VerbalizerCollator
 from peft_post.losses import class_scores, verbalizer_loss
+from peft_post.modeling import label_logits
+from peft_post.tasks import label_positions
 from peft_post.testing import tiny_sentiment_rows
 
 

@@ -11,25 +11,12 @@ from peft_post.losses import temperature_kl
 from peft_post.modeling import label_logits, prompt_parameter
 from peft_post.prompts import get_prompt, prompt_from_text
 from peft_post.tasks import dataset_fingerprint
-from peft_post.testing import build_tiny_model, tiny_sentiment_dataset
+from peft_post.testing import build_tiny_model, sharpen_model, tiny_sentiment_dataset
 from peft_post.transfer import select_support
 
 INIT_TEXT = "predict if sentiment of this review"
 LEDGER = {"epsilon": 8.0, "delta": 1e-5, "accountant": "prv", "noise_multiplier": 1.1, "max_grad_norm": 1.0,
           "sample_rate": 0.05, "steps": 300}
-
-
-def _sharpen(model, factor=25.0, gain=5.0):
-    # Config-built models start with std-0.02 weights: every layer is nearly the identity and a prompt barely moves
-    # the label logits, so every KL is ~0. A gain on the layer matrices and a larger (tied) head make the models
-    # prompt-sensitive and opinionated, so the loss and its gradients are far from vanishing.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and not any(k in name for k in ("embed", "wte", "wpe", "lm_head", "word_embeddings",
-                                                             "position_embeddings", "token_type")):
-                p.mul_(gain)
-        model.get_output_embeddings().weight.mul_(factor)
-    return model
 
 
 def _task(kind="llama", **kw):
@@ -43,7 +30,7 @@ def _source(load_tiny, tokenizer, kind="llama", privacy=None, seed=0):
     cfg = _task(kind, prompt_tuning_init="TEXT", prompt_tuning_init_text=INIT_TEXT,
                 tokenizer_name_or_path=tokenizer.name_or_path, privacy=privacy,
                 provenance={"stage": "prompt_tuning", "seed": seed})
-    source = get_peft_model(_sharpen(load_tiny(kind)), cfg)
+    source = get_peft_model(sharpen_model(load_tiny(kind)), cfg)
     torch.manual_seed(seed)
     with torch.no_grad():  # a "tuned" p_s: clearly different from any init
         prompt_parameter(source).add_(torch.randn_like(prompt_parameter(source)) * 3.0)
@@ -53,7 +40,7 @@ def _source(load_tiny, tokenizer, kind="llama", privacy=None, seed=0):
 def _big_target(tokenizer, tmp_path, kind="llama", hidden_size=48, num_layers=3):
     model = build_tiny_model(kind, tokenizer, str(tmp_path / f"target-{kind}-{hidden_size}"), seed=1,
                              num_layers=num_layers, hidden_size=hidden_size)
-    return _sharpen(model)
+    return sharpen_model(model)
 
 
 def _args(tmp_path, **kw):
@@ -108,7 +95,7 @@ def test_transfer_lowers_the_loss_and_changes_only_the_target_prompt(load_tiny, 
 @pytest.mark.parametrize("top_k", [None, 3])
 def test_cached_and_uncached_give_the_same_loss_and_gradient_at_step_0(kind, top_k, load_tiny, tokenizer, tmp_path):
     source = _source(load_tiny, tokenizer, kind)
-    target = get_peft_model(_sharpen(load_tiny(kind)), _task(kind))
+    target = get_peft_model(sharpen_model(load_tiny(kind)), _task(kind))
     args = _args(tmp_path, cache_top_k=top_k, cache_batch_size=5, seed=3)
     trainer = TransferTrainer(target, source, args, public_dataset=tiny_sentiment_dataset(12), processing_class=tokenizer)
     trainer.build_cache()
@@ -193,6 +180,7 @@ def test_saved_adapter_loads_in_plain_peft_with_provenance_and_ledger(load_tiny,
     trainer.train()
     metrics = trainer.evaluate()
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_num_examples"] == 6
+    assert 0.0 <= metrics["eval_macro_f1"] <= 1.0
     out = tmp_path / "adapter"
     trainer.save_model(str(out))
 
@@ -229,12 +217,12 @@ def test_prompt_initialisation(load_tiny, tokenizer, tmp_path):
     TransferTrainer(target, source, _args(tmp_path), public_dataset=tiny_sentiment_dataset(4), processing_class=tokenizer)
     torch.testing.assert_close(get_prompt(target), prompt_from_text(target, tokenizer, INIT_TEXT, 4))
 
-    same = get_peft_model(_sharpen(load_tiny("llama")), _task())
+    same = get_peft_model(sharpen_model(load_tiny("llama")), _task())
     TransferTrainer(same, source, _args(tmp_path, init_from_source=True), public_dataset=tiny_sentiment_dataset(4),
                     processing_class=tokenizer)
     assert torch.equal(get_prompt(same), get_prompt(source))
 
-    kept = get_peft_model(_sharpen(load_tiny("llama")), _task())
+    kept = get_peft_model(sharpen_model(load_tiny("llama")), _task())
     p0 = get_prompt(kept)
     TransferTrainer(kept, source, _args(tmp_path, init_from_source_text=False), public_dataset=tiny_sentiment_dataset(4),
                     processing_class=tokenizer)
@@ -304,13 +292,13 @@ def test_transfer_config_validation(kwargs, match, tmp_path):
 
 def test_direct_transfer(load_tiny, tokenizer, tmp_path):
     source = _source(load_tiny, tokenizer, privacy=LEDGER)
-    target = direct_transfer(source, _sharpen(load_tiny("qwen2")))  # same hidden size, another architecture
+    target = direct_transfer(source, sharpen_model(load_tiny("qwen2")))  # same hidden size, another architecture
     assert isinstance(target, PeftModel)
     assert torch.equal(get_prompt(target), get_prompt(source))
     cfg = target.active_peft_config
     assert cfg.privacy == LEDGER and cfg.provenance["stage"] == "direct_transfer"
     assert cfg.template == source.active_peft_config.template
-    existing = get_peft_model(_sharpen(load_tiny("llama")), _task())
+    existing = get_peft_model(sharpen_model(load_tiny("llama")), _task())
     assert direct_transfer(source, existing) is existing and torch.equal(get_prompt(existing), get_prompt(source))
     with pytest.raises(ValueError, match="hidden size"):
         direct_transfer(source, _big_target(tokenizer, tmp_path))
@@ -338,7 +326,7 @@ def test_gradient_accumulation_matches_one_big_batch(load_tiny, tokenizer, tmp_p
     prompts = []
     for bs, ga in ((4, 1), (2, 2)):
         source = _source(load_tiny, tokenizer)
-        target = get_peft_model(_sharpen(load_tiny("llama")), _task())
+        target = get_peft_model(sharpen_model(load_tiny("llama")), _task())
         args = _args(tmp_path, max_steps=1, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
                      learning_rate=1e-2, optim="sgd", seed=0)
         TransferTrainer(target, source, args, public_dataset=tiny_sentiment_dataset(4), processing_class=tokenizer).train()

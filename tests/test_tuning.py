@@ -7,9 +7,10 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, PromptTuningConfig, get_peft_model
 
-from peft_post import POSTConfig, evaluate_prompt, get_prompt
+from peft_post import POSTConfig, evaluate_prompt
 from peft_post.losses import verbalizer_loss
 from peft_post.modeling import label_logits, prompt_parameter
+from peft_post.prompts import get_prompt
 from peft_post.tasks import Verbalizer
 from peft_post.testing import tiny_sentiment_dataset
 from peft_post.tuning import PromptTrainer, PromptTrainingConfig

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_bytes
-from ..modeling import base_model_of, is_masked_lm, output_head
+from ..modeling import base_model_of, is_masked_lm, output_head, soft_cap_logits
 
 CACHE_FILE = "teacher_cache.safetensors"
 CACHE_KINDS = ("hidden", "topk")
@@ -55,11 +55,7 @@ def apply_head(model, hidden: torch.Tensor) -> torch.Tensor:
     head = output_head(base)
     if head is None:
         raise ValueError(f"No known LM head for {type(base).__name__}; cannot turn cached hidden states into logits.")
-    logits = head(hidden.to(head.weight.dtype) if hasattr(head, "weight") else hidden)
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return soft_cap_logits(head(hidden.to(head.weight.dtype) if hasattr(head, "weight") else hidden), base.config)
 
 
 def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -371,7 +371,7 @@ class TransferTrainer(Trainer):
     # -- evaluation on the public held-out split ------------------------------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Accuracy of the prompted target on the public held-out split given at construction."""
+        """Accuracy and macro-F1 of the prompted target on the public held-out split given at construction."""
         if eval_dataset is not None:
             raise ValueError(
                 "TransferTrainer evaluates only on the public held-out split passed as `public_eval_dataset`; the "
@@ -386,6 +386,7 @@ class TransferTrainer(Trainer):
         )
         metrics = {
             f"{metric_key_prefix}_accuracy": report["accuracy"],
+            f"{metric_key_prefix}_macro_f1": report["macro_f1"],
             f"{metric_key_prefix}_num_examples": report["num_examples"],
         }
         self.log(metrics)

@@ -10,9 +10,8 @@ It uses pessimistic discretisation: every ε it reports is an upper bound, whate
 from __future__ import annotations
 
 import math
+import threading
 from typing import Iterable, Optional
-
-from opacus.accountants import IAccountant
 
 REPLACE_ONE = "replace_one"
 ADD_OR_REMOVE_ONE = "add_or_remove_one"
@@ -21,6 +20,7 @@ ADJACENCIES = (REPLACE_ONE, ADD_OR_REMOVE_ONE)
 # σ 0.5-2, q 0.002-0.5, 3-10,000 steps).
 PLD_DISCRETIZATION = 1e-3
 SMALL_SIGMA = 0.05
+_BUILD_LOCK = threading.Lock()
 
 
 def _relation(adjacency: str):
@@ -121,31 +121,51 @@ def calibrate_noise_multiplier(
     return high
 
 
-class PLDAccountant(IAccountant):
-    """An Opacus accountant whose ε comes from `dp_accounting`'s PLD analysis, under replace-one adjacency by default.
+def __getattr__(name: str):
+    """PEP 562: `PLDAccountant` subclasses Opacus's `IAccountant`, and importing Opacus takes over a second; the class
+    is built on first use, so that importing this module (and `peft_post`, which reads its constants) does not."""
+    if name != "PLDAccountant":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _BUILD_LOCK:
+        if name not in globals():
+            globals()[name] = _pld_accountant_class()
+    return globals()[name]
 
-    The history is Opacus's: a list of (noise_multiplier, sample_rate, steps), consecutive equal steps merged, so
-    `state_dict` / `load_state_dict` (inherited) save and restore it, and any PLD implementation can recompute ε from it.
-    """
 
-    def __init__(self, adjacency: str = REPLACE_ONE):
-        _relation(adjacency)  # validates
-        self.adjacency = adjacency
-        self.history = []
+def _pld_accountant_class() -> type:
+    from opacus.accountants import IAccountant
 
-    @classmethod
-    def mechanism(cls) -> str:
-        return "pld"
+    class PLDAccountant(IAccountant):
+        """An Opacus accountant whose ε comes from `dp_accounting`'s PLD analysis, under replace-one adjacency by
+        default.
 
-    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
-        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
-            sigma, q, steps = self.history[-1]
-            self.history[-1] = (sigma, q, steps + 1)
-        else:
-            self.history.append((noise_multiplier, sample_rate, 1))
+        The history is Opacus's: a list of (noise_multiplier, sample_rate, steps), consecutive equal steps merged, so
+        `state_dict` / `load_state_dict` (inherited) save and restore it, and any PLD implementation can recompute ε
+        from it.
+        """
 
-    def __len__(self) -> int:
-        return int(sum(steps for _, _, steps in self.history))
+        __qualname__ = "PLDAccountant"  # as if defined at module level: its name, reprs and pickles say so
 
-    def get_epsilon(self, delta: float, adjacency: Optional[str] = None) -> float:
-        return history_epsilon(self.history, delta, adjacency or self.adjacency)
+        def __init__(self, adjacency: str = REPLACE_ONE):
+            _relation(adjacency)  # validates
+            self.adjacency = adjacency
+            self.history = []
+
+        @classmethod
+        def mechanism(cls) -> str:
+            return "pld"
+
+        def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
+            if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+                sigma, q, steps = self.history[-1]
+                self.history[-1] = (sigma, q, steps + 1)
+            else:
+                self.history.append((noise_multiplier, sample_rate, 1))
+
+        def __len__(self) -> int:
+            return int(sum(steps for _, _, steps in self.history))
+
+        def get_epsilon(self, delta: float, adjacency: Optional[str] = None) -> float:
+            return history_epsilon(self.history, delta, adjacency or self.adjacency)
+
+    return PLDAccountant

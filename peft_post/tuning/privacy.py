@@ -15,16 +15,18 @@ import hashlib
 import math
 import secrets
 import warnings
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import torch
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Sampler
 
 from ..config import validate_privacy_ledger
 from ..losses import verbalizer_loss
 from ..modeling import label_logits
-from .accountant import ADD_OR_REMOVE_ONE, REPLACE_ONE, PLDAccountant, calibrate_noise_multiplier
+from .accountant import ADD_OR_REMOVE_ONE, REPLACE_ONE, calibrate_noise_multiplier
+
+if TYPE_CHECKING:
+    from .accountant import PLDAccountant
 
 # Opacus's clipping formula adds this to the norm so a zero gradient does not divide by zero.
 CLIP_EPS = 1e-6
@@ -279,6 +281,8 @@ class PoissonBatchSampler(Sampler):
         return self.steps
 
     def __iter__(self):
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # not at import: Opacus is slow to load
+
         for i in range(self.steps):
             draw = UniformWithReplacementSampler(
                 num_samples=self.num_samples, sample_rate=self.sample_rate, steps=1,

@@ -24,8 +24,7 @@ from ..modeling import (base_model_of, forward_through, label_logits, prompt_par
                         require_only_prompt_trainable, require_prompt_model, require_single_process)
 from ..prompts import prompt_norms
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
-from . import privacy
-from .accountant import PLDAccountant
+from . import accountant, privacy
 from .config import DPConfig, PromptTrainingConfig
 
 
@@ -50,7 +49,7 @@ class PromptTrainer(Trainer):
     """
     Trains only the soft prompt of `get_peft_model(model, POSTConfig(...))` with the verbalizer cross-entropy, for
     causal LMs (``CAUSAL_LM``) and masked LMs (``FEATURE_EXTRACTION``). Datasets hold raw ``text``/``label`` rows;
-    the collator renders them through the config's template. `evaluate` reports accuracy (via
+    the collator renders them through the config's template. `evaluate` reports accuracy and macro-F1 (via
     `predict_class_scores`), the loss, and the prompt's row norms next to the model's word-embedding norms.
 
     Example::
@@ -127,7 +126,8 @@ class PromptTrainer(Trainer):
     # ---- evaluation ----
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Accuracy, loss and prompt norms on `eval_dataset` (or each dataset of a dict, prefixed by its name)."""
+        """Accuracy, macro-F1, loss and prompt norms on `eval_dataset` (or each dataset of a dict, prefixed by its
+        name)."""
         override = eval_dataset is not None
         eval_dataset = eval_dataset if override else self.eval_dataset
         if isinstance(eval_dataset, dict):
@@ -158,6 +158,7 @@ class PromptTrainer(Trainer):
         metrics = {
             f"{p}_loss": float(F.cross_entropy(scores, labels)),
             f"{p}_accuracy": report["accuracy"],
+            f"{p}_macro_f1": report["macro_f1"],
             f"{p}_num_examples": report["num_examples"],
             **{f"{p}_accuracy_class_{c}": v["correct"] / v["total"] for c, v in report["per_class"].items() if v["total"]},
             **self._norm_metrics(p),
@@ -347,7 +348,7 @@ class DPPromptTrainer(PromptTrainer):
             dp_config.epsilon_tolerance,
             prior_history,
         )
-        self.accountant = PLDAccountant()
+        self.accountant = accountant.PLDAccountant()
         self.accountant.history = list(prior_history)
         self.prior_steps = len(self.accountant)
         if not dp_config.poisson_sampling:
