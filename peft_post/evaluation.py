@@ -134,23 +134,21 @@ def evaluate_prompt(
     dataset,
     config: POSTConfig,
     *,
-    text_column: str = "text",
-    label_column: str = "label",
-    batch_size: int = 32,
     use_prompt: bool = True,
     prompt: Optional[torch.Tensor] = None,
-    desc: str = "evaluate",
-    disable_progress: bool = False,
+    **score_options,
 ) -> dict:
     """Accuracy, macro-F1 and per-class counts (`accuracy_report`) of `model` on `dataset` under `config`'s template
     and label words.
 
     `model` is a plain transformers model (zero-shot) or a prompt-tuning `PeftModel`. ``use_prompt=False`` scores a
     `PeftModel`'s base model without its prompt; ``prompt`` scores an explicit (n, d) prompt instead of the
-    adapter's. Runs in eval mode under `torch.no_grad`, batched, with a progress bar.
+    adapter's. ``score_options`` are `score_dataset`'s: ``text_column`` ("text"), ``label_column`` ("label"),
+    ``batch_size`` (32), ``desc`` and ``disable_progress``. Runs in eval mode under `torch.no_grad`, batched, with a
+    progress bar.
     """
+    if "prompt" in score_options:
+        raise TypeError("Pass an explicit prompt as `prompt`, or `use_prompt=False` for the unprompted base model.")
     chosen = prompt if prompt is not None else ("auto" if use_prompt else None)
-    scores, labels = score_dataset(model, tokenizer, dataset, config, text_column=text_column,
-                                   label_column=label_column, batch_size=batch_size, prompt=chosen, desc=desc,
-                                   disable_progress=disable_progress)
+    scores, labels = score_dataset(model, tokenizer, dataset, config, prompt=chosen, **score_options)
     return accuracy_report(scores.argmax(-1).numpy(), labels.numpy(), scores.shape[1])

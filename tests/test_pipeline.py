@@ -1,0 +1,170 @@
+"""The pipeline as a library: `PipelineConfig` builds every stage config, round-trips through a run folder and takes
+overrides; the stage functions on models and datasets train exactly what the pipeline publishes."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import HfArgumentParser
+
+from peft_post.assets import load_text_dataset
+from peft_post.pipeline import (CONFIG_FILE, PRESETS, STAGE_FOLDERS, PipelineConfig, load_prompted_model,
+                                load_tokenizer, new_prompted_model, parse_overrides, public_splits, random_subset,
+                                run_pipeline, score_methods, student_folder, transfer_prompt, tune_prompt)
+from peft_post.pipeline import config as pipeline_config
+from peft_post.prompts import get_prompt
+
+SET = dict(preset="quick", distill_max_steps=7, distill_learning_rate=2e-3, tune_learning_rate=0.05, tune_batch_size=4,
+           transfer_alpha=0.25, transfer_temperature=1.5, transfer_cache_top_k=5, dp_target_epsilon=3.0,
+           dp_target_delta=1e-4, dp_max_grad_norm=0.5, seed=11, save_steps=4, eval_batch_size=6)
+
+
+def _carries(built, fields: dict, cfg: PipelineConfig, skip=()):
+    for arg, name in fields.items():
+        if arg not in skip:
+            assert getattr(built, arg) == getattr(cfg, name), (arg, name)
+
+
+def test_every_stage_config_is_built_from_the_mapped_fields(tmp_path):
+    cfg = PipelineConfig(**SET)
+    distill = cfg.distill_args(str(tmp_path / "d"))
+    _carries(distill, pipeline_config.DISTILL_FIELDS, cfg)
+    _carries(distill, pipeline_config.COMMON_TRAINER_FIELDS, cfg)
+    assert distill.output_dir == str(tmp_path / "d") and distill.save_strategy == "steps"
+    tune = cfg.tune_args(str(tmp_path / "t"))
+    _carries(tune, pipeline_config.TUNE_FIELDS, cfg)
+    _carries(tune, pipeline_config.COMMON_TRAINER_FIELDS, cfg)
+    _carries(cfg.dp_config(), pipeline_config.DP_FIELDS, cfg)
+    transfer = cfg.transfer_args(str(tmp_path / "x"))
+    _carries(transfer, pipeline_config.TRANSFER_FIELDS, cfg)
+    assert transfer.eval_steps == max(cfg.transfer_max_steps // 5, 1) and transfer.eval_strategy == "steps"
+    # An explicit α (the heuristic's, chosen by the transfer stage) wins; with none anywhere, the placeholder.
+    assert cfg.transfer_args(".", alpha=0.75).alpha == 0.75
+    assert PipelineConfig(preset="quick").transfer_args(".").alpha == pipeline_config.ALPHA_PLACEHOLDER
+    # No templated distillation texts, no label slots to weigh.
+    assert PipelineConfig(preset="quick", distill_templated_fraction=0).distill_args(".").alpha_label_slot == 0.0
+    assert distill.alpha_label_slot == cfg.distill_label_slot_weight == 5.0
+    # Every field a map names exists (a renamed field would otherwise fail only when that stage runs).
+    names = {f.name for f in dataclasses.fields(PipelineConfig)}
+    for fields in (pipeline_config.DISTILL_FIELDS, pipeline_config.TUNE_FIELDS, pipeline_config.DP_FIELDS,
+                   pipeline_config.TRANSFER_FIELDS, pipeline_config.COMMON_TRAINER_FIELDS):
+        assert set(fields.values()) <= names
+
+
+@pytest.mark.parametrize(
+    "fields,named",
+    [
+        (dict(transfer_alpha=1.5), "`transfer_alpha` must be in [0, 1]"),
+        (dict(transfer_temperature=0.0), "`transfer_temperature` must be"),
+        (dict(transfer_learning_rate=-1.0), "`transfer_learning_rate` must be"),
+        (dict(transfer_max_steps=0), "`transfer_max_steps` must be"),
+        (dict(distill_learning_rate=0.0), "`distill_learning_rate` must be"),
+        (dict(distill_block_size=1), "`distill_block_size` must be"),
+        (dict(tune_learning_rate=0.0), "`tune_learning_rate` must be"),
+        (dict(dp_target_epsilon=-1.0), "`dp_target_epsilon` must be"),
+        (dict(dp_target_delta=1.0), "`dp_target_delta` must be"),
+        (dict(dp_max_grad_norm=0.0), "`dp_max_grad_norm`"),
+        (dict(dp_accountant="rdp"), "`dp_accountant` must be one of"),
+        (dict(num_virtual_tokens=0), "`num_virtual_tokens` must be"),
+        (dict(tune_max_steps=0), "`tune_max_steps` must be"),
+    ],
+)
+def test_a_stage_configs_refusal_names_the_pipeline_field(fields, named):
+    with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        PipelineConfig(preset="quick", **fields)
+
+
+def test_a_config_round_trips_through_its_run_folder(tmp_path):
+    cfg = PipelineConfig(run_dir=str(tmp_path / "run"), **SET)
+    os.makedirs(cfg.run_dir)
+    cfg.save(cfg.run_dir)
+    assert PipelineConfig.from_run_dir(cfg.run_dir) == cfg
+    # A run folder made before the fields carried their stage's prefix.
+    old = dataclasses.asdict(cfg)
+    for legacy, current in pipeline_config.RENAMED_FIELDS.items():
+        old[legacy] = old.pop(current)
+    with open(os.path.join(cfg.run_dir, CONFIG_FILE), "w") as f:
+        json.dump(old, f)
+    with pytest.warns(FutureWarning, match="`alpha` is now called `transfer_alpha`"):
+        assert PipelineConfig.from_run_dir(cfg.run_dir) == cfg
+    with pytest.raises(ValueError, match="not a pipeline run folder"):
+        PipelineConfig.from_run_dir(str(tmp_path))
+    with open(os.path.join(cfg.run_dir, CONFIG_FILE), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        PipelineConfig.from_run_dir(cfg.run_dir)
+    with pytest.raises(ValueError, match=r"Unknown PipelineConfig field\(s\) \['colour'\]"):
+        PipelineConfig.from_dict({**dataclasses.asdict(cfg), "colour": "blue"})
+
+
+def test_overrides_are_typed_as_flags_and_checked():
+    cfg = PipelineConfig(preset="quick")
+    changed = cfg.with_overrides(["dp=false", "tune_max_steps=3", "transfer_alpha=0.5", "template={text} is"])
+    assert (changed.dp, changed.tune_max_steps, changed.transfer_alpha, changed.template) == (False, 3, 0.5, "{text} is")
+    assert cfg.dp is True and cfg.tune_max_steps == PRESETS["quick"]["tune_max_steps"]  # the original is unchanged
+    assert cfg.with_overrides({"seed": 4}).seed == 4
+    assert parse_overrides(["student_model=none/x", "dp_target_delta=0.001"]) == {
+        "student_model": "none/x", "dp_target_delta": 0.001}
+    with pytest.warns(FutureWarning, match="now called `dp_target_epsilon`"):
+        assert cfg.with_overrides({"target_epsilon": 2.0}).dp_target_epsilon == 2.0
+    with pytest.raises(ValueError, match=r"unknown PipelineConfig field\(s\) \['colour'\]"):
+        cfg.with_overrides(["colour=blue"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        cfg.with_overrides(["tune_max_steps"])
+    with pytest.raises(ValueError, match="`tune_max_steps` must be a positive int"):
+        cfg.with_overrides(["tune_max_steps=0"])
+    with pytest.raises(ValueError, match="cannot change `preset`"):
+        cfg.with_overrides({"preset": "default"})
+    with pytest.raises(ValueError, match="Both `alpha` and `transfer_alpha`"):
+        cfg.with_overrides({"alpha": 0.1, "transfer_alpha": 0.2})
+
+
+def _adapter(folder: str) -> torch.Tensor:
+    (weights,) = load_file(os.path.join(folder, "adapter_model.safetensors")).values()
+    return weights
+
+
+def test_the_stage_functions_train_exactly_what_the_pipeline_publishes(tiny_run, tmp_path):
+    run_dir, args = tiny_run
+    cfg = HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(args=[*args, "--dp", "false"])[0]
+    run_pipeline(cfg, command="test")
+    target = cfg.target_model
+    student = student_folder(cfg, target)
+    tokenizer = load_tokenizer(student)
+    train = random_subset(load_text_dataset(cfg.private_dataset, split=cfg.private_train_split),
+                          cfg.max_train_examples, cfg.seed)
+
+    # The user's stage, in memory: the same prompt, bit for bit.
+    model = new_prompted_model(student, cfg.post_config(student), False, cfg.seed)
+    trainer, record = tune_prompt(cfg, model, tokenizer, train, str(tmp_path / "tune"), dp=False)
+    assert record["steps"] == cfg.tune_max_steps and record["privacy"] is None
+    assert record["num_train_examples"] == len(train)
+    assert torch.equal(get_prompt(trainer.model).detach(), _adapter(os.path.join(run_dir, STAGE_FOLDERS["tune"])))
+
+    # The provider's stage, with the α the run's heuristic chose.
+    published = json.loads(open(os.path.join(run_dir, STAGE_FOLDERS["transfer"], "stage.json")).read())
+    public_train, public_eval = public_splits(cfg)
+    source = load_prompted_model(student, os.path.join(run_dir, STAGE_FOLDERS["tune"]), False)
+    target_model = new_prompted_model(target, cfg.post_config(target), False, cfg.seed)
+    trainer, record = transfer_prompt(cfg, target_model, source, load_tokenizer(target), public_train, public_eval,
+                                      str(tmp_path / "transfer"))
+    assert (record["alpha"], record["alpha_inputs"]) == (published["alpha"], published["alpha_inputs"])
+    assert record["steps"] == cfg.transfer_max_steps
+    assert torch.equal(get_prompt(trainer.model).detach(),
+                       _adapter(os.path.join(run_dir, STAGE_FOLDERS["transfer"])))
+
+    # The scores: a model or a loader per method, each scored on the test data alone.
+    test = random_subset(load_text_dataset(cfg.private_dataset, split=cfg.private_test_split),
+                         cfg.max_test_examples, cfg.seed)
+    evaluation = json.loads(open(os.path.join(run_dir, "evaluation.json")).read())["results"]
+    scores = score_methods(cfg, load_tokenizer(target), test, {
+        "post": trainer.model,
+        "zero_shot": lambda: load_prompted_model(target, os.path.join(run_dir, STAGE_FOLDERS["transfer"]),
+                                                 False).get_base_model(),
+    })
+    assert scores["post"]["accuracy"] == evaluation["post"]["accuracy"]
+    assert scores["zero_shot"]["accuracy"] == evaluation["zero_shot"]["accuracy"]
+    assert scores["post"]["num_examples"] == len(test)
