@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Optional, Union
 
 import numpy as np
@@ -70,6 +71,14 @@ def accuracy_report(predictions, references, num_classes: int) -> dict:
     }
 
 
+def progress_bars_wanted() -> bool:
+    """Whether to draw progress bars: on a terminal or in a notebook, not when stderr goes to a file or a pipe,
+    where every redraw of a bar is another line of the log."""
+    from transformers.utils import is_in_notebook
+
+    return sys.stderr.isatty() or is_in_notebook()
+
+
 @torch.no_grad()
 def predict_class_scores(
     model,
@@ -77,9 +86,12 @@ def predict_class_scores(
     verbalizer: Verbalizer,
     prompt: Union[torch.Tensor, None, str] = "auto",
     desc: str = "evaluate",
-    disable_progress: bool = False,
+    disable_progress: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class scores (N, C) and labels (N,) over a dataloader of `VerbalizerCollator` batches."""
+    """Class scores (N, C) and labels (N,) over a dataloader of `VerbalizerCollator` batches, with a progress bar
+    unless `disable_progress` (None: `progress_bars_wanted`)."""
+    if disable_progress is None:
+        disable_progress = not progress_bars_wanted()
     was_training = model.training
     model.eval()
     device = base_model_of(model).get_input_embeddings().weight.device
@@ -106,13 +118,18 @@ def score_dataset(
     batch_size: int = 32,
     prompt: Union[torch.Tensor, None, str] = "auto",
     desc: str = "evaluate",
-    disable_progress: bool = False,
+    disable_progress: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class scores (N, C) and labels (N,) of every row of `dataset`, in the dataset's order.
 
     ``prompt`` is as in `label_logits`: "auto" (the adapter's), None (the base model's, unprompted) or an explicit
     (n, d) prompt. Runs in eval mode under `torch.no_grad`, batched, with a progress bar.
     """
+    if not isinstance(config, POSTConfig):
+        raise TypeError(
+            f"`config` is a {type(config).__name__}, not a POSTConfig: scoring needs the task's template and label "
+            "words, which a POSTConfig carries. Pass `POSTConfig(template=..., label_words=..., num_virtual_tokens=...)`"
+            ", or `POSTConfig.from_pretrained(adapter_folder)` for a saved POST prompt.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     verbalizer = Verbalizer.from_config(config, tokenizer)

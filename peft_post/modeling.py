@@ -7,7 +7,9 @@ and an explicit `(B, n, d)` prompt can be passed, which is how DP training gets 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -19,6 +21,16 @@ _CAUSAL_FAST = {"gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma3_text", "ge
 _MASKED_HEADS = {"bert": "cls", "roberta": "lm_head", "xlm-roberta": "lm_head", "camembert": "lm_head"}
 # RoBERTa numbers positions from padding_idx + 1.
 _ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert"}
+
+
+@contextlib.contextmanager
+def quiet_checkpointing_deprecation():
+    """Silence exactly one warning around our own `get_peft_model` / `PeftModel.from_pretrained` calls: PEFT's
+    `PeftModel.__init__` reads `model.is_gradient_checkpointing`, which transformers 5 deprecated in favour of
+    `is_activation_checkpointing`, so every prompted model built printed a `FutureWarning` that no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def base_model_of(model) -> torch.nn.Module:

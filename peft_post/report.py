@@ -35,6 +35,8 @@ METHOD_LABELS = {
 METHOD_SHORT = {"zero_shot": "zero-shot", "full_prompt_tuning": "full PT", "student_prompt": "student p_s",
                 "direct_transfer": "direct", "post": "POST"}
 REQUIRED_METHODS = ("zero_shot", "student_prompt", "direct_transfer", "post")
+# The methods the report compares everything with: they are never "not applicable".
+ALWAYS_APPLICABLE = ("zero_shot", "post")
 
 # Stage names the time ratio reads: (student tuning + transfer) / full prompt tuning of the target.
 STAGE_DISTILL, STAGE_TUNE, STAGE_TRANSFER, STAGE_EVALUATE, STAGE_FULL = (
@@ -89,7 +91,9 @@ class POSTResults:
 
     ``accuracy`` maps each of `METHODS` to a fraction in [0, 1] measured on ``num_test_examples`` examples of the
     private task's held-out test split (the split is used for this report only, never for selection);
-    ``full_prompt_tuning`` may be None (it runs only with ``--full-baseline``), the others are required.
+    ``full_prompt_tuning`` may be None (it runs only with ``--full-baseline``), the others are required unless
+    ``not_applicable`` gives the reason they could not run (direct transfer across hidden sizes): their accuracy
+    is then None and the report prints "n/a (reason)".
     """
 
     target_model: str = field(metadata={"help": "The large model Φ_t (Hub id, local folder or embedded name)."})
@@ -112,6 +116,11 @@ class POSTResults:
     seed: Optional[int] = field(default=None, metadata={"help": "Seed of the run."})
     command: Optional[str] = field(default=None, metadata={"help": "The command line that produced the run."})
     notes: list = field(default_factory=list, metadata={"help": "Free-text remarks printed under the table."})
+    not_applicable: dict = field(
+        default_factory=dict,
+        metadata={"help": "Why a method could not run, by method, e.g. {'direct_transfer': 'hidden sizes differ: "
+                  "64 vs 32'}; its accuracy is then None and the report prints 'n/a (reason)'. Never zero_shot or "
+                  "post."})
 
     def __post_init__(self):
         if not isinstance(self.accuracy, dict):
@@ -119,10 +128,12 @@ class POSTResults:
         unknown = sorted(set(self.accuracy) - set(METHODS))
         if unknown:
             raise ValueError(f"`accuracy` has unknown methods {unknown}; use keys from {METHODS}.")
-        missing = [m for m in REQUIRED_METHODS if self.accuracy.get(m) is None]
+        self._check_not_applicable()
+        missing = [m for m in REQUIRED_METHODS if self.accuracy.get(m) is None and m not in self.not_applicable]
         if missing:
             raise ValueError(f"`accuracy` is missing {missing}; a POST report needs {REQUIRED_METHODS} "
-                             "(full_prompt_tuning is optional).")
+                             "(full_prompt_tuning is optional; a method that cannot run needs its reason in "
+                             "`not_applicable`).")
         for m, v in self.accuracy.items():
             if v is not None and not _is_fraction(v):
                 raise ValueError(f"`accuracy['{m}']` must be a fraction in [0, 1] (not a percentage), got {v!r}.")
@@ -143,6 +154,19 @@ class POSTResults:
             (p if isinstance(p, CurvePoint) else CurvePoint(**p) for p in self.transfer_curve), key=lambda p: p.step)
         if not isinstance(self.notes, list) or not all(isinstance(n, str) for n in self.notes):
             raise ValueError("`notes` must be a list of strings.")
+
+    def _check_not_applicable(self) -> None:
+        if not isinstance(self.not_applicable, dict):
+            raise ValueError(f"`not_applicable` must be a dict {{method: reason}}, got {self.not_applicable!r}.")
+        for m, reason in self.not_applicable.items():
+            if m not in METHODS or m in ALWAYS_APPLICABLE:
+                raise ValueError(f"`not_applicable` names {m!r}; only {sorted(set(METHODS) - set(ALWAYS_APPLICABLE))} "
+                                 "can be not applicable (the report compares everything with zero-shot and POST).")
+            if not isinstance(reason, str) or not reason.strip():
+                raise ValueError(f"`not_applicable[{m!r}]` must be a non-empty reason, got {reason!r}.")
+            if self.accuracy.get(m) is not None:
+                raise ValueError(f"`accuracy[{m!r}]` is {self.accuracy[m]!r} but `not_applicable` says it could "
+                                 f"not run ({reason}); give one or the other.")
 
     @classmethod
     def from_dict(cls, data: dict) -> "POSTResults":
@@ -180,6 +204,7 @@ def derived_metrics(results: Union[POSTResults, dict]) -> dict[str, Any]:
     """Numbers computed from the results: gains over zero-shot, gap closed, the time ratio.
 
     - ``post_gain_over_zero_shot``: POST − zero-shot (fraction); ``post_beats_zero_shot``: that is > 0.
+    - ``post_gain_over_direct_transfer``: POST − direct transfer; None when direct transfer was not applicable.
     - ``gap_closed``: (POST − zero-shot) / (full PT − zero-shot), when full PT ran and beat zero-shot.
     - ``time_ratio``: (tune + transfer wall time) / full_tuning wall time, when all three stages were timed;
       ``speedup`` is its inverse (the paper's 6.5× for GPT2-XL).
@@ -190,7 +215,8 @@ def derived_metrics(results: Union[POSTResults, dict]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "post_gain_over_zero_shot": acc["post"] - acc["zero_shot"],
         "post_beats_zero_shot": acc["post"] > acc["zero_shot"],
-        "post_gain_over_direct_transfer": acc["post"] - acc["direct_transfer"],
+        "post_gain_over_direct_transfer": (None if acc["direct_transfer"] is None
+                                           else acc["post"] - acc["direct_transfer"]),
         "gap_closed": None,
         "time_ratio": None,
         "speedup": None,
@@ -216,6 +242,11 @@ def report_dict(results: Union[POSTResults, dict]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ markdown
 def _pct(x: Optional[float]) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
+
+
+def not_applicable_text(reason: str) -> str:
+    """How the report prints a method that could not run: "n/a (hidden sizes differ: 64 vs 32)"."""
+    return f"n/a ({reason})"
 
 
 def _num(x, fmt: str = "{:.1f}") -> str:
@@ -247,6 +278,9 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
         lines.append(f"- seed: {r.seed}")
     lines += ["", "## Accuracy", "", "| Method | Accuracy (%) | Δ vs zero-shot (pp) |", "|---|---:|---:|"]
     for m in METHODS:
+        if m in r.not_applicable:
+            lines.append(f"| {METHOD_LABELS[m]} | {not_applicable_text(r.not_applicable[m])} | — |")
+            continue
         if m == "full_prompt_tuning" and acc[m] is None:
             continue
         delta = "" if m == "zero_shot" else f"{100 * (acc[m] - acc['zero_shot']):+.2f}"
@@ -265,6 +299,10 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
                   "|---:|---:|---|---|---:|---:|---:|---:|",
                   f"| {p['epsilon']:g} | {p['delta']:.3g} | {adjacency} | {p['accountant']} | "
                   f"{p['noise_multiplier']:.4g} | {p['max_grad_norm']:g} | {p['sample_rate']:.4g} | {p['steps']} |"]
+        if "target_delta" in p and p["target_delta"] is None:  # nobody chose δ: the trainer's default, 1/N
+            lines += ["", f"δ = 1/N (N = {round(1 / p['delta'])} training examples), the default and the paper's "
+                      "convention. A δ this large allows a mechanism that publishes one training example outright; "
+                      "pass `--dp_target_delta` well below 1/N for a stronger guarantee."]
         if "epsilon_add_remove" in p:
             lines += ["", f"The same steps give ε = {p['epsilon_add_remove']:g} under add/remove-one adjacency, the "
                       "relation the paper reports; it is not this prompt's guarantee, because N is published "
@@ -306,13 +344,15 @@ def render_plot_png(results: Union[POSTResults, dict], dpi: int = 100) -> bytes:
     FigureCanvasAgg(fig)
     ax_bar, ax_curve = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1]})
 
-    methods = [m for m in METHODS if r.accuracy[m] is not None]
-    values = [100 * r.accuracy[m] for m in methods]
+    # A method that could not run keeps its place, with an empty bar labelled n/a.
+    methods = [m for m in METHODS if r.accuracy[m] is not None or m in r.not_applicable]
+    values = [0.0 if r.accuracy[m] is None else 100 * r.accuracy[m] for m in methods]
     colors = {"zero_shot": "#9e9e9e", "full_prompt_tuning": "#4c72b0", "student_prompt": "#dd8452",
               "direct_transfer": "#c44e52", "post": "#55a868"}
     bars = ax_bar.bar([METHOD_SHORT[m] for m in methods], values, color=[colors[m] for m in methods])
-    for bar, v in zip(bars, values):
-        ax_bar.text(bar.get_x() + bar.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=9)
+    for bar, m, v in zip(bars, methods, values):
+        label = "n/a" if r.accuracy[m] is None else f"{v:.1f}"
+        ax_bar.text(bar.get_x() + bar.get_width() / 2, v + 0.5, label, ha="center", va="bottom", fontsize=9)
     ax_bar.axhline(100 * r.accuracy["zero_shot"], color="#616161", linestyle="--", linewidth=1)
     ax_bar.set_ylim(0, 105)
     ax_bar.set_ylabel("accuracy on private test split (%)")

@@ -202,3 +202,42 @@ def test_report_states_adjacency_the_add_remove_figure_and_a_void_guarantee(tmp_
     assert "**The DP guarantee does not hold:** the noise was drawn from a fixed seed." in md
     held = open(R.write_report(R.POSTResults(**results()), str(tmp_path / "b"))["md"]).read()
     assert "does not hold" not in held
+
+
+def test_a_method_that_could_not_run_is_reported_as_not_applicable(tmp_path):
+    # A ready student of another hidden size: p_s cannot be pasted into the target; POST is still scored.
+    reason = "hidden sizes differ: 64 vs 32"
+    acc = dict(results()["accuracy"], direct_transfer=None)
+    paths = R.write_report(results(accuracy=acc, not_applicable={"direct_transfer": reason}), str(tmp_path))
+    data = json.loads(open(paths["json"]).read())
+    assert data["accuracy"]["direct_transfer"] is None and data["not_applicable"] == {"direct_transfer": reason}
+    assert data["derived"]["post_gain_over_direct_transfer"] is None
+    assert data["derived"]["post_gain_over_zero_shot"] == pytest.approx(0.805 - 0.773)
+    assert R.POSTResults.from_dict(data).to_dict() == R.POSTResults.from_dict(
+        results(accuracy=acc, not_applicable={"direct_transfer": reason})).to_dict()  # round trip
+    rows = {row[0]: row for row in _md_table(open(paths["md"]).read(), "| Method |")}
+    assert rows[R.METHOD_LABELS["direct_transfer"]][1:] == [f"n/a ({reason})", "—"]
+    assert float(rows[R.METHOD_LABELS["post"]][1]) == 80.5
+    assert _png_size(open(paths["png"], "rb").read()) == (1100, 420)
+
+
+@pytest.mark.parametrize("accuracy, not_applicable, match", [
+    ({"direct_transfer": None}, {"direct_transfer": " "}, "non-empty reason"),
+    ({"direct_transfer": 0.6}, {"direct_transfer": "hidden sizes differ"}, "give one or the other"),
+    ({"post": None}, {"post": "no transfer"}, "only .* can be not applicable"),
+    ({}, {"lora": "not a method"}, "only .* can be not applicable"),
+    ({}, ["direct_transfer"], "must be a dict"),
+])
+def test_not_applicable_needs_a_reason_and_no_accuracy(tmp_path, accuracy, not_applicable, match):
+    acc = {**results()["accuracy"], **accuracy}
+    with pytest.raises(ValueError, match=match):
+        R.write_report(results(accuracy=acc, not_applicable=not_applicable), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_states_the_default_delta_without_a_warning():
+    # The DP trainer records `target_delta`: None when nobody chose δ, so it is 1/N, the paper's convention.
+    md = R.render_markdown(results(privacy={**LEDGER, "delta": 1 / 8530, "target_delta": None}))
+    assert "δ = 1/N (N = 8530 training examples), the default and the paper's convention." in md
+    for ledger in ({**LEDGER, "target_delta": 1e-4}, LEDGER):  # a δ the user chose, or a ledger from before
+        assert "δ = 1/N" not in R.render_markdown(results(privacy=ledger))

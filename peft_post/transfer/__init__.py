@@ -2,7 +2,8 @@
 
 from .cache import TransferCache, build_transfer_cache, frozen_logits, select_support
 from .config import TransferConfig
-from .trainer import TransferTrainer, direct_transfer, suggest_alpha
+from .trainer import (TransferTrainer, direct_transfer, direct_transfer_obstacle, require_shared_vocabulary,
+                      suggest_alpha, tokenizer_mismatch)
 
 __all__ = [
     "TransferCache",
@@ -10,7 +11,10 @@ __all__ = [
     "TransferTrainer",
     "build_transfer_cache",
     "direct_transfer",
+    "direct_transfer_obstacle",
     "frozen_logits",
+    "require_shared_vocabulary",
     "select_support",
     "suggest_alpha",
+    "tokenizer_mismatch",
 ]

@@ -21,7 +21,8 @@ from ..config import POSTConfig
 from ..evaluation import evaluate_prompt
 from ..losses import transfer_loss
 from ..modeling import (base_model_of, forward_through, is_masked_lm, label_logits, prompt_parameter,
-                        require_data_parallel, require_only_prompt_trainable, require_prompt_model, unwrap_model)
+                        quiet_checkpointing_deprecation, require_data_parallel, require_only_prompt_trainable,
+                        require_prompt_model, unwrap_model)
 from ..prompts import get_prompt, prompt_from_text, set_prompt
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset, dataset_fingerprint
 from .cache import TransferCache, build_transfer_cache, frozen_logits, select_support
@@ -63,6 +64,53 @@ def _hidden_size(model) -> int:
     return int(base_model_of(model).get_input_embeddings().weight.shape[1])
 
 
+def direct_transfer_obstacle(source_hidden: int, target_hidden: int, source_vocab: int,
+                             target_vocab: int) -> Optional[str]:
+    """Why p_s cannot be pasted into the target as is ("hidden sizes differ: 64 vs 32", source first), or None.
+
+    Direct transfer needs the same hidden size (p_s is a sequence of input embeddings) and vocabulary; POST needs
+    only the vocabulary. The pipeline reads the sizes from the model configs, to report direct transfer as not
+    applicable without loading either model.
+    """
+    if source_hidden != target_hidden:
+        return f"hidden sizes differ: {source_hidden} vs {target_hidden}"
+    if source_vocab != target_vocab:
+        return f"vocabularies differ: {source_vocab} vs {target_vocab} tokens"
+    return None
+
+
+def tokenizer_mismatch(tokenizer, source_tokenizer) -> Optional[str]:
+    """Why two tokenizers are not one shared vocabulary ("tokenizers differ in size (500 vs 400)", source first),
+    or None. POST compares the two models' logits token by token and feeds the source the target's token ids, so
+    both must map every token to the same id and agree on the special tokens. Cheap: no model is loaded."""
+    if source_tokenizer is tokenizer:
+        return None
+    if len(tokenizer) != len(source_tokenizer):
+        return f"tokenizers differ in size ({len(source_tokenizer)} vs {len(tokenizer)} tokens)"
+    vocab, source_vocab = tokenizer.get_vocab(), source_tokenizer.get_vocab()
+    if vocab != source_vocab:
+        differ = sorted(t for t in vocab.keys() | source_vocab.keys() if vocab.get(t) != source_vocab.get(t))
+        return f"tokenizers map {len(differ)} tokens to different ids (e.g. {differ[0]!r})"
+    for attr in ("pad_token_id", "mask_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(tokenizer, attr) != getattr(source_tokenizer, attr):
+            return f"tokenizers disagree on `{attr}`"
+    return None
+
+
+def require_shared_vocabulary(model, source_model, tokenizer) -> None:
+    """Raise `ValueError` unless `model` (target) and `source_model` have as many logits as each other and at least
+    as many as `tokenizer` (the target's) has tokens: the check `TransferTrainer` makes, which the α heuristic needs
+    too before it feeds the source the target's token ids."""
+    v_t, v_s = _vocab_size(model), _vocab_size(source_model)
+    if v_t != v_s:
+        raise ValueError(
+            f"Source and target vocabularies differ ({v_s} vs {v_t} logits): the POST loss compares logits "
+            "token by token, so both models must share one tokenizer."
+        )
+    if len(tokenizer) > v_t:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the models only {v_t} logits.")
+
+
 def _name_of(model) -> Optional[str]:
     return getattr(base_model_of(model), "name_or_path", None) or None
 
@@ -81,16 +129,12 @@ def direct_transfer(source_peft_model, target_model, adapter_name: str = "defaul
     require_prompt_model(source_peft_model, "source_peft_model")
     p_s = get_prompt(source_peft_model)
     source_cfg = source_peft_model.active_peft_config
-    d_t = _hidden_size(target_model)
-    if d_t != p_s.shape[1]:
+    obstacle = direct_transfer_obstacle(p_s.shape[1], _hidden_size(target_model), _vocab_size(source_peft_model),
+                                        _vocab_size(target_model))
+    if obstacle is not None:
         raise ValueError(
-            f"Direct transfer pastes p_s as is, but the source hidden size is {p_s.shape[1]} and the target's is "
-            f"{d_t}. Use TransferTrainer: the POST loss compares only vocabulary logits, so hidden sizes may differ."
-        )
-    if _vocab_size(target_model) != _vocab_size(source_peft_model):
-        raise ValueError(
-            f"Source and target vocabularies differ ({_vocab_size(source_peft_model)} vs {_vocab_size(target_model)} "
-            "tokens): POST needs one tokenizer shared by both models."
+            f"Direct transfer pastes p_s as is, but the source and target {obstacle}. Use TransferTrainer: the POST "
+            "loss compares only vocabulary logits, so hidden sizes may differ (the vocabulary must be shared)."
         )
     if isinstance(target_model, PeftModel):
         require_prompt_model(target_model, "target_model")
@@ -102,7 +146,8 @@ def direct_transfer(source_peft_model, target_model, adapter_name: str = "defaul
         cfg.prompt_tuning_init = PromptTuningInit.RANDOM
         cfg.prompt_tuning_init_text = None
         cfg.base_model_name_or_path = _name_of(target_model)
-        peft_model = get_peft_model(target_model, cfg, adapter_name=adapter_name)
+        with quiet_checkpointing_deprecation():
+            peft_model = get_peft_model(target_model, cfg, adapter_name=adapter_name)
         set_prompt(peft_model, p_s)
     cfg = peft_model.active_peft_config
     if isinstance(cfg, POSTConfig):
@@ -272,19 +317,10 @@ class TransferTrainer(Trainer):
                 )
 
     def _check_vocabulary(self, model, source_model, tokenizer, source_tokenizer, cfg) -> None:
-        v_t, v_s = _vocab_size(model), _vocab_size(source_model)
-        if v_t != v_s:
-            raise ValueError(
-                f"Source and target vocabularies differ ({v_s} vs {v_t} logits): the POST loss compares logits "
-                "token by token, so both models must share one tokenizer."
-            )
-        if len(tokenizer) != len(source_tokenizer):
-            raise ValueError(
-                f"Source and target tokenizers differ in size ({len(source_tokenizer)} vs {len(tokenizer)}); POST "
-                "needs one shared tokenizer."
-            )
-        if len(tokenizer) > v_t:
-            raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the models only {v_t} logits.")
+        require_shared_vocabulary(model, source_model, tokenizer)
+        mismatch = tokenizer_mismatch(tokenizer, source_tokenizer)
+        if mismatch is not None:
+            raise ValueError(f"Source and target {mismatch}; POST needs one shared tokenizer.")
         if source_tokenizer is not tokenizer:
             source_verbalizer = Verbalizer.from_config(cfg, source_tokenizer, multi_token="error")
             if source_verbalizer.token_ids != self.verbalizer.token_ids:
@@ -292,9 +328,6 @@ class TransferTrainer(Trainer):
                     f"Label words map to different ids in the source ({source_verbalizer.token_ids}) and target "
                     f"({self.verbalizer.token_ids}) tokenizers; POST needs one shared tokenizer."
                 )
-            for attr in ("pad_token_id", "mask_token_id", "bos_token_id", "eos_token_id"):
-                if getattr(tokenizer, attr) != getattr(source_tokenizer, attr):
-                    raise ValueError(f"Source and target tokenizers disagree on `{attr}`; POST needs one shared tokenizer.")
 
     @staticmethod
     def _check_texts(texts: list, name: str) -> None:

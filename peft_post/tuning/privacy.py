@@ -123,6 +123,11 @@ def planned_steps(max_steps: int, num_train_epochs: float, batches_per_epoch: in
     return max_steps if max_steps > 0 else math.ceil(num_train_epochs * batches_per_epoch)
 
 
+# `resolve_delta`'s warning, for `warnings.filterwarnings`: the pipeline silences it for its default δ = 1/N, which
+# its report states instead, and keeps it for a δ the user chose.
+LARGE_DELTA_WARNING = r"δ = \S+ is >= 1/N"
+
+
 def resolve_delta(target_delta: Optional[float], num_examples: int) -> float:
     """δ, defaulting to 1/N; warns when δ ≥ 1/N (such a δ permits leaking about one whole example)."""
     delta = 1.0 / num_examples if target_delta is None else float(target_delta)
