@@ -245,10 +245,10 @@ def _check_resume(folder: str, settings: dict) -> None:
 
 def audit_examples(cfg, num_examples: int):
     """The N audit examples: a seeded sample of the private training split, checked before any work."""
-    from .assets import load_text_dataset
+    from .pipeline import private_split
     from .tasks import check_classification_dataset
 
-    train = load_text_dataset(cfg.private_dataset, split=cfg.private_train_split)
+    train = private_split(cfg, "train")
     if len(train) < num_examples:
         raise ValueError(f"The private training split has {len(train)} examples, fewer than num_examples = "
                          f"{num_examples}; lower num_examples.")

@@ -234,12 +234,26 @@ def check_classification_dataset(dataset, text_column: str, label_column: Option
         return
     if label_column not in columns:
         raise ValueError(f"`{name}` has no label column {label_column!r} (columns: {columns}); set `label_column`.")
-    labels = dataset[label_column]
-    bad = [y for y in labels if not (isinstance(y, int) or hasattr(y, "__index__")) or not 0 <= int(y) < num_classes]
-    if bad:
-        raise ValueError(
-            f"`{name}` has labels outside 0..{num_classes - 1} (e.g. {bad[0]!r}); label_words define {num_classes} classes."
-        )
+    problem = label_problem(dataset[label_column], num_classes)
+    if problem:
+        raise ValueError(f"`{name}` {problem}")
+
+
+def label_problem(labels, num_classes: int) -> Optional[str]:
+    """What is wrong with a label column, as the end of a sentence about the dataset, or None when every label is a
+    class index in ``0..num_classes - 1``. Non-integers (strings, floats such as a CSV column with an empty cell
+    gives, None) are reported apart from integers out of range."""
+    labels = list(labels)
+    not_int = [y for y in labels if not (isinstance(y, int) or hasattr(y, "__index__"))]
+    if not_int:
+        return (f"has {len(not_int)} label(s) that are not integer class indices (e.g. {not_int[0]!r}, a "
+                f"{type(not_int[0]).__name__}); labels must be ints 0..{num_classes - 1}, one per class of "
+                "label_words in order (a CSV column with an empty cell reads as floats).")
+    outside = [y for y in labels if not 0 <= int(y) < num_classes]
+    if outside:
+        return (f"has labels outside 0..{num_classes - 1} (e.g. {outside[0]!r}); label_words define {num_classes} "
+                "classes.")
+    return None
 
 
 def dataset_fingerprint(dataset, text_column: str) -> str:

@@ -8,6 +8,7 @@ through one call.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Iterable, Optional, Union
@@ -294,6 +295,29 @@ def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
                      f"{[EMBEDDED_PREFIX + n for n in EMBEDDED_DATASETS]}.")
 
 
+@contextlib.contextmanager
+def _readable(path: str):
+    """Reading local data files: the errors `datasets` wraps (a file that is not UTF-8, an empty file, a header
+    without rows) become a `ValueError` that names the file and the fix."""
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        yield
+    except DatasetGenerationError as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, UnicodeDecodeError):
+            raise ValueError(
+                f"{path!r} is not UTF-8 text ({cause}). Save it as UTF-8; a Latin-1 (ISO-8859-1) file converts with "
+                "`iconv -f latin1 -t utf-8 in.csv > out.csv`.") from None
+        if type(cause).__name__ == "EmptyDataError":  # pandas: not even a header
+            raise ValueError(f"{path!r} is empty: no header and no rows; it needs a header line and examples.") from None
+        raise ValueError(f"Cannot read {path!r}: {type(cause or err).__name__}: {cause or err}") from None
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # `datasets` on a split whose files hold no rows
+            raise ValueError(f"{path!r} has no examples (only a header line?); add rows to it.") from None
+        raise
+
+
 def load_text_dataset(name_or_path: str, split: Optional[str] = None, config_name: Optional[str] = None, **kwargs):
     """Load a dataset from an embedded name, a local file or folder, or the Hugging Face Hub.
 
@@ -320,15 +344,17 @@ def load_text_dataset(name_or_path: str, split: Optional[str] = None, config_nam
         if ext not in _LOCAL_BUILDERS:
             raise ValueError(f"Cannot read {name_or_path!r}: use one of {sorted(_LOCAL_BUILDERS)}.")
         builder_kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-        dsd = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files={"train": name_or_path}, **builder_kwargs,
-                                    **kwargs)
+        with _readable(name_or_path):
+            dsd = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files={"train": name_or_path}, **builder_kwargs,
+                                        **kwargs)
     elif os.path.isdir(name_or_path):
         if os.path.isfile(os.path.join(name_or_path, "dataset_dict.json")) or os.path.isfile(
             os.path.join(name_or_path, "state.json")
         ):
             dsd = datasets.load_from_disk(name_or_path)
         else:
-            dsd = datasets.load_dataset(name_or_path, config_name, **kwargs)
+            with _readable(name_or_path):
+                dsd = datasets.load_dataset(name_or_path, config_name, **kwargs)
     elif os.path.splitext(name_or_path)[1].lower() in _LOCAL_BUILDERS or name_or_path.startswith((".", "/", "~")):
         raise ValueError(f"Local dataset file {name_or_path!r} does not exist.")
     else:

@@ -72,9 +72,9 @@ def run_dp_audit(cfg, audit: DPAuditConfig, command: Optional[str] = None) -> di
     and DP budget) for each case of `audit.cases`; writes the result as JSON (`audit.output`, default
     ``<run_dir>/dp_audit.json``) and returns it. D and D' hold `audit.num_examples` examples of the private
     training split plus the canary (D) or a replacement (D')."""
-    from ..assets import load_text_dataset, resolve_model
+    from ..assets import resolve_model
     from ..io import atomic_write_json
-    from ..pipeline import distill_stage, load_tokenizer, new_prompted_model
+    from ..pipeline import distill_stage, load_tokenizer, new_prompted_model, private_split
     from ..tasks import check_classification_dataset
     from ..tuning import DPConfig, PromptTrainingConfig
 
@@ -82,7 +82,7 @@ def run_dp_audit(cfg, audit: DPAuditConfig, command: Optional[str] = None) -> di
         raise ValueError(f"`audit` must be a DPAuditConfig, got {type(audit).__name__}.")
     start = time.perf_counter()
     text_column, label_column = cfg.text_column, cfg.label_column
-    train = load_text_dataset(cfg.private_dataset, split=cfg.private_train_split)
+    train = private_split(cfg, "train")
     if len(train) < audit.num_examples + 1:
         raise ValueError(f"The private training split has {len(train)} examples, fewer than num_examples + 1 = "
                          f"{audit.num_examples + 1}.")
