@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -69,8 +70,15 @@ def _stepper(trainer, num_steps: int):
 
 def main(argv=None):
     args = parse_args(argv)
+    work = tempfile.mkdtemp(prefix="post-cost-")  # the trainers' output folders; nothing is saved there
+    try:
+        measure(args, work, argv)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: str, argv) -> None:
     torch.set_num_threads(args.threads)
-    work = tempfile.mkdtemp(prefix="post-cost-")
     try:
         cfg = PipelineConfig(**parse_overrides([*args.overrides, f"run_dir={args.run_dir or work}", "dp=false"]))
     except ValueError as err:

@@ -63,7 +63,8 @@ def _parse(dataclass_type, argv: list[str], prog: str):
     types = dataclass_type if isinstance(dataclass_type, tuple) else (dataclass_type,)
     if PipelineConfig in types:
         argv = rename_legacy_flags(argv)
-    parser = HfArgumentParser(types, prog=prog, description=HELP.get(prog.split()[-1]))
+    # No abbreviations: `--tune_max_step 3` must be an error, not a silent `--tune_max_steps 3`.
+    parser = HfArgumentParser(types, prog=prog, description=HELP.get(prog.split()[-1]), allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML or JSON file of arguments; flags override it.")
     config_path = None
     if "--config" in argv:
@@ -74,13 +75,7 @@ def _parse(dataclass_type, argv: list[str], prog: str):
     if config_path is not None:
         if not os.path.isfile(config_path):
             parser.error(f"--config file {config_path!r} does not exist.")
-        with open(config_path, encoding="utf-8") as f:
-            if config_path.endswith((".yaml", ".yml")):
-                import yaml
-
-                values = yaml.safe_load(f) or {}
-            else:
-                values = json.load(f)
+        values = _read_config_file(config_path, parser)
         if PipelineConfig in types:
             values = rename_legacy_fields(values)
         known = {a.dest for a in parser._actions}
@@ -95,6 +90,46 @@ def _parse(dataclass_type, argv: list[str], prog: str):
     return tuple(parsed) if isinstance(dataclass_type, tuple) else parsed[0]
 
 
+def _read_config_file(path: str, parser) -> dict:
+    """The flags a ``--config`` YAML or JSON file sets; a syntax error exits 2 naming the file and the line."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith((".yaml", ".yml")):
+                values = yaml.safe_load(f)
+            else:
+                values = json.load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        parser.error(f"--config file {path!r}{where} is not valid YAML: {getattr(err, 'problem', None) or err}.")
+    except json.JSONDecodeError as err:
+        parser.error(f"--config file {path!r} line {err.lineno} is not valid JSON: {err.msg}.")
+    except UnicodeDecodeError as err:
+        parser.error(f"--config file {path!r} is not UTF-8 text ({err.reason}).")
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        parser.error(f"--config file {path!r} must hold a mapping of flag names to values, not a "
+                     f"{type(values).__name__}.")
+    return values
+
+
+def _check_run_dir(path: str) -> None:
+    """A --run_dir this job can create and write, or a ValueError naming it (instead of an OSError's traceback)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--run_dir {path!r} is a file, not a folder; give a folder for the run.")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest folder that exists: the run folder is created in it
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--run_dir {path!r} cannot be created: {existing!r} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--run_dir {path!r} is not writable ({existing!r} is read-only for this user); give a "
+                         "folder this job can write.")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -107,6 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"peft-post: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     prog = f"peft-post {command}"
+    _quiet_progress_bars()
     try:
         if command == "push":
             return _push(_parse(PushArguments, rest, prog))
@@ -116,6 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _audit_dp(*_parse((PipelineConfig, DPAuditConfig), rest, prog),
                              command=_command_line(command, rest))
         cfg = _parse(PipelineConfig, rest, prog)
+        _check_run_dir(cfg.run_dir)
         results = run_pipeline(cfg, only=None if command == "run" else command,
                                command=_command_line(command, rest))
     except ValueError as err:
@@ -125,6 +162,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         with open(os.path.join(cfg.run_dir, "report.md"), encoding="utf-8") as f:
             print(f.read())
     return 0
+
+
+def _quiet_progress_bars() -> None:
+    """No progress bars of `datasets` and transformers (loading weights, downloads) in a log redirected to a file,
+    where each redraw is another line; the stages' Trainer and evaluation bars follow the same rule
+    (`evaluation.progress_bars_wanted`)."""
+    from .evaluation import progress_bars_wanted
+
+    if not progress_bars_wanted():
+        import datasets
+        from transformers.utils import logging
+
+        datasets.disable_progress_bars()
+        logging.disable_progress_bar()  # huggingface_hub's bars too
 
 
 def _command_line(command: str, rest: list[str]) -> str:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from peft import PromptTuningConfig, PromptTuningInit
 from peft.utils import CONFIG_NAME, PeftType
 
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json_object
 
 # POST fields live in a side file, not in adapter_config.json: plain PEFT builds a PromptTuningConfig from
 # adapter_config.json and would warn "Unexpected keyword arguments ... upgrade PEFT" for every POST key,
@@ -242,5 +242,5 @@ def _read_post_side_file(path: str, subfolder: Optional[str], kwargs: dict) -> d
             # A missing local folder is not a repo id either; say so the way PEFT's own configs do.
             raise ValueError(f"Can't find 'adapter_config.json' at {local!r}: no such folder, and not a Hub repo id.") \
                 from None
-    with open(candidate, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_object(candidate, "The prompt's POST fields are damaged: restore the adapter folder, or make it "
+                            "again.")

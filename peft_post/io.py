@@ -41,3 +41,15 @@ def drop_training_arguments(folder: str) -> None:
     path = os.path.join(folder, TRAINING_ARGS_NAME)
     if os.path.isfile(path):
         os.remove(path)
+
+
+def read_json_object(path: str, fix: str) -> dict:
+    """The JSON object in `path`; a file that is not one raises a ValueError naming it, followed by `fix`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}). {fix}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} does not hold a JSON object. {fix}")
+    return value

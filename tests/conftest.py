@@ -40,23 +40,39 @@ def sentiment_dataset():
     return tiny_sentiment_dataset(32)
 
 
+def build_tiny_run_inputs(root, tokenizer):
+    """A tiny llama target, private, public and distillation data under `root`; returns a function of a run folder
+    that gives the `peft-post` flags of a full pipeline on them (about a minute on tiny models)."""
+    target = str(root / "target")
+    build_tiny_model("llama", tokenizer, target, num_layers=4)
+    private = str(root / "private")
+    DatasetDict({"train": Dataset.from_list(tiny_sentiment_rows(24, seed=1)),
+                 "test": Dataset.from_list(tiny_sentiment_rows(10, seed=2))}).save_to_disk(private)
+    public = str(root / "public.csv")
+    Dataset.from_list(tiny_sentiment_rows(20, seed=3)).to_csv(public)
+    distill = str(root / "distill.csv")
+    Dataset.from_list([{"text": r["text"]} for r in tiny_sentiment_rows(40, seed=4)]).to_csv(distill)
+
+    def flags(run_dir):
+        return ["--run_dir", str(run_dir), "--preset", "quick", "--target_model", target, "--student_layers", "0,-1",
+                "--distill_dataset", distill, "--private_dataset", private, "--public_dataset", public,
+                "--num_public_examples", "12", "--num_public_eval_examples", "8", "--distill_max_steps", "3",
+                "--tune_max_steps", "3", "--transfer_max_steps", "3", "--num_virtual_tokens", "4",
+                "--tune_batch_size", "8", "--transfer_batch_size", "4", "--save_steps", "2", "--eval_batch_size", "8",
+                "--label_words", "bad,awful|good,great"]
+
+    return flags
+
+
 @pytest.fixture
 def tiny_run(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setenv("PEFT_POST_CACHE", str(tmp_path / "cache"))
-    target = str(tmp_path / "target")
-    build_tiny_model("llama", tokenizer, target, num_layers=4)
-    private = str(tmp_path / "private")
-    DatasetDict({"train": Dataset.from_list(tiny_sentiment_rows(24, seed=1)),
-                 "test": Dataset.from_list(tiny_sentiment_rows(10, seed=2))}).save_to_disk(private)
-    public = str(tmp_path / "public.csv")
-    Dataset.from_list(tiny_sentiment_rows(20, seed=3)).to_csv(public)
-    distill = str(tmp_path / "distill.csv")
-    Dataset.from_list([{"text": r["text"]} for r in tiny_sentiment_rows(40, seed=4)]).to_csv(distill)
     run_dir = str(tmp_path / "run")
-    args = ["--run_dir", run_dir, "--preset", "quick", "--target_model", target, "--student_layers", "0,-1",
-            "--distill_dataset", distill, "--private_dataset", private, "--public_dataset", public,
-            "--num_public_examples", "12", "--num_public_eval_examples", "8", "--distill_max_steps", "3",
-            "--tune_max_steps", "3", "--transfer_max_steps", "3", "--num_virtual_tokens", "4",
-            "--tune_batch_size", "8", "--transfer_batch_size", "4", "--save_steps", "2", "--eval_batch_size", "8",
-            "--label_words", "bad,awful|good,great"]
-    return run_dir, args
+    return run_dir, build_tiny_run_inputs(tmp_path, tokenizer)(run_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tokenizer, tmp_path_factory):
+    """`tiny_run`'s inputs built once per module, for tests that start several runs: a function of a run folder
+    that returns `tiny_run`'s flags for it."""
+    return build_tiny_run_inputs(tmp_path_factory.mktemp("tiny-run-inputs"), tokenizer)

@@ -200,6 +200,38 @@ def test_a_resumed_dp_run_releases_the_prompt_of_an_uninterrupted_one(load_tiny,
     assert privacy.NOISE_KEY_NAME not in os.listdir(release(full, tmp_path / "released"))
 
 
+def test_a_step_past_the_plan_is_refused_and_a_finished_run_resumes_from_the_checkpoint_before(load_tiny, tokenizer,
+                                                                                               tmp_path):
+    # The Trainer resumed from a checkpoint saved at its last step trains one step more (4 Poisson batches an epoch,
+    # 5 steps: it resumes in epoch 1 and steps before it checks max_steps). Under DP that step spends budget σ was
+    # not calibrated for, so the trainer refuses it before reading the batch.
+    from peft_post.pipeline import checkpoint_step, resume_checkpoint
+
+    dp = DPConfig(noise_multiplier=1.0, target_delta=1e-3)
+    kw = dict(max_steps=5, save_strategy="steps", save_steps=2)
+    full = train_dp(fresh_model(load_tiny), tokenizer, tmp_path / "a", dp, **kw)
+    assert checkpoint_step(str(tmp_path / "a" / "checkpoint-5")) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = DPPromptTrainer(fresh_model(load_tiny), args(tmp_path / "b", **kw), dp,
+                                train_dataset=tiny_sentiment_dataset(16), processing_class=tokenizer)
+        with pytest.raises(RuntimeError, match="DP step 6 would exceed the 5 steps"):
+            again.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-5"))
+    assert again.privacy_report()["steps"] == 5
+    # The pipeline's choice: the newest complete checkpoint before the last step (the finished one is removed), from
+    # which the last steps replay exactly, noise included.
+    os.makedirs(tmp_path / "a" / "checkpoint-6")  # an interrupted save: no trainer_state.json
+    assert resume_checkpoint(str(tmp_path / "a"), 5) == str(tmp_path / "a" / "checkpoint-4")
+    assert sorted(os.listdir(tmp_path / "a")) == ["checkpoint-2", "checkpoint-4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = DPPromptTrainer(fresh_model(load_tiny), args(tmp_path / "c", **kw), dp,
+                                  train_dataset=tiny_sentiment_dataset(16), processing_class=tokenizer)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    torch.testing.assert_close(prompt_parameter(resumed.model), prompt_parameter(full.model), atol=0, rtol=0)
+    assert resumed.privacy_report()["history"] == full.privacy_report()["history"]
+
+
 def test_noise_source_is_secret_by_default_and_keyed_per_purpose_and_step():
     a, b = privacy.NoiseSource(), privacy.NoiseSource()
     draw = lambda source, *index: torch.rand(4, generator=source.generator(*index))  # noqa: E731

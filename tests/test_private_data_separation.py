@@ -104,11 +104,12 @@ def test_a_user_stage_resumes_from_private_checkpoints_and_a_folder_without_its_
     assert not os.path.exists(os.path.join(run_dir, "source_prompt")) and stage_record(run_dir, "tune") is None
 
     resumed_from = []
-    last_checkpoint = stages.last_checkpoint
-    monkeypatch.setattr(stages, "last_checkpoint",
-                        lambda f: resumed_from.append(last_checkpoint(f)) or resumed_from[-1])
+    resume_checkpoint = stages.resume_checkpoint
+    monkeypatch.setattr(stages, "resume_checkpoint",
+                        lambda f, n: resumed_from.append(resume_checkpoint(f, n)) or resumed_from[-1])
     assert main(["tune", *args]) == 0
-    assert resumed_from == [os.path.join(workspace, "checkpoints", "checkpoint-3")]
+    # The final checkpoint (step 3 of 3) is finished: the stage resumes from the one before it and replays step 3.
+    assert resumed_from == [os.path.join(workspace, "checkpoints", "checkpoint-2")]
     record = stage_record(run_dir, "tune")
     assert record["steps"] == 3 and record["privacy"]["steps"] == 3  # the accountant's history came back too
     assert not os.path.exists(workspace)

@@ -28,9 +28,12 @@ The package, by job; a module imports only modules after it in this list (docs/a
 
 from .config import (CONFIG_FILE, PRESETS, PUBLIC_SPLITS_OF_PRIVATE_DATASETS, RENAMED_FIELDS, PipelineConfig,
                      parse_overrides, rename_legacy_fields, rename_legacy_flags)
+from .data import private_split, private_splits
+from .preflight import preflight
 from .loading import load_model, load_prompted_model, load_tokenizer, new_prompted_model, random_subset
 from .runner import STAGES, StageMissing, run_pipeline
-from .stages import (distill_stage, distill_student, evaluate_stage, last_checkpoint, score_methods, transfer_prompt,
+from .checkpoints import check_checkpoints, checkpoint_step, resume_checkpoint
+from .stages import (distill_stage, distill_student, evaluate_stage, score_methods, transfer_prompt,
                      transfer_stage, tune_prompt, tune_stage)
 from .store import (ADAPTER_WEIGHTS, DISTILL_OVERLAP_SAMPLE, LOCK_FILE, NO_PROMPT, PRIVATE_DIR, RELEASED_FILES,
                     SCORES_FILE, STAGE_FILE, STAGE_FOLDERS, USER_STAGES, adapter_fingerprint,
@@ -41,7 +44,9 @@ from .store import (ADAPTER_WEIGHTS, DISTILL_OVERLAP_SAMPLE, LOCK_FILE, NO_PROMP
 __all__ = [
     "CONFIG_FILE",
     "distill_student",
-    "last_checkpoint",
+    "check_checkpoints",
+    "checkpoint_step",
+    "resume_checkpoint",
     "new_prompted_model",
     "parse_overrides",
     "RENAMED_FIELDS",
@@ -66,6 +71,9 @@ __all__ = [
     "load_tokenizer",
     "NO_PROMPT",
     "PipelineConfig",
+    "preflight",
+    "private_split",
+    "private_splits",
     "PRESETS",
     "PRIVATE_DIR",
     "private_record_path",

@@ -26,6 +26,12 @@ from ..config import POSTConfig
 from ..data_overlap import same_dataset
 
 CONFIG_FILE = "config.json"
+# The pipeline's stages, in order (`runner.STAGES`; `overwrite` names them).
+STAGE_NAMES = ("distill", "tune", "transfer", "full_tuning", "evaluate")
+# The earlier stages whose outputs each stage reads (evaluate: every stage the run plans). A stage subcommand
+# (`peft-post transfer`) reuses them finished; the student is distilled on demand, since it lives in a shared cache.
+STAGE_INPUTS = {"distill": (), "tune": ("distill",), "transfer": ("distill", "tune"), "full_tuning": (),
+                "evaluate": STAGE_NAMES[:-1]}
 
 # Fields renamed so that each carries its stage's prefix. Old run folders' config.json files, `--config` files and
 # command lines that use the old names still work, with a warning.
@@ -143,6 +149,12 @@ class PipelineConfig:
     )
     private_train_split: str = field(default="train", metadata={"help": "Split the prompt is tuned on."})
     private_test_split: str = field(default="test", metadata={"help": "Split the report scores (never selects on)."})
+    private_test_size: Optional[float] = field(
+        default=None,
+        metadata={"help": "For a private dataset without a test split (e.g. one CSV file): the share (0 < x < 1) or "
+                  "count (>= 1) of its training split held out as the test split, seeded by `seed` and stratified by "
+                  "label. None: the dataset must have the test split."},
+    )
     max_train_examples: Optional[int] = field(default=None, metadata={"help": "Cap on private training examples."})
     max_test_examples: Optional[int] = field(default=None, metadata={"help": "Cap on private test examples scored."})
     public_dataset: str = field(
@@ -206,6 +218,16 @@ class PipelineConfig:
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of every evaluation."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every this many steps (resume after a stop)."})
     seed: int = field(default=0, metadata={"help": "Seed of every stage and of the data splits."})
+    overwrite: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma-separated stages to discard and run again in this run folder (" + ", ".join(
+            STAGE_NAMES) + "), or 'all' (every run-folder stage; the student, shared by other runs, only when "
+                  "'distill' is named): each one's outputs and those of the stages that depend on it. Needed to "
+                  "rerun a finished stage with other settings, which is refused otherwise."},
+    )
+    threads: Optional[int] = field(
+        default=None, metadata={"help": "CPU threads torch uses (torch.set_num_threads); None keeps torch's default."}
+    )
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -221,7 +243,8 @@ class PipelineConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
         # Checked here because `distill_args` passes the weight on only when templated texts are used.
-        if not (isinstance(self.distill_label_slot_weight, (int, float)) and self.distill_label_slot_weight >= 0):
+        if not (isinstance(self.distill_label_slot_weight, (int, float))
+                and 0 <= self.distill_label_slot_weight < float("inf")):
             raise ValueError(f"`distill_label_slot_weight` must be >= 0, got {self.distill_label_slot_weight!r}.")
         if not 0 <= self.distill_templated_fraction <= 1:
             raise ValueError(f"`distill_templated_fraction` must be in [0, 1], got {self.distill_templated_fraction!r}.")
@@ -229,6 +252,13 @@ class PipelineConfig:
                 isinstance(self.max_private_overlap, (int, float)) and 0 <= self.max_private_overlap <= 1):
             raise ValueError(f"`max_private_overlap` must be in [0, 1] (1 turns the check off), got "
                              f"{self.max_private_overlap!r}.")
+        self._check_private_test_size()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"`seed` must be an int in [0, 2**32 - 1] (numpy's seed range), got {self.seed!r}.")
+        self.overwrite_stages()  # validates the stage names
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"`threads` must be a positive int (or None for torch's default), got {self.threads!r}.")
         self._check_private_data_names()
         if self.student_model is None:
             self.keep_layers()  # validates the layer list before any work
@@ -245,10 +275,15 @@ class PipelineConfig:
         """The `TrainingArguments` every stage shares: seed, checkpointing, logging and the device."""
         import torch
 
+        from ..evaluation import progress_bars_wanted
+
+        # Two checkpoints kept: a job killed after its final checkpoint resumes from the one before it (see
+        # `checkpoints.resume_checkpoint`) instead of training again from step 0.
         return dict(
             **{arg: getattr(self, name) for arg, name in COMMON_TRAINER_FIELDS.items()},
-            save_strategy="steps", save_total_limit=1, logging_steps=10, report_to="none", disable_tqdm=False,
-            use_cpu=not torch.cuda.is_available(),
+            save_strategy="steps", save_total_limit=2, logging_steps=10, report_to="none",
+            # Bars on a terminal or in a notebook only: in a redirected log each redraw is another line.
+            disable_tqdm=not progress_bars_wanted(), use_cpu=not torch.cuda.is_available(),
         )
 
     def distill_args(self, output_dir: str):
@@ -340,6 +375,19 @@ class PipelineConfig:
                              "build a new PipelineConfig(preset=...) instead.")
         return type(self).from_dict({**dataclasses.asdict(self), **changes})
 
+    def _check_private_test_size(self) -> None:
+        """`private_test_size`: None, a fraction in (0, 1) or a count >= 1 (a whole float, as a flag parses it, is
+        stored as the int count)."""
+        size = self.private_test_size
+        if size is None:
+            return
+        if isinstance(size, float) and size.is_integer() and size >= 1:
+            self.private_test_size = size = int(size)
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not (
+                isinstance(size, int) and size >= 1 or isinstance(size, float) and 0 < size < 1):
+            raise ValueError(f"`private_test_size` must be a fraction in (0, 1) or a whole count >= 1 of the private "
+                             f"training split, got {size!r} (e.g. 0.2).")
+
     def _check_private_data_names(self) -> None:
         """Refuse, from the arguments alone, public or distillation data that is the private dataset, and a test
         split that is the training split. `check_private_data_separation` measures the text overlap names miss."""
@@ -370,6 +418,19 @@ class PipelineConfig:
         if not layers:
             raise ValueError("`student_layers` is empty; list the target layers the student keeps.")
         return layers
+
+    def overwrite_stages(self) -> list[str]:
+        """The stages `overwrite` names, in `STAGE_NAMES` order ('all': every run-folder stage, not 'distill')."""
+        if self.overwrite is None:
+            return []
+        names = {n.strip() for n in str(self.overwrite).split(",") if n.strip()}
+        unknown = sorted(names - set(STAGE_NAMES) - {"all"})
+        if unknown or not names:
+            raise ValueError(f"`overwrite` must name stages among {list(STAGE_NAMES)} (comma-separated) or 'all', "
+                             f"got {self.overwrite!r}.")
+        if "all" in names:
+            names |= set(STAGE_NAMES) - {"distill"}
+        return [n for n in STAGE_NAMES if n in names]
 
     def label_word_lists(self) -> list[list[str]]:
         return [[w.strip() for w in cls.split(",") if w.strip()] for cls in self.label_words.split("|")]

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..config import POSTConfig
+from ..modeling import quiet_checkpointing_deprecation
 
 
 def load_model(path: str, masked: bool):
@@ -27,6 +28,14 @@ def load_tokenizer(path: str):
     return tok
 
 
+def model_sizes(path: str) -> tuple[int, int]:
+    """(hidden size, vocabulary size) of the model at `path`, read from its config: no weights are loaded."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    return int(config.hidden_size), int(config.vocab_size)
+
+
 def random_subset(dataset, n: Optional[int], seed: int):
     """`n` examples of `dataset` drawn with `seed`; the whole dataset when `n` is None or not below its size."""
     if n is None or len(dataset) <= n:
@@ -38,8 +47,9 @@ def load_prompted_model(model_path: str, adapter: str, masked: bool):
     """The model at `model_path` (`load_model`) with the POST prompt adapter saved in folder `adapter`."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_model(model_path, masked), adapter,
-                                     config=POSTConfig.from_pretrained(adapter))
+    model = load_model(model_path, masked)
+    with quiet_checkpointing_deprecation():
+        return PeftModel.from_pretrained(model, adapter, config=POSTConfig.from_pretrained(adapter))
 
 
 def new_prompted_model(model_path: str, post_config: POSTConfig, masked: bool, seed: int):
@@ -47,4 +57,6 @@ def new_prompted_model(model_path: str, post_config: POSTConfig, masked: bool, s
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(load_model(model_path, masked), post_config)
+    model = load_model(model_path, masked)
+    with quiet_checkpointing_deprecation():
+        return get_peft_model(model, post_config)

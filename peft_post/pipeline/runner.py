@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shlex
 import sys
 from typing import Optional
 
 from ..io import atomic_write_json
-from .config import PipelineConfig
-from .stages import distill_stage, evaluate_stage, transfer_stage, tune_stage
-from .store import (PRIVATE_DIR, STAGE_FOLDERS, USER_STAGES, check_private_data_separation, migrate_legacy_user_stage,
-                    run_folder_lock, stage_record)
+from .checkpoints import check_checkpoints
+from .config import STAGE_INPUTS, STAGE_NAMES, PipelineConfig
+from .data import private_split
+from .loading import random_subset
+from .stages import check_student_tokenizer, distill_stage, evaluate_stage, transfer_stage, tune_stage
+from .preflight import preflight
+from .store import (DEPENDANTS, PRIVATE_DIR, STAGE_FOLDERS, USER_STAGES, SettingsChanged, adapter_fingerprint,
+                    check_partial_settings, check_settings, discard_stage, labelled_data_digest,
+                    migrate_legacy_user_stage, overwrite_hint, private_record_path, private_stage_done,
+                    private_workspace, read_record, run_folder_lock, settings_record, stage_done, stage_record,
+                    stage_settings, student_folder, verify_outputs)
 
-STAGES = ("distill", "tune", "transfer", "full_tuning", "evaluate")
+STAGES = STAGE_NAMES
 
 
 class StageMissing(ValueError):
@@ -24,17 +31,31 @@ class StageMissing(ValueError):
 def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optional[str] = None):
     """Run the stages in order, skipping finished ones, then write the report; returns the `POSTResults`.
 
-    ``only`` runs a single stage (the `peft-post <stage>` subcommands): the earlier run-folder stages must already be
-    done; the student, which lives in the shared cache, is distilled on demand when it is missing.
+    ``only`` runs a single stage (the `peft-post <stage>` subcommands): the run-folder stages it needs must already
+    be done; the student, which lives in the shared cache, is distilled on demand when it is missing. full_tuning
+    needs no other stage.
+
+    Before any stage runs, every finished (or interrupted) stage is checked against this run's settings and its
+    outputs against their digests (`_check_reuse`); a mismatch is refused with a ValueError naming the differing
+    fields or the damaged file, unless ``cfg.overwrite`` names the stage.
     """
     if only is not None and only not in STAGES:
         raise ValueError(f"`only` must be one of {STAGES}, got {only!r}.")
     if only == "full_tuning" and not cfg.full_baseline:
         raise ValueError("The full_tuning stage runs only with --full_baseline.")
-    # Before any work, and before the run folder exists: public or distillation data that is the private data.
-    overlap = check_private_data_separation(cfg)
-    with run_folder_lock(cfg.run_dir):
-        return _run_stages(cfg, only, command, overlap)
+    # Before any work, and before the run folder exists: the models, task and data (`preflight`), then public or
+    # distillation data that is the private data (`check_private_data_separation`, run by `preflight`).
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        overlap = preflight(cfg, only)["data_overlap"]
+        with run_folder_lock(cfg.run_dir):
+            return _run_stages(cfg, only, command, overlap)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str], overlap: dict):
@@ -43,8 +64,6 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
     from ..profiling import track_stage
     from ..report import POSTResults, curve_from_log_history, write_report
 
-    cfg.save(cfg.run_dir)
-    atomic_write_json(os.path.join(cfg.run_dir, PRIVATE_DIR, "data_overlap.json"), overlap)
     masked = cfg.masked
     target_path = resolve_model(cfg.target_model)
     folders = {name: os.path.join(cfg.run_dir, folder) for name, folder in STAGE_FOLDERS.items()}
@@ -57,31 +76,49 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
     stages: list = []
     records: dict = {}
     student = {"path": None if cfg.student_model is None else resolve_model(cfg.student_model)}
+    if student["path"] is not None:  # before any stage: the transfer needs the target's vocabulary
+        check_student_tokenizer(target_path, student["path"])
 
     def distill():
         student["path"], record = distill_stage(cfg, target_path, masked)
         return record
 
-    steps = {
-        "distill": distill,
-        "tune": lambda: tune_stage(cfg, student["path"], masked, folders["tune"], "tune", cfg.dp),
-        "transfer": lambda: transfer_stage(cfg, target_path, student["path"], folders["tune"], masked,
-                                           folders["transfer"]),
-        "full_tuning": lambda: tune_stage(cfg, target_path, masked, folders["full_tuning"], "full_tuning", False),
-        "evaluate": lambda: evaluate_stage(cfg, target_path, student["path"], folders, masked),
-    }
     planned = [s for s in STAGES if (s != "distill" or cfg.student_model is None)
                and (s != "full_tuning" or cfg.full_baseline)]
+    # Refused before anything is written: a stage made with other settings, a damaged output or checkpoint.
+    settings = _check_reuse(cfg, planned, folders, target_path)
+    for name in _discarded(cfg):
+        discard_stage(cfg.run_dir, name, student_folder(cfg, target_path) if cfg.student_model is None else None,
+                      scores=name in cfg.overwrite_stages())
+    # Saved once the settings are accepted; `overwrite` is this command's, not the run's.
+    dataclasses.replace(cfg, overwrite=None).save(cfg.run_dir)
+    atomic_write_json(os.path.join(cfg.run_dir, PRIVATE_DIR, "data_overlap.json"), overlap)
+
+    def transfer_settings():
+        return stage_settings(cfg, "transfer", source_prompt_sha256=adapter_fingerprint(folders["tune"]))
+
+    steps = {
+        "distill": distill,
+        "tune": lambda: tune_stage(cfg, student["path"], masked, folders["tune"], "tune", cfg.dp, settings["tune"]),
+        "transfer": lambda: transfer_stage(cfg, target_path, student["path"], folders["tune"], masked,
+                                           folders["transfer"], transfer_settings()),
+        "full_tuning": lambda: tune_stage(cfg, target_path, masked, folders["full_tuning"], "full_tuning", False,
+                                          settings["full_tuning"]),
+        "evaluate": lambda: evaluate_stage(cfg, target_path, student["path"], folders, masked),
+    }
+    # A stage subcommand runs its stage and what it needs: the student on demand, the run-folder stages done before.
+    needs = {**STAGE_INPUTS, "evaluate": tuple(planned)}
     evaluation_path = os.path.join(cfg.run_dir, "evaluation.json")
     ran_fresh = False
     for name in planned:
-        if only is not None and STAGES.index(name) > STAGES.index(only):
-            break
+        if only is not None and name != only and name not in needs[only]:
+            continue
         if name == "evaluate" and not ran_fresh and only is None and os.path.isfile(evaluation_path):
-            with open(evaluation_path, encoding="utf-8") as f:
-                previous = json.load(f)
-            # A baseline stage copied in after the evaluation ran is scored (the others come from their caches).
-            if not cfg.full_baseline or "full_prompt_tuning" in previous["results"]:
+            previous = read_record(evaluation_path)
+            # A baseline stage copied in after the evaluation ran is scored (the others come from their caches), and
+            # so is a test set changed since (an evaluation written before keys existed is reused as it is).
+            if (not cfg.full_baseline or "full_prompt_tuning" in previous["results"]) and \
+                    previous.get("settings_key") in (None, settings_record(settings["evaluate"])["settings_key"]):
                 records[name] = previous
                 stages.append(_stage_stats(name, previous, reused=True))
                 continue
@@ -103,6 +140,7 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
             if name == "evaluate":
                 record["wall_time_s"] = fresh[0].wall_time_s
                 record["peak_memory_mb"] = fresh[0].peak_memory_mb
+                record.update(settings_record(settings["evaluate"]))
                 atomic_write_json(evaluation_path, record)
             stages.append(_stage_stats(name, record, reused=False))
     if "evaluate" not in records:
@@ -119,6 +157,7 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
         target_model=cfg.target_model, private_dataset=cfg.private_dataset,
         num_test_examples=evaluation["num_test_examples"],
         accuracy={m: r["accuracy"] for m, r in evaluation["results"].items()},
+        not_applicable={m: r["not_applicable"] for m, r in evaluation["results"].items() if r.get("not_applicable")},
         student_model=cfg.student_model or f"{cfg.target_model} layers {cfg.student_layers}",
         public_dataset=cfg.public_dataset, num_public_examples=cfg.num_public_examples,
         privacy=_ledger(tune.get("privacy")), stages=stages,
@@ -127,6 +166,84 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
     )
     write_report(results, cfg.run_dir)
     return results
+
+
+def _discarded(cfg: PipelineConfig) -> list:
+    """The stages `cfg.overwrite` discards: those it names and every stage made from them (`DEPENDANTS`)."""
+    named = cfg.overwrite_stages()
+    return [s for s in STAGES if s in named or any(s in DEPENDANTS[n] for n in named)]
+
+
+def _check_reuse(cfg: PipelineConfig, planned: list, folders: dict, target_path: str) -> dict:
+    """Check every planned stage before any work; returns each stage's settings (`store.stage_settings`).
+
+    A finished stage made with other settings is refused (`SettingsChanged`, naming the fields), and so is one whose
+    output files are not the bytes it wrote (`OutputChanged`, naming the file), an interrupted stage whose
+    checkpoints were made with other settings, and a damaged checkpoint it would resume from. Stages that
+    `cfg.overwrite` discards are not checked. Records written before settings keys and digests existed pass.
+    """
+    discarded = set(_discarded(cfg))
+    settings: dict = {}
+    if "tune" in planned or "full_tuning" in planned:
+        train = random_subset(private_split(cfg, "train"), cfg.max_train_examples, cfg.seed)
+        digest = labelled_data_digest(train, cfg.text_column, cfg.label_column)
+        settings["tune"] = stage_settings(cfg, "tune", digest)
+        settings["full_tuning"] = stage_settings(cfg, "full_tuning", digest)
+    test = random_subset(private_split(cfg, "test"), cfg.max_test_examples, cfg.seed)
+    settings["evaluate"] = stage_settings(cfg, "evaluate", labelled_data_digest(test, cfg.text_column,
+                                                                                 cfg.label_column))
+    if "distill" in planned and "distill" not in discarded:
+        folder = student_folder(cfg, target_path)
+        record = stage_done(folder)
+        if record is not None:
+            verify_outputs(folder, record, "distill", f"Delete the cached student {folder} (or pass "
+                           f"{overwrite_hint('distill')}) to distill it again.")
+        else:
+            _check_checkpoint(os.path.join(folder + ".partial", "checkpoints"), "distill")
+    done = {}
+    for stage in USER_STAGES:
+        if stage in planned and stage not in discarded:
+            done[stage] = _check_user_stage(folders[stage], stage, settings[stage])
+    if "transfer" in planned and "transfer" not in discarded:
+        folder = folders["transfer"]
+        record = stage_done(folder)
+        source = done.get("tune") and done["tune"]["adapter_sha256"]
+        settings["transfer"] = stage_settings(cfg, "transfer", source_prompt_sha256=source) if source else None
+        if record is not None and record.get("settings_key") is not None and settings["transfer"] is None:
+            raise SettingsChanged(
+                f"The transfer stage in {folder} was made from a source prompt that is no longer in "
+                f"{folders['tune']} (the tune stage is not finished there and will make a new one). Give this run "
+                f"a new --run_dir, or pass {overwrite_hint('transfer')}.")
+        if record is not None:
+            if settings["transfer"] is not None:
+                check_settings("transfer", record, settings["transfer"], folder)
+            verify_outputs(folder, record, "transfer")
+        else:
+            checkpoints = os.path.join(folder + ".partial", "checkpoints")
+            check_partial_settings(checkpoints, "transfer", settings["transfer"])
+            _check_checkpoint(checkpoints, "transfer")
+    return settings
+
+
+def _check_user_stage(folder: str, stage: str, settings: dict) -> Optional[dict]:
+    """`_check_reuse` for a user stage (tune, full_tuning); returns its record when it is finished."""
+    path = private_record_path(folder, stage)
+    if os.path.isfile(path):
+        record = read_record(path)
+        check_settings(stage, record, settings, folder)
+        if record.get("outputs"):
+            verify_outputs(folder, record, stage)
+        finished = private_stage_done(folder, stage)
+        if finished is not None:
+            return finished
+    checkpoints = os.path.join(private_workspace(folder), stage + ".partial", "checkpoints")
+    check_partial_settings(checkpoints, stage, settings)
+    _check_checkpoint(checkpoints, stage)
+    return None
+
+
+def _check_checkpoint(checkpoints: str, stage: str) -> None:
+    check_checkpoints(checkpoints, stage, f"pass {overwrite_hint(stage)} from the start.")
 
 
 def _stage_stats(name: str, record: dict, reused: bool):

@@ -20,26 +20,23 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
 from ..io import drop_training_arguments
+from .checkpoints import resume_checkpoint
 from .config import PipelineConfig
-from .loading import load_model, load_prompted_model, load_tokenizer, new_prompted_model, random_subset
-from .store import (cached_evaluation, evaluation_key, finish_stage, private_stage_done, private_workspace,
-                    public_splits, release_user_stage, stage_done, student_cache_lock, student_folder)
+from .data import private_split
+from .loading import load_model, load_prompted_model, load_tokenizer, model_sizes, new_prompted_model, random_subset
+from .store import (cached_evaluation, check_partial_settings, evaluation_key, finish_stage, labelled_data_digest,
+                    private_stage_done, private_workspace, public_splits, release_user_stage, settings_record,
+                    stage_done, stage_settings, student_cache_lock, student_folder, verify_outputs)
 
 # Progress-bar labels of `score_methods`, per method.
 METHOD_DESCRIPTIONS = {"zero_shot": "zero-shot", "student_prompt": "student p_s", "direct_transfer": "direct transfer",
                        "post": "POST", "full_prompt_tuning": "full PT"}
-
-
-def last_checkpoint(folder: str) -> Optional[str]:
-    """The newest Trainer checkpoint in `folder`, or None (also when the folder does not exist)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
 
 
 def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[str, dict]:
@@ -48,11 +45,13 @@ def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[
     final = student_folder(cfg, target_path)
     record = stage_done(final)
     if record is not None:
+        verify_outputs(final, record, "distill")
         return final, {**record, "reused": True}
     with student_cache_lock(final):
         # Checked again under the lock: a job that waited for another one reuses the student it distilled.
         record = stage_done(final)
         if record is not None:
+            verify_outputs(final, record, "distill")
             return final, {**record, "reused": True}
         return final, _distill_student(cfg, target_path, masked, final)
 
@@ -71,7 +70,8 @@ def _distill_student(cfg: PipelineConfig, target_path: str, masked: bool, final:
     student.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     shutil.rmtree(os.path.join(partial, "checkpoints"), ignore_errors=True)
-    return finish_stage(partial, final, {"stage": "distill", "teacher": target_path, **record})
+    return finish_stage(partial, final, {"stage": "distill", "teacher": target_path, **record,
+                                         **settings_record(stage_settings(cfg, "distill"))})
 
 
 def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: str, public_eval=None):
@@ -93,7 +93,7 @@ def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: s
         text = with_task_template(text, cfg.template, cfg.distill_templated_fraction, cfg.seed, cfg.text_column)
     args = cfg.distill_args(output_dir)
     trainer = DistillationTrainer(student, teacher, args, train_dataset=text, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, trainer.args.max_steps))
     wall_time = time.perf_counter() - start
     record = {"keep_layers": cfg.keep_layers(), "steps": trainer.state.global_step, "wall_time_s": wall_time}
     student.eval()
@@ -107,10 +107,10 @@ def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: s
     return student, record
 
 
-def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, stage: str, dp: bool) -> dict:
-    """Tune a prompt on `model_path` with the private training split (the user's stage). Returns the record."""
-    from ..assets import load_text_dataset
-
+def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, stage: str, dp: bool,
+               settings: Optional[dict] = None) -> dict:
+    """Tune a prompt on `model_path` with the private training split (the user's stage). Returns the record, which
+    holds `settings` (`store.stage_settings`) when given; checkpoints made with other settings are refused."""
     record = private_stage_done(folder, stage)
     # Checkpoints (optimizer and RNG state, computed from private data) and the trainer's full output stay in the
     # private workspace; only `release_user_stage`'s allow-list reaches `folder`.
@@ -118,9 +118,9 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     if record is not None:
         shutil.rmtree(workspace, ignore_errors=True)  # left by a crash after the record was written
         return {**record, "reused": True}
+    check_partial_settings(os.path.join(workspace, "checkpoints"), stage, settings, claim=True)
     start = time.perf_counter()
-    train = random_subset(load_text_dataset(cfg.private_dataset, split=cfg.private_train_split), cfg.max_train_examples,
-                          cfg.seed)
+    train = random_subset(private_split(cfg, "train"), cfg.max_train_examples, cfg.seed)
     tokenizer = load_tokenizer(model_path)
     model = new_prompted_model(model_path, cfg.post_config(model_path), masked, cfg.seed)
     trainer, record = tune_prompt(cfg, model, tokenizer, train, os.path.join(workspace, "checkpoints"), dp)
@@ -129,7 +129,8 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     trainer.save_model(saved)
     # Everything in the record is computed from private data without noise (losses, N) or describes the user's run:
     # it is the user's record, never released.
-    record = {"stage": stage, "model": model_path, **record, "wall_time_s": time.perf_counter() - start}
+    record = {"stage": stage, "model": model_path, **record, "wall_time_s": time.perf_counter() - start,
+              **settings_record(settings)}
     return release_user_stage(saved, folder, stage, record, workspace)
 
 
@@ -141,29 +142,36 @@ def tune_prompt(cfg: PipelineConfig, model, tokenizer, train_dataset, output_dir
     there resumes from it, under DP with the same noise stream.
     """
     from ..tuning import DPPromptTrainer, PromptTrainer
+    from ..tuning.privacy import LARGE_DELTA_WARNING
 
     args = cfg.tune_args(output_dir)
     common = dict(train_dataset=train_dataset, processing_class=tokenizer)
     if dp:
-        trainer = DPPromptTrainer(model, args, dp_config=cfg.dp_config(), **common)
+        with warnings.catch_warnings():
+            if cfg.dp_target_delta is None:
+                # The default δ = 1/N (the paper's), which the ledger records as asked for by no one and the report
+                # states; a δ >= 1/N the user passed still warns.
+                warnings.filterwarnings("ignore", message=LARGE_DELTA_WARNING, category=UserWarning)
+            trainer = DPPromptTrainer(model, args, dp_config=cfg.dp_config(), **common)
     else:
         trainer = PromptTrainer(model, args, **common)
-    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, trainer.args.max_steps))
     record = {"steps": trainer.state.global_step, "num_train_examples": len(train_dataset),
               "privacy": trainer.privacy_report() if dp else None, "log_history": trainer.state.log_history}
     return trainer, record
 
 
 def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, source_prompt: str, masked: bool,
-                   folder: str) -> dict:
+                   folder: str, settings: Optional[dict] = None) -> dict:
     """Transfer p_s to the target with public data only (the provider's stage). Returns the record."""
     record = stage_done(folder)
     if record is not None:
         return {**record, "reused": True}
     partial = folder + ".partial"
+    check_partial_settings(os.path.join(partial, "checkpoints"), "transfer", settings, claim=True)
     start = time.perf_counter()
     public_train, public_eval = public_splits(cfg)
-    tokenizer = load_tokenizer(target_path)
+    tokenizer = check_student_tokenizer(target_path, student_path)
     source = load_prompted_model(student_path, source_prompt, masked)
     target = new_prompted_model(target_path, cfg.post_config(target_path), masked, cfg.seed)
     trainer, record = transfer_prompt(cfg, target, source, tokenizer, public_train, public_eval,
@@ -173,8 +181,26 @@ def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, sou
     # Trainer pickles its arguments beside the adapter; they hold the run's seed, which the user's stages share, and
     # the provider publishes this folder.
     drop_training_arguments(partial)
-    record = {"stage": "transfer", **record, "wall_time_s": time.perf_counter() - start}
+    record = {"stage": "transfer", **record, "wall_time_s": time.perf_counter() - start, **settings_record(settings)}
     return finish_stage(partial, folder, record)
+
+
+def check_student_tokenizer(target_path: str, student_path: str):
+    """The target's tokenizer, once the student's is found to be the same vocabulary (`tokenizer_mismatch`); a
+    `ValueError` naming `--student_model` otherwise. Cheap (no model is loaded), so a run checks it before any stage:
+    a ready student on another tokenizer would otherwise fail only at the transfer, after the DP tuning."""
+    from ..transfer import tokenizer_mismatch
+
+    tokenizer = load_tokenizer(target_path)
+    mismatch = tokenizer_mismatch(tokenizer, load_tokenizer(student_path))
+    if mismatch is not None:
+        raise ValueError(
+            f"--student_model {student_path!r} does not use the target's tokenizer: the student's and the target's "
+            f"{mismatch}. POST compares the two models' output distributions token by token (and scores the student "
+            "on the target's token ids), so both must share one vocabulary. Pass a student built on the target's "
+            "tokenizer, or leave --student_model unset to distil one from the target."
+        )
+    return tokenizer
 
 
 def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train, public_eval, output_dir: str,
@@ -187,8 +213,9 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
     Checkpoints go to `output_dir`, and a run that finds one there resumes from it.
     """
     from ..evaluation import evaluate_prompt
-    from ..transfer import TransferTrainer, suggest_alpha
+    from ..transfer import TransferTrainer, require_shared_vocabulary, suggest_alpha
 
+    require_shared_vocabulary(target, source, tokenizer)  # before the α step feeds the source the target's ids
     alpha = cfg.transfer_alpha if alpha is None else alpha
     alpha_inputs = None
     if alpha is None:
@@ -200,7 +227,7 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
         alpha_inputs = {"public_zero_shot": zs["accuracy"], "public_source": src["accuracy"]}
     trainer = TransferTrainer(target, source, cfg.transfer_args(output_dir, alpha=alpha), public_dataset=public_train,
                               public_eval_dataset=public_eval, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, trainer.args.max_steps))
     record = {"alpha": alpha, "alpha_inputs": alpha_inputs, "steps": trainer.state.global_step,
               "num_public_examples": len(public_train), "log_history": trainer.state.log_history}
     return trainer, record
@@ -212,11 +239,10 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
     Each score is cached in the run's private workspace under the fingerprint of the prompt it scores (`cached_evaluation`),
     so a run that reuses a stage reuses its scores too.
     """
-    from ..assets import load_text_dataset
-    from ..transfer import direct_transfer
+    from ..transfer import direct_transfer, direct_transfer_obstacle
 
-    test = random_subset(load_text_dataset(cfg.private_dataset, split=cfg.private_test_split), cfg.max_test_examples,
-                         cfg.seed)
+    test = random_subset(private_split(cfg, "test"), cfg.max_test_examples, cfg.seed)
+    test_sha256 = labelled_data_digest(test, cfg.text_column, cfg.label_column)  # data rebuilt in place is rescored
     tokenizer = load_tokenizer(target_path)
     # method -> (the prompt folder it scores, whether it runs the student, its model's loader)
     methods = {
@@ -229,9 +255,16 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
     if cfg.full_baseline:
         methods["full_prompt_tuning"] = (folders["full_tuning"], False,
                                          lambda: load_prompted_model(target_path, folders["full_tuning"], masked))
+    # Direct transfer pastes p_s into the target, so it needs the student's width; POST, which maps through the
+    # output distributions, does not. Read from the configs: no model is loaded to find it out.
+    (d_s, v_s), (d_t, v_t) = model_sizes(student_path), model_sizes(target_path)
+    not_applicable = {"direct_transfer": direct_transfer_obstacle(d_s, d_t, v_s, v_t)}
     results = {}
     for method, (prompt, runs_student, load) in methods.items():
-        key = evaluation_key(cfg, target_path, method, student_path if runs_student else None)
+        if not_applicable.get(method):
+            results[method] = {"accuracy": None, "not_applicable": not_applicable[method]}
+            continue
+        key = evaluation_key(cfg, target_path, method, student_path if runs_student else None, test_sha256)
         results[method] = cached_evaluation(
             cfg.run_dir, prompt, key, lambda method=method, load=load: score_methods(cfg, tokenizer, test,
                                                                                    {method: load})[method])

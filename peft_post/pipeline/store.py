@@ -20,8 +20,9 @@ from typing import Optional
 
 from ..assets import DEFAULT_DISTILLATION_DATASET
 from ..config import POST_CONFIG_NAME
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json_object
 from .config import PUBLIC_SPLITS_OF_PRIVATE_DATASETS, PipelineConfig
+from .data import private_splits
 
 STAGE_FILE = "stage.json"
 # The user's own part of a run folder: records and scores computed from private data, and the checkpoints of the
@@ -101,8 +102,13 @@ def stage_done(folder: str) -> Optional[dict]:
     path = os.path.join(folder, STAGE_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_record(path)
+
+
+def read_record(path: str) -> dict:
+    """A stage record (or any JSON object the pipeline wrote), with a damaged file named in a ValueError."""
+    return read_json_object(path, "The stage record is damaged: delete the stage's folder, or pass --overwrite "
+                            "<stage>, to run the stage again.")
 
 
 def finish_stage(partial: str, final: str, record: dict) -> dict:
@@ -114,7 +120,7 @@ def finish_stage(partial: str, final: str, record: dict) -> dict:
     """
     from ..profiling import peak_rss_mb
 
-    record = {**record, "peak_memory_mb": round(peak_rss_mb(), 1)}
+    record = {**record, "peak_memory_mb": round(peak_rss_mb(), 1), "outputs": output_digests(partial)}
     atomic_write_json(os.path.join(partial, STAGE_FILE), record)
     if os.path.isdir(final):
         shutil.rmtree(final)
@@ -152,8 +158,7 @@ def private_stage_done(folder: str, stage: str) -> Optional[dict]:
     path = private_record_path(folder, stage)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
+    record = read_record(path)
     fingerprint = adapter_fingerprint(folder)
     if fingerprint is None or record.get("adapter_sha256") != fingerprint:
         return None
@@ -188,6 +193,7 @@ def release_user_stage(saved: str, folder: str, stage: str, record: dict, worksp
     if fingerprint is None:
         raise RuntimeError(f"The trainer saved no {ADAPTER_WEIGHTS} in {saved} (it saved {names}).")
     record = {**record, "peak_memory_mb": round(peak_rss_mb(), 1), "adapter_sha256": fingerprint,
+              "outputs": output_digests(release),
               "released_files": sorted(set(names) & RELEASED_FILES),
               "withheld_files": sorted(set(names) - RELEASED_FILES)}
     if os.path.isdir(folder):
@@ -297,7 +303,7 @@ def check_private_data_separation(cfg: PipelineConfig) -> dict:
     if cfg.max_private_overlap >= 1:
         return {**result, "checked": False}
     exempt = PUBLIC_SPLITS_OF_PRIVATE_DATASETS.get(cfg.private_dataset)
-    private = load_text_dataset(cfg.private_dataset)
+    private = private_splits(cfg)
     splits = [name for name, ds in private.items() if name != exempt and cfg.text_column in ds.column_names]
     if not splits:
         raise ValueError(f"`private_dataset` {cfg.private_dataset!r} has no split with the text column "
@@ -336,11 +342,17 @@ def check_private_data_separation(cfg: PipelineConfig) -> dict:
     return {**result, "checked": True, "seconds": time.perf_counter() - start}
 
 
-def evaluation_key(cfg: PipelineConfig, target_path: str, method: str, student_path: Optional[str] = None) -> str:
-    """Everything a test-split score depends on besides the prompt it scores (`adapter_fingerprint`), hashed."""
+def evaluation_key(cfg: PipelineConfig, target_path: str, method: str, student_path: Optional[str] = None,
+                   test_sha256: Optional[str] = None) -> str:
+    """Everything a test-split score depends on besides the prompt it scores (`adapter_fingerprint`), hashed:
+    `test_sha256` is the `labelled_data_digest` of the examples scored, so data rebuilt in place is scored again."""
     spec = {"method": method, "target": _model_id(target_path), "data": cfg.private_dataset,
             "split": cfg.private_test_split, "n": cfg.max_test_examples, "seed": cfg.seed,
             "template": cfg.template, "labels": cfg.label_word_lists(), "columns": [cfg.text_column, cfg.label_column]}
+    if test_sha256 is not None:
+        spec["test_data"] = test_sha256
+    if cfg.private_test_size is not None:  # a test split cut from the training split (keeps the other keys)
+        spec["test_size"] = cfg.private_test_size
     if student_path is not None:  # methods that run the student
         spec["student"] = _model_id(student_path)
     return _spec_key(spec)
@@ -397,3 +409,218 @@ def copy_stage(source_run: str, run_dir: str, name: str) -> bool:
         ours[fingerprint] = {**ours.get(fingerprint, {}), **theirs}
         atomic_write_json(_scores_path(run_dir), ours)
     return True
+
+
+# ------------------------------------------------------------------------- reuse: the settings and outputs of a stage
+# A finished stage is reused only when it was made with this run's settings and its outputs are the bytes it wrote.
+# Its record holds the settings that shape it (`stage_settings`: PipelineConfig fields by name, and digests of the
+# data or prompt it was made from), their hash (`settings_key`) and the sha256 of each output file (`outputs`).
+# Records written before these existed hold neither and are reused as they are.
+
+# The stages each stage's output is made from, transitively: overwriting a stage discards these too.
+DEPENDANTS = {"distill": ("tune", "transfer", "evaluate"), "tune": ("transfer", "evaluate"), "transfer": ("evaluate",),
+              "full_tuning": ("evaluate",), "evaluate": ()}
+# Written into a running stage's checkpoint folder: the settings its checkpoints were made with.
+SETTINGS_FILE = "settings.json"
+# Outputs up to this size are hashed on every reuse (an adapter: a few kB). Larger ones (the student's weights: 170 MB
+# for the default student, 0.27 s to hash on 2 cores; 540 MB for the whole 135M model, 0.7-0.9 s) are checked by
+# size and modification time, and hashed only when the modification time changed since they were written.
+FULL_HASH_MAX_BYTES = 16 << 20
+# Fields that shape no stage's output: changing them never refuses a finished stage.
+UNKEYED_FIELDS = frozenset({"run_dir", "preset", "full_baseline", "max_private_overlap", "eval_batch_size",
+                            "save_steps", "overwrite", "threads"})
+_TASK = ("template", "label_words", "num_virtual_tokens", "prompt_init_text", "text_column", "label_column")
+_STUDENT = ("target_model", "student_layers", "distill_dataset", "distill_split", "distill_max_steps",
+            "distill_learning_rate", "distill_batch_size", "distill_block_size", "distill_templated_fraction",
+            "distill_label_slot_weight", "distill_freeze_embeddings", "template", "text_column", "seed")
+_TUNE = ("private_dataset", "private_train_split", "private_test_size", "max_train_examples", "tune_max_steps",
+         "tune_learning_rate", "tune_batch_size", "seed")
+_DP = ("dp_target_epsilon", "dp_target_delta", "dp_max_grad_norm", "dp_accountant")
+_TRANSFER = ("public_dataset", "public_split", "num_public_examples", "num_public_eval_examples", "transfer_max_steps",
+             "transfer_learning_rate", "transfer_batch_size", "transfer_alpha", "transfer_temperature",
+             "transfer_cache_top_k", "target_model", "seed")
+_EVALUATE = ("private_dataset", "private_test_split", "private_test_size", "max_test_examples", "target_model", "seed")
+# Settings entries that are digests, not fields, and what they digest (for the refusal's wording).
+DIGESTS = {"private_train_data_sha256": "the private training data (its texts and labels)",
+           "private_test_data_sha256": "the private test data (its texts and labels)",
+           "source_prompt_sha256": "the source prompt it was transferred from (source_prompt/)"}
+
+
+class SettingsChanged(ValueError):
+    """A finished (or interrupted) stage was made with other settings than this run's."""
+
+
+class OutputChanged(ValueError):
+    """A finished stage's output file is missing, truncated or altered."""
+
+
+def _field_values(cfg: PipelineConfig, names) -> dict:
+    import dataclasses
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(cfg)}
+    values = {}
+    for name in names:
+        if name == "student_layers":
+            value = cfg.keep_layers()
+        elif name == "label_words":
+            value = cfg.label_word_lists()
+        else:
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and "float" in types.get(name, ""):
+                value = float(value)  # `8` and `8.0` make the same stage
+        values[name] = value
+    return values
+
+
+def labelled_data_digest(dataset, text_column: str, label_column: str) -> str:
+    """sha256 of a dataset's texts and labels, in order: what a stage trained or was scored on, without the data."""
+    columns = [c for c in (text_column, label_column) if c in dataset.column_names]
+    rows = dataset.select_columns(columns)[:]
+    return hashlib.sha256(json.dumps([rows[c] for c in columns], default=str).encode()).hexdigest()
+
+
+def stage_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str] = None,
+                   source_prompt_sha256: Optional[str] = None) -> dict:
+    """The settings that shape `stage`'s output, by PipelineConfig field name (`UNKEYED_FIELDS` never count).
+
+    distill: the student's fields (what `student_cache_key` hashes). tune: the private training data (its name,
+    split, cap, and `data_sha256`, the digest of the examples it trains on), the task, the prompt, `tune_*`, `dp`
+    and, under DP, `dp_*`, the seed and the student. full_tuning: the same on the target, without DP. transfer: the
+    public data, `transfer_*`, the task, the target, the student and the source prompt's fingerprint (what the
+    provider is handed: it stands for every setting of tune, whose private data digest the provider never sees).
+    evaluate: the private test data (`data_sha256` of the examples scored), the task, the target and the student.
+    """
+    student = (_field_values(cfg, ("student_model", "target_model")) if cfg.student_model is not None
+               else _field_values(cfg, _STUDENT))
+    if stage == "distill":
+        return _field_values(cfg, _STUDENT)
+    if stage in ("tune", "full_tuning"):
+        settings = {**_field_values(cfg, _TUNE + _TASK), "private_train_data_sha256": data_sha256}
+        if stage == "full_tuning":
+            return {**settings, "target_model": cfg.target_model}
+        settings.update(student, dp=cfg.dp)
+        return {**settings, **(_field_values(cfg, _DP) if cfg.dp else {})}
+    if stage == "transfer":
+        return {**_field_values(cfg, _TRANSFER + _TASK), **student, "source_prompt_sha256": source_prompt_sha256}
+    if stage == "evaluate":
+        return {**_field_values(cfg, _EVALUATE + _TASK), **student, "private_test_data_sha256": data_sha256}
+    raise ValueError(f"`stage` must be one of {sorted(DEPENDANTS)}, got {stage!r}.")
+
+
+def settings_key(settings: dict) -> str:
+    return _spec_key(settings)
+
+
+def settings_record(settings: Optional[dict]) -> dict:
+    """The entries a stage record gets for `settings` (none when the caller gave none)."""
+    return {} if settings is None else {"settings": settings, "settings_key": settings_key(settings)}
+
+
+def _shown(value) -> str:
+    return "(not set)" if value is _ABSENT else repr(value)
+
+
+_ABSENT = object()
+
+
+def overwrite_hint(stage: str) -> str:
+    after = DEPENDANTS.get(stage, ())
+    also = f" (and what depends on it: {', '.join(after)})" if after else ""
+    return f"--overwrite {stage} to discard it{also} and run it again"
+
+
+def check_settings(stage: str, record: dict, settings: dict, where: str) -> None:
+    """Refuse, with a `SettingsChanged` naming the fields that differ, a record made with other settings. A record
+    without a settings key (made before keys existed) is accepted."""
+    key = record.get("settings_key")
+    if key is None or key == settings_key(settings):
+        return
+    old = record.get("settings") or {}
+    changes = []
+    for name in sorted(set(old) | set(settings)):
+        before, now = old.get(name, _ABSENT), settings.get(name, _ABSENT)
+        if before == now:
+            continue
+        if name in DIGESTS:
+            changes.append(f"{DIGESTS[name]} changed")
+        else:
+            changes.append(f"--{name} {_shown(before)} then, {_shown(now)} now")
+    raise SettingsChanged(
+        f"The {stage} stage in {where} was made with other settings than this run's: "
+        f"{'; '.join(changes) or 'its settings key differs'}. Reusing it would mix two configurations in one "
+        f"report. Give this run a new --run_dir, or pass {overwrite_hint(stage)}.")
+
+
+def check_partial_settings(checkpoints: str, stage: str, settings: Optional[dict], claim: bool = False) -> None:
+    """An interrupted stage resumes from `checkpoints` only under the settings they were made with: refuse others
+    (`check_settings`). With `claim`, record `settings` there when nothing is recorded yet (a stage starting)."""
+    if settings is None:
+        return
+    path = os.path.join(checkpoints, SETTINGS_FILE)
+    if os.path.isfile(path):
+        check_settings(stage, read_record(path), settings, f"{checkpoints} (its checkpoints)")
+    elif claim:
+        os.makedirs(checkpoints, exist_ok=True)
+        atomic_write_json(path, settings_record(settings))
+
+
+def output_digests(folder: str) -> dict:
+    """{file name: sha256, size and modification time} of every file directly in `folder` but `STAGE_FILE`."""
+    from ..assets import sha256_file
+
+    digests = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name == STAGE_FILE or not os.path.isfile(path):
+            continue
+        stat = os.stat(path)
+        digests[name] = {"sha256": sha256_file(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return digests
+
+
+def verify_outputs(folder: str, record: dict, stage: str, fix: Optional[str] = None) -> None:
+    """Refuse, with an `OutputChanged` naming the file, a stage whose outputs are not the bytes its record lists
+    (`FULL_HASH_MAX_BYTES` says which files are hashed again). A record without digests is accepted."""
+    from ..assets import sha256_file
+
+    fix = fix or f"Pass {overwrite_hint(stage)}, or delete {folder} to make it again."
+    for name, want in sorted((record.get("outputs") or {}).items()):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            problem = "is missing"
+        else:
+            stat = os.stat(path)
+            if stat.st_size != want["size"]:
+                problem = f"has {stat.st_size} bytes where the stage wrote {want['size']} (truncated or altered)"
+            elif stat.st_size > FULL_HASH_MAX_BYTES and stat.st_mtime_ns == want["mtime_ns"]:
+                continue
+            elif sha256_file(path) != want["sha256"]:
+                problem = "is not the file the stage wrote (its sha256 differs)"
+            else:
+                continue
+        raise OutputChanged(f"{path} {problem}: the {stage} stage's output is damaged. {fix}")
+
+
+def discard_stage(run_dir: str, stage: str, student: Optional[str] = None, scores: bool = False) -> None:
+    """Delete what `stage` made in `run_dir` (its folder, record and checkpoints; for 'evaluate' the evaluation,
+    and with `scores` the cached private test scores), so the next run makes it again. 'distill' deletes the student
+    at `student` (the shared cache entry, under its lock)."""
+    paths = []
+    if stage == "distill":
+        if student is not None:
+            with student_cache_lock(student):
+                for path in (student, student + ".partial"):
+                    shutil.rmtree(path, ignore_errors=True)
+        return
+    if stage == "evaluate":
+        paths = [os.path.join(run_dir, "evaluation.json")] + ([_scores_path(run_dir)] if scores else [])
+    else:
+        folder = os.path.join(run_dir, STAGE_FOLDERS[stage])
+        paths = [folder, folder + ".partial"]
+        if stage in USER_STAGES:
+            paths += [private_record_path(folder, stage), os.path.join(private_workspace(folder), stage + ".partial")]
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)

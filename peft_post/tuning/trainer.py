@@ -408,6 +408,13 @@ class DPPromptTrainer(PromptTrainer):
     # ---- the DP step ----
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step >= self.planned_steps:
+            # Checked before the batch is read: a step past the plan spends budget σ was not calibrated for. The
+            # Trainer takes one when it resumes from a checkpoint saved at its last step.
+            raise RuntimeError(
+                f"DP step {self.state.global_step + 1} would exceed the {self.planned_steps} steps σ was calibrated "
+                "for. A checkpoint saved at the last step is finished: load its adapter instead of resuming from "
+                "it, or resume from an earlier checkpoint.")
         model.train()
         inputs = self._prepare_inputs(inputs)
         prompt = prompt_parameter(self.model)
@@ -450,6 +457,7 @@ class DPPromptTrainer(PromptTrainer):
             self.noise_source,
             void_reasons=self.ledger_notes.get("void_reasons", []),
             target_epsilon=self.dp_config.target_epsilon,
+            target_delta=self.dp_config.target_delta,  # None: δ = 1/N, the default (the report says so)
             poisson_sampling=self.dp_config.poisson_sampling,
             **extra,
         )
@@ -497,8 +505,13 @@ class DPPromptTrainer(PromptTrainer):
                 f"{checkpoint} has no {privacy.ACCOUNTANT_STATE_NAME}: without the accountant's history the resumed "
                 "run would understate ε. Resume only from checkpoints written by DPPromptTrainer."
             )
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): the accountant's history is damaged, so this "
+                             f"checkpoint cannot be resumed. Delete {checkpoint} to resume from an earlier one, or "
+                             "start the stage again.") from None
         if state.get("mechanism") != self.accountant.mechanism():
             raise ValueError(
                 f"{checkpoint} was accounted with {state.get('mechanism')!r}, this trainer uses "
