@@ -218,13 +218,14 @@ def _audit_dp(cfg: PipelineConfig, audit: DPAuditConfig, command: str) -> int:
 def _push(args: PushArguments) -> int:
     """Upload the adapter folder and its card: no model is loaded; no token exits 2 before any request."""
     from .hub import push_adapter_folder
+    from .io import read_json_object
 
     evaluation = None
     if args.report is not None:
         if not os.path.isfile(args.report):
             raise ValueError(f"--report {args.report!r} is not a file; pass the report.json of the run.")
-        with open(args.report, encoding="utf-8") as f:
-            accuracy = json.load(f).get("accuracy")
+        report = read_json_object(args.report, "Pass the report.json of the run as --report.")
+        accuracy = report.get("accuracy")
         if not isinstance(accuracy, dict):
             raise ValueError(f"--report {args.report!r} has no 'accuracy' table; pass the report.json of the run.")
         evaluation = {k: v for k, v in accuracy.items() if v is not None} or None

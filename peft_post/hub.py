@@ -42,6 +42,8 @@ _LEDGER_ROWS = (
     ("epsilon_add_remove", "ε under add/remove-one (not the guarantee: N is published)"),
     ("noise_source", "noise and batch randomness"),
     ("guarantee_holds", "guarantee holds"),
+    ("target_epsilon", "ε budget asked for"),
+    ("target_delta", "δ asked for (None: 1/N, the default)"),
 )
 
 

@@ -17,7 +17,8 @@ from peft_post.tasks import TaskTemplate, Verbalizer, VerbalizerCollator
 from peft_post.testing import tiny_sentiment_dataset, tiny_sentiment_rows
 from peft_post.tuning import DPConfig, DPPromptTrainer, PromptTrainingConfig
 from peft_post.tuning import privacy
-from peft_post.tuning.accountant import ADD_OR_REMOVE_ONE, PLDAccountant, history_epsilon
+from peft_post.tuning.accountant import ADD_OR_REMOVE_ONE, history_epsilon
+from peft_post.tuning.pld_accountant import PLDAccountant
 
 CAUSAL = dict(task_type="CAUSAL_LM", template="{text} It was", label_words=[["bad"], ["good"]])
 MASKED = dict(task_type="FEATURE_EXTRACTION", template="{text} It was {mask}.", label_words=[["bad"], ["good"]])

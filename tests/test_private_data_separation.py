@@ -128,6 +128,23 @@ def test_a_user_stage_resumes_from_private_checkpoints_and_a_folder_without_its_
     assert private_stage_done(folder, "tune") is None
 
 
+def test_a_release_interrupted_after_its_record_is_finished_not_trained_again(tiny_run, monkeypatch):
+    # The record is written before the released folder is renamed into place, so a released prompt always has one; a
+    # crash between the two leaves the release in the workspace, and the next run only finishes the rename.
+    import peft_post.pipeline.stages as stages
+
+    run_dir, args = tiny_run
+    assert main(["tune", *args]) == 0
+    record = stage_record(run_dir, "tune")
+    release = os.path.join(run_dir, "private", "tune.partial", "release")
+    os.makedirs(os.path.dirname(release))
+    os.replace(os.path.join(run_dir, "source_prompt"), release)  # as the crash left it
+    monkeypatch.setattr(stages, "tune_prompt", lambda *a, **kw: pytest.fail("the stage trained again"))
+    assert main(["tune", *args]) == 0
+    assert stage_record(run_dir, "tune") == record
+    assert not os.path.exists(os.path.join(run_dir, "private", "tune.partial"))
+
+
 def test_a_run_folder_from_before_the_private_workspace_is_cleaned_and_reused(tiny_run):
     run_dir, args = tiny_run
     assert main(["tune", *args]) == 0

@@ -94,7 +94,12 @@ def test_changed_settings_are_refused_naming_the_fields_and_overwrite_reruns_the
 
     # --overwrite tune: tune, transfer and the evaluation run again; the student and the baseline are reused.
     full = stage_record(run_dir, "full_tuning")
-    assert main(["run", *args, "--dp", "false", "--overwrite", "tune"]) == 0
+    discarded = stage_record(run_dir, "tune")["privacy"]
+    with pytest.warns(UserWarning, match="Discarding a DP prompt"):
+        assert main(["run", *args, "--dp", "false", "--overwrite", "tune"]) == 0
+    # The discarded DP prompt's ledger is kept: if it was handed over, the user must compose it with the new one's.
+    kept = json.loads(open(os.path.join(run_dir, "private", "discarded_ledgers.json")).read())["ledgers"]
+    assert [entry["privacy"] for entry in kept] == [discarded]
     assert _stages(run_dir) == {"distill": True, "tune": False, "transfer": False, "full_tuning": True,
                                 "evaluate": False}
     assert stage_record(run_dir, "tune")["settings"]["dp"] is False and stage_record(run_dir, "full_tuning") == full
@@ -142,9 +147,9 @@ def test_damaged_outputs_and_checkpoints_are_refused_naming_the_file(tiny_run, c
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(stages, "release_user_stage", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt()))
         main(["tune", *args])
-    checkpoint = os.path.join(run_dir, "private", "tune.partial", "checkpoints", "checkpoint-3")
-    for name, how in (("adapter_model.safetensors", "truncate"), ("dp_accountant.json", "garble"),
-                      ("trainer_state.json", "garble")):
+    # The stage resumes from checkpoint-2 (checkpoint-3, at the last step, is finished and redone from it).
+    checkpoint = os.path.join(run_dir, "private", "tune.partial", "checkpoints", "checkpoint-2")
+    for name, how in (("adapter_model.safetensors", "truncate"), ("dp_accountant.json", "garble")):
         restore = _damage(os.path.join(checkpoint, name), how)
         _refused(capsys, ["tune", *args], os.path.join(checkpoint, name), "cannot resume", "--overwrite tune")
         restore()

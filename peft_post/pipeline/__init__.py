@@ -5,7 +5,7 @@ Each stage writes one folder under the run directory. The provider's stages (dis
 training split: their folder is what the user hands over, so it holds exactly the adapter and its DP ledger
 (`RELEASED_FILES`), and their record (losses, N, wall time, memory), their checkpoints and every private test score
 stay in the run's private workspace, ``<run_dir>/private/``. A finished stage is skipped on the next run, and an
-interrupted one resumes from its last Trainer checkpoint. The distilled student is the provider's one-time cost: it
+interrupted one resumes from its last complete Trainer checkpoint before the final step. The distilled student is the provider's one-time cost: it
 lives in the shared cache (``$PEFT_POST_CACHE/students/<key>``), keyed by everything that determines it, and is
 reused by later runs.
 
@@ -16,13 +16,18 @@ data is refused: by name in `PipelineConfig`, by measured text overlap in `check
 
 The package, by job; a module imports only modules after it in this list (docs/architecture.md):
 
-- `runner`: `run_pipeline`, the stage order (`STAGES`) and the report;
+- `runner`: `run_pipeline`, the stage order (`STAGES`), the reuse check (settings keys, output digests,
+  `--overwrite`) and the report;
+- `preflight`: everything the tokenizers, model configs and data files can tell, checked before any model loads;
 - `stages`: the stage functions on models and datasets (`distill_student`, `tune_prompt`, `transfer_prompt`,
   `score_methods`), and the stages by name and path above them (`distill_stage`, `tune_stage`, `transfer_stage`,
   `evaluate_stage`);
+- `checkpoints`: which Trainer checkpoint a stage resumes from, and the check that it is intact;
 - `loading`: models, tokenizers and prompted models by path (`load_model`, `load_tokenizer`, `load_prompted_model`,
   `new_prompted_model`);
-- `store`: the run folder, the private workspace, the cache keys, the public splits and the private-data check;
+- `store`: the run folder, the private workspace, the cache keys, the settings keys and output digests, the public
+  splits and the private-data check;
+- `data`: the private splits, read the same way by every stage (`private_split`);
 - `config`: `PipelineConfig` (which builds every stage config) and its `PRESETS`.
 """
 
@@ -32,7 +37,7 @@ from .data import private_split, private_splits
 from .preflight import preflight
 from .loading import load_model, load_prompted_model, load_tokenizer, new_prompted_model, random_subset
 from .runner import STAGES, StageMissing, run_pipeline
-from .checkpoints import check_checkpoints, checkpoint_step, resume_checkpoint
+from .checkpoints import check_checkpoints, checkpoint_step, resumable_checkpoint, resume_checkpoint
 from .stages import (distill_stage, distill_student, evaluate_stage, score_methods, transfer_prompt,
                      transfer_stage, tune_prompt, tune_stage)
 from .store import (ADAPTER_WEIGHTS, DISTILL_OVERLAP_SAMPLE, LOCK_FILE, NO_PROMPT, PRIVATE_DIR, RELEASED_FILES,
@@ -45,6 +50,7 @@ __all__ = [
     "CONFIG_FILE",
     "distill_student",
     "check_checkpoints",
+    "resumable_checkpoint",
     "checkpoint_step",
     "resume_checkpoint",
     "new_prompted_model",

@@ -44,35 +44,45 @@ def checkpoints_newest_first(folder: str) -> list[str]:
     return [os.path.join(folder, name) for _, name in sorted(found, reverse=True)]
 
 
-def resume_checkpoint(folder: str, max_steps: int) -> Optional[str]:
-    """The checkpoint in `folder` to resume a `max_steps` run from: the newest complete one saved before the last
-    step (None: start from step 0). Newer checkpoints, incomplete or finished, are removed first."""
+def resumable_checkpoint(folder: str, max_steps: int) -> Optional[str]:
+    """The checkpoint in `folder` a `max_steps` run resumes from: the newest complete one saved before the last step
+    (None: start from step 0)."""
     for checkpoint in checkpoints_newest_first(folder):
         step = checkpoint_step(checkpoint)
         if step is not None and step < max_steps:
             return checkpoint
-        shutil.rmtree(checkpoint)
     return None
 
 
-def check_checkpoints(folder: str, stage: str, fix: str) -> None:
-    """Refuse, naming the file, a complete checkpoint in `folder` with a damaged file (a truncated safetensors file,
-    JSON that does not parse), before the stage resumes from it and fails deep inside the Trainer. Incomplete
-    checkpoints are not damaged: `resume_checkpoint` discards them."""
+def resume_checkpoint(folder: str, max_steps: int) -> Optional[str]:
+    """`resumable_checkpoint`, after removing the checkpoints newer than it (incomplete or finished), so that the
+    Trainer saves them again from the resumed state."""
+    chosen = resumable_checkpoint(folder, max_steps)
+    for checkpoint in checkpoints_newest_first(folder):
+        if checkpoint == chosen:
+            break
+        shutil.rmtree(checkpoint)
+    return chosen
+
+
+def check_checkpoints(folder: str, max_steps: int, stage: str, fix: str) -> None:
+    """Refuse, naming the file, a damaged file (a truncated safetensors file, JSON that does not parse) in the
+    checkpoint a `max_steps` run would resume from, before the stage resumes and fails deep inside the Trainer. The
+    checkpoints `resume_checkpoint` discards (incomplete or finished ones) are not checked."""
     from safetensors import SafetensorError, safe_open
 
-    for checkpoint in checkpoints_newest_first(folder):
-        if checkpoint_step(checkpoint) is None:
-            continue
-        for name in sorted(os.listdir(checkpoint)):
-            path = os.path.join(checkpoint, name)
-            try:
-                if name.endswith(".safetensors"):
-                    with safe_open(path, "pt"):
-                        pass
-                elif name.endswith(".json"):
-                    with open(path, encoding="utf-8") as f:
-                        json.load(f)
-            except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(f"{path} is damaged ({err}): the {stage} stage cannot resume from it. Delete "
-                                 f"{checkpoint} to resume from the checkpoint before it, or {fix}") from None
+    checkpoint = resumable_checkpoint(folder, max_steps)
+    if checkpoint is None:
+        return
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, "pt"):
+                    pass
+            elif name.endswith(".json"):
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+        except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is damaged ({err}): the {stage} stage cannot resume from it. Delete "
+                             f"{checkpoint} to resume from the checkpoint before it, or {fix}") from None

@@ -32,6 +32,9 @@ STAGE_NAMES = ("distill", "tune", "transfer", "full_tuning", "evaluate")
 # (`peft-post transfer`) reuses them finished; the student is distilled on demand, since it lives in a shared cache.
 STAGE_INPUTS = {"distill": (), "tune": ("distill",), "transfer": ("distill", "tune"), "full_tuning": (),
                 "evaluate": STAGE_NAMES[:-1]}
+# The stages made from each stage's output (`STAGE_INPUTS` lists every input, direct or not): what `--overwrite`
+# discards with it.
+STAGE_DEPENDANTS = {stage: tuple(s for s in STAGE_NAMES if stage in STAGE_INPUTS[s]) for stage in STAGE_NAMES}
 
 # Fields renamed so that each carries its stage's prefix. Old run folders' config.json files, `--config` files and
 # command lines that use the old names still work, with a warning.
@@ -431,6 +434,12 @@ class PipelineConfig:
         if "all" in names:
             names |= set(STAGE_NAMES) - {"distill"}
         return [n for n in STAGE_NAMES if n in names]
+
+
+    def discarded_stages(self) -> list[str]:
+        """The stages `overwrite` discards: those it names and every stage made from them (`STAGE_DEPENDANTS`)."""
+        named = self.overwrite_stages()
+        return [s for s in STAGE_NAMES if s in named or any(s in STAGE_DEPENDANTS[n] for n in named)]
 
     def label_word_lists(self) -> list[list[str]]:
         return [[w.strip() for w in cls.split(",") if w.strip()] for cls in self.label_words.split("|")]

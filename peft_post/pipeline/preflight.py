@@ -67,7 +67,7 @@ def preflight(cfg: PipelineConfig, only: Optional[str] = None) -> dict:
 def check_earlier_stages(cfg: PipelineConfig, only: Optional[str]) -> None:
     """The run-folder stages a single stage `only` reuses (`STAGES_NEEDED`) are finished, and not to be overwritten
     (a user stage in the layout before the private workspace counts: the runner converts it)."""
-    overwritten = set(cfg.overwrite_stages())
+    overwritten = set(cfg.discarded_stages())
     for name in STAGES_NEEDED.get(only, ()):
         if name == "full_tuning" and not cfg.full_baseline:
             continue

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import warnings
 from typing import Optional
 
 from ..io import atomic_write_json
@@ -15,8 +16,8 @@ from .data import private_split
 from .loading import random_subset
 from .stages import check_student_tokenizer, distill_stage, evaluate_stage, transfer_stage, tune_stage
 from .preflight import preflight
-from .store import (DEPENDANTS, PRIVATE_DIR, STAGE_FOLDERS, USER_STAGES, SettingsChanged, adapter_fingerprint,
-                    check_partial_settings, check_settings, discard_stage, labelled_data_digest,
+from .store import (PRIVATE_DIR, STAGE_FOLDERS, USER_STAGES, SettingsChanged, adapter_fingerprint,
+                    check_partial_settings, complete_release, check_settings, discard_stage, labelled_data_digest,
                     migrate_legacy_user_stage, overwrite_hint, private_record_path, private_stage_done,
                     private_workspace, read_record, run_folder_lock, settings_record, stage_done, stage_record,
                     stage_settings, student_folder, verify_outputs)
@@ -85,9 +86,13 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
 
     planned = [s for s in STAGES if (s != "distill" or cfg.student_model is None)
                and (s != "full_tuning" or cfg.full_baseline)]
-    # Refused before anything is written: a stage made with other settings, a damaged output or checkpoint.
-    settings = _check_reuse(cfg, planned, folders, target_path)
-    for name in _discarded(cfg):
+    # Refused before anything is written: a stage made with other settings, a damaged output or checkpoint. A stage
+    # subcommand answers only for the stage it runs and those it reads.
+    checked = planned if only is None else [s for s in planned if s == only or s in STAGE_INPUTS[only]]
+    settings = _check_reuse(cfg, checked, folders, target_path)
+    for name in cfg.discarded_stages():
+        if name == "tune":
+            _keep_discarded_ledger(cfg.run_dir)
         discard_stage(cfg.run_dir, name, student_folder(cfg, target_path) if cfg.student_model is None else None,
                       scores=name in cfg.overwrite_stages())
     # Saved once the settings are accepted; `overwrite` is this command's, not the run's.
@@ -117,7 +122,9 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
             previous = read_record(evaluation_path)
             # A baseline stage copied in after the evaluation ran is scored (the others come from their caches), and
             # so is a test set changed since (an evaluation written before keys existed is reused as it is).
-            if (not cfg.full_baseline or "full_prompt_tuning" in previous["results"]) and \
+            # An evaluation without results (damaged) is scored again.
+            if isinstance(previous.get("results"), dict) and \
+                    (not cfg.full_baseline or "full_prompt_tuning" in previous["results"]) and \
                     previous.get("settings_key") in (None, settings_record(settings["evaluate"])["settings_key"]):
                 records[name] = previous
                 stages.append(_stage_stats(name, previous, reused=True))
@@ -168,10 +175,23 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
     return results
 
 
-def _discarded(cfg: PipelineConfig) -> list:
-    """The stages `cfg.overwrite` discards: those it names and every stage made from them (`DEPENDANTS`)."""
-    named = cfg.overwrite_stages()
-    return [s for s in STAGES if s in named or any(s in DEPENDANTS[n] for n in named)]
+def _keep_discarded_ledger(run_dir: str) -> None:
+    """Before a DP prompt of `run_dir` is discarded: keep its ledger in ``private/discarded_ledgers.json`` and warn.
+
+    Tuning again on the same private data composes with every prompt already handed over, and the new ledger counts
+    only the new run: the user must add them up (docs/privacy.md).
+    """
+    record = stage_record(run_dir, "tune")
+    if not record or not record.get("privacy"):
+        return
+    path = os.path.join(run_dir, PRIVATE_DIR, "discarded_ledgers.json")
+    kept = read_record(path).get("ledgers", []) if os.path.isfile(path) else []
+    atomic_write_json(path, {"ledgers": [*kept, {"adapter_sha256": record.get("adapter_sha256"),
+                                                 "privacy": record["privacy"]}]})
+    warnings.warn(
+        f"Discarding a DP prompt of {run_dir} (ε = {record['privacy']['epsilon']:.3g}). If it was handed over, the "
+        "prompt tuned now on the same data composes with it, and its ledger counts only the new run: add them up. "
+        f"The discarded ledger is kept in {path}.")
 
 
 def _check_reuse(cfg: PipelineConfig, planned: list, folders: dict, target_path: str) -> dict:
@@ -182,7 +202,7 @@ def _check_reuse(cfg: PipelineConfig, planned: list, folders: dict, target_path:
     checkpoints were made with other settings, and a damaged checkpoint it would resume from. Stages that
     `cfg.overwrite` discards are not checked. Records written before settings keys and digests existed pass.
     """
-    discarded = set(_discarded(cfg))
+    discarded = set(cfg.discarded_stages())
     settings: dict = {}
     if "tune" in planned or "full_tuning" in planned:
         train = random_subset(private_split(cfg, "train"), cfg.max_train_examples, cfg.seed)
@@ -199,11 +219,11 @@ def _check_reuse(cfg: PipelineConfig, planned: list, folders: dict, target_path:
             verify_outputs(folder, record, "distill", f"Delete the cached student {folder} (or pass "
                            f"{overwrite_hint('distill')}) to distill it again.")
         else:
-            _check_checkpoint(os.path.join(folder + ".partial", "checkpoints"), "distill")
+            _check_checkpoint(os.path.join(folder + ".partial", "checkpoints"), "distill", cfg.distill_max_steps)
     done = {}
     for stage in USER_STAGES:
         if stage in planned and stage not in discarded:
-            done[stage] = _check_user_stage(folders[stage], stage, settings[stage])
+            done[stage] = _check_user_stage(folders[stage], stage, settings[stage], cfg.tune_max_steps)
     if "transfer" in planned and "transfer" not in discarded:
         folder = folders["transfer"]
         record = stage_done(folder)
@@ -221,12 +241,13 @@ def _check_reuse(cfg: PipelineConfig, planned: list, folders: dict, target_path:
         else:
             checkpoints = os.path.join(folder + ".partial", "checkpoints")
             check_partial_settings(checkpoints, "transfer", settings["transfer"])
-            _check_checkpoint(checkpoints, "transfer")
+            _check_checkpoint(checkpoints, "transfer", cfg.transfer_max_steps)
     return settings
 
 
-def _check_user_stage(folder: str, stage: str, settings: dict) -> Optional[dict]:
+def _check_user_stage(folder: str, stage: str, settings: dict, max_steps: int) -> Optional[dict]:
     """`_check_reuse` for a user stage (tune, full_tuning); returns its record when it is finished."""
+    complete_release(folder, stage)
     path = private_record_path(folder, stage)
     if os.path.isfile(path):
         record = read_record(path)
@@ -238,12 +259,12 @@ def _check_user_stage(folder: str, stage: str, settings: dict) -> Optional[dict]
             return finished
     checkpoints = os.path.join(private_workspace(folder), stage + ".partial", "checkpoints")
     check_partial_settings(checkpoints, stage, settings)
-    _check_checkpoint(checkpoints, stage)
+    _check_checkpoint(checkpoints, stage, max_steps)
     return None
 
 
-def _check_checkpoint(checkpoints: str, stage: str) -> None:
-    check_checkpoints(checkpoints, stage, f"pass {overwrite_hint(stage)} from the start.")
+def _check_checkpoint(checkpoints: str, stage: str, max_steps: int) -> None:
+    check_checkpoints(checkpoints, max_steps, stage, f"pass {overwrite_hint(stage)} from the start.")
 
 
 def _stage_stats(name: str, record: dict, reused: bool):

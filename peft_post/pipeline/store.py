@@ -21,7 +21,7 @@ from typing import Optional
 from ..assets import DEFAULT_DISTILLATION_DATASET
 from ..config import POST_CONFIG_NAME
 from ..io import atomic_write_json, read_json_object
-from .config import PUBLIC_SPLITS_OF_PRIVATE_DATASETS, PipelineConfig
+from .config import PUBLIC_SPLITS_OF_PRIVATE_DATASETS, STAGE_DEPENDANTS, PipelineConfig
 from .data import private_splits
 
 STAGE_FILE = "stage.json"
@@ -176,10 +176,10 @@ def stage_record(run_dir: str, name: str) -> Optional[dict]:
 
 def release_user_stage(saved: str, folder: str, stage: str, record: dict, workspace: str) -> dict:
     """Publish a user stage. `folder` receives exactly the `RELEASED_FILES` the trainer saved in `saved` (renamed
-    into place, atomic); the record (with the released adapter's fingerprint and the stage's peak memory) is written
-    to the private workspace after it; the workspace (checkpoints: optimizer and RNG state) is removed last. A crash
-    in between leaves a folder without its record, which `private_stage_done` treats as unfinished, and the
-    checkpoints it resumes from."""
+    into place, atomic) after the record (with the released adapter's fingerprint and the stage's peak memory) is
+    written to the private workspace; the workspace (checkpoints: optimizer and RNG state) is removed last. So a
+    released prompt always has its record: a crash before the rename leaves the record and the release folder in the
+    workspace, and `complete_release` finishes the rename (a rerun never trains a second prompt to hand over)."""
     from ..profiling import peak_rss_mb
 
     release = os.path.join(workspace, "release")
@@ -196,12 +196,29 @@ def release_user_stage(saved: str, folder: str, stage: str, record: dict, worksp
               "outputs": output_digests(release),
               "released_files": sorted(set(names) & RELEASED_FILES),
               "withheld_files": sorted(set(names) - RELEASED_FILES)}
+    atomic_write_json(private_record_path(folder, stage), record)
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.replace(release, folder)
-    atomic_write_json(private_record_path(folder, stage), record)
     shutil.rmtree(workspace, ignore_errors=True)
     return record
+
+
+def complete_release(folder: str, stage: str) -> bool:
+    """Finish a user stage interrupted between writing its record and renaming its release folder into place (see
+    `release_user_stage`): the rename, when the workspace's release folder holds the adapter the record names.
+    Returns whether it did."""
+    workspace = os.path.join(private_workspace(folder), stage + ".partial")
+    release, path = os.path.join(workspace, "release"), private_record_path(folder, stage)
+    if not (os.path.isfile(path) and os.path.isdir(release)):
+        return False
+    if adapter_fingerprint(release) != read_record(path).get("adapter_sha256"):
+        return False
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(release, folder)
+    shutil.rmtree(workspace, ignore_errors=True)
+    return True
 
 
 def migrate_legacy_user_stage(folder: str, stage: str) -> None:
@@ -417,9 +434,6 @@ def copy_stage(source_run: str, run_dir: str, name: str) -> bool:
 # data or prompt it was made from), their hash (`settings_key`) and the sha256 of each output file (`outputs`).
 # Records written before these existed hold neither and are reused as they are.
 
-# The stages each stage's output is made from, transitively: overwriting a stage discards these too.
-DEPENDANTS = {"distill": ("tune", "transfer", "evaluate"), "tune": ("transfer", "evaluate"), "transfer": ("evaluate",),
-              "full_tuning": ("evaluate",), "evaluate": ()}
 # Written into a running stage's checkpoint folder: the settings its checkpoints were made with.
 SETTINGS_FILE = "settings.json"
 # Outputs up to this size are hashed on every reuse (an adapter: a few kB). Larger ones (the student's weights: 170 MB
@@ -504,7 +518,7 @@ def stage_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str] =
         return {**_field_values(cfg, _TRANSFER + _TASK), **student, "source_prompt_sha256": source_prompt_sha256}
     if stage == "evaluate":
         return {**_field_values(cfg, _EVALUATE + _TASK), **student, "private_test_data_sha256": data_sha256}
-    raise ValueError(f"`stage` must be one of {sorted(DEPENDANTS)}, got {stage!r}.")
+    raise ValueError(f"`stage` must be one of {sorted(STAGE_DEPENDANTS)}, got {stage!r}.")
 
 
 def settings_key(settings: dict) -> str:
@@ -524,7 +538,7 @@ _ABSENT = object()
 
 
 def overwrite_hint(stage: str) -> str:
-    after = DEPENDANTS.get(stage, ())
+    after = STAGE_DEPENDANTS.get(stage, ())
     also = f" (and what depends on it: {', '.join(after)})" if after else ""
     return f"--overwrite {stage} to discard it{also} and run it again"
 
@@ -583,7 +597,9 @@ def verify_outputs(folder: str, record: dict, stage: str, fix: Optional[str] = N
     (`FULL_HASH_MAX_BYTES` says which files are hashed again). A record without digests is accepted."""
     from ..assets import sha256_file
 
-    fix = fix or f"Pass {overwrite_hint(stage)}, or delete {folder} to make it again."
+    # A user stage's record lives in the private workspace, so deleting its folder alone would not make it again.
+    fix = fix or (f"Pass {overwrite_hint(stage)}." if stage in USER_STAGES else
+                  f"Pass {overwrite_hint(stage)}, or delete {folder} to make it again.")
     for name, want in sorted((record.get("outputs") or {}).items()):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):

@@ -1,5 +1,6 @@
-"""The privacy accountant: Google's `dp_accounting` PLD analysis of Poisson-subsampled Gaussian steps, behind Opacus's
-`IAccountant` interface (`step`, `history`, `state_dict`).
+"""The privacy accounting: Google's `dp_accounting` PLD analysis of Poisson-subsampled Gaussian steps (ε of a history,
+σ for a budget). `pld_accountant.PLDAccountant` puts it behind Opacus's `IAccountant` interface (`step`, `history`,
+`state_dict`).
 
 Why not Opacus's own accountants: they analyse add/remove-one adjacency only. Our ledger publishes the sampling rate
 q = B/N (and δ = 1/N by default), so N is public and the honest neighbouring relation is replace-one (docs/privacy.md).
@@ -10,7 +11,6 @@ It uses pessimistic discretisation: every ε it reports is an upper bound, whate
 from __future__ import annotations
 
 import math
-import threading
 from typing import Iterable, Optional
 
 REPLACE_ONE = "replace_one"
@@ -20,10 +20,10 @@ ADJACENCIES = (REPLACE_ONE, ADD_OR_REMOVE_ONE)
 # σ 0.5-2, q 0.002-0.5, 3-10,000 steps).
 PLD_DISCRETIZATION = 1e-3
 SMALL_SIGMA = 0.05
-_BUILD_LOCK = threading.Lock()
 
 
-def _relation(adjacency: str):
+def neighbouring_relation(adjacency: str):
+    """dp_accounting's `NeighboringRelation` for an adjacency name (`ADJACENCIES`); a ValueError for any other."""
     import dp_accounting
 
     if adjacency == REPLACE_ONE:
@@ -54,7 +54,7 @@ def history_epsilon(history: Iterable, delta: float, adjacency: str = REPLACE_ON
     if smallest < SMALL_SIGMA:
         return _unamplified_epsilon(history, delta, adjacency)
     accountant = pld_privacy_accountant.PLDAccountant(
-        neighboring_relation=_relation(adjacency),
+        neighboring_relation=neighbouring_relation(adjacency),
         value_discretization_interval=PLD_DISCRETIZATION * max(1.0, (0.5 / smallest) ** 2),
     )
     for sigma, q, steps in history:
@@ -119,53 +119,3 @@ def calibrate_noise_multiplier(
         else:
             high, eps_high = mid, eps_mid
     return high
-
-
-def __getattr__(name: str):
-    """PEP 562: `PLDAccountant` subclasses Opacus's `IAccountant`, and importing Opacus takes over a second; the class
-    is built on first use, so that importing this module (and `peft_post`, which reads its constants) does not."""
-    if name != "PLDAccountant":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    with _BUILD_LOCK:
-        if name not in globals():
-            globals()[name] = _pld_accountant_class()
-    return globals()[name]
-
-
-def _pld_accountant_class() -> type:
-    from opacus.accountants import IAccountant
-
-    class PLDAccountant(IAccountant):
-        """An Opacus accountant whose ε comes from `dp_accounting`'s PLD analysis, under replace-one adjacency by
-        default.
-
-        The history is Opacus's: a list of (noise_multiplier, sample_rate, steps), consecutive equal steps merged, so
-        `state_dict` / `load_state_dict` (inherited) save and restore it, and any PLD implementation can recompute ε
-        from it.
-        """
-
-        __qualname__ = "PLDAccountant"  # as if defined at module level: its name, reprs and pickles say so
-
-        def __init__(self, adjacency: str = REPLACE_ONE):
-            _relation(adjacency)  # validates
-            self.adjacency = adjacency
-            self.history = []
-
-        @classmethod
-        def mechanism(cls) -> str:
-            return "pld"
-
-        def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
-            if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
-                sigma, q, steps = self.history[-1]
-                self.history[-1] = (sigma, q, steps + 1)
-            else:
-                self.history.append((noise_multiplier, sample_rate, 1))
-
-        def __len__(self) -> int:
-            return int(sum(steps for _, _, steps in self.history))
-
-        def get_epsilon(self, delta: float, adjacency: Optional[str] = None) -> float:
-            return history_epsilon(self.history, delta, adjacency or self.adjacency)
-
-    return PLDAccountant

@@ -26,7 +26,7 @@ from ..modeling import label_logits
 from .accountant import ADD_OR_REMOVE_ONE, REPLACE_ONE, calibrate_noise_multiplier
 
 if TYPE_CHECKING:
-    from .accountant import PLDAccountant
+    from .pld_accountant import PLDAccountant
 
 # Opacus's clipping formula adds this to the norm so a zero gradient does not divide by zero.
 CLIP_EPS = 1e-6

@@ -24,7 +24,7 @@ from ..modeling import (base_model_of, forward_through, label_logits, prompt_par
                         require_only_prompt_trainable, require_prompt_model, require_single_process)
 from ..prompts import prompt_norms
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
-from . import accountant, privacy
+from . import privacy
 from .config import DPConfig, PromptTrainingConfig
 
 
@@ -348,7 +348,9 @@ class DPPromptTrainer(PromptTrainer):
             dp_config.epsilon_tolerance,
             prior_history,
         )
-        self.accountant = accountant.PLDAccountant()
+        from .pld_accountant import PLDAccountant  # imports Opacus: only when a DP trainer is built
+
+        self.accountant = PLDAccountant()
         self.accountant.history = list(prior_history)
         self.prior_steps = len(self.accountant)
         if not dp_config.poisson_sampling:
