@@ -1,8 +1,9 @@
-"""Accuracy as an `evaluate` module that loads from this file, so it works without the Hub (and without sklearn)."""
+"""Accuracy as an `evaluate` module that loads from this file, so it works without the Hub: the Hub's
+``evaluate-metric/accuracy`` (scikit-learn's ``accuracy_score``)."""
 
 import datasets
 import evaluate
-import numpy as np
+from sklearn.metrics import accuracy_score
 
 _DESCRIPTION = "Accuracy: the fraction of predictions equal to their references."
 _KWARGS_DESCRIPTION = "Args: predictions (list of int), references (list of int). Returns: {'accuracy': float}."
@@ -17,7 +18,7 @@ class Accuracy(evaluate.Metric):
         return evaluate.MetricInfo(description=_DESCRIPTION, citation="", inputs_description=_KWARGS_DESCRIPTION,
                                    features=FEATURES)
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, sample_weight=None):
         if len(predictions) == 0:
             raise ValueError("Accuracy of zero predictions is undefined.")
-        return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
+        return {"accuracy": float(accuracy_score(references, predictions, sample_weight=sample_weight))}

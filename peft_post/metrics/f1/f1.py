@@ -1,12 +1,11 @@
-"""F1 as an `evaluate` module that loads from this file, so it works without the Hub (and without sklearn).
-
-The arguments and results are those of the Hub's ``evaluate-metric/f1`` (scikit-learn's ``f1_score``) for single-label
-classes, with ``zero_division=0``: a class that is neither predicted nor present scores 0.
+"""F1 as an `evaluate` module that loads from this file, so it works without the Hub: the Hub's ``evaluate-metric/f1``
+(scikit-learn's ``f1_score``) for single-label classes, with ``zero_division=0``: a class that is neither predicted nor
+present scores 0.
 """
 
 import datasets
 import evaluate
-import numpy as np
+from sklearn.metrics import f1_score
 
 AVERAGES = ("binary", "micro", "macro", "weighted", None)
 
@@ -37,28 +36,8 @@ class F1(evaluate.Metric):
     def _compute(self, predictions, references, labels=None, pos_label=1, average="binary", sample_weight=None):
         if average not in AVERAGES:
             raise ValueError(f"`average` must be one of {AVERAGES}, got {average!r}.")
-        predictions = np.asarray(predictions, dtype=np.int64)
-        references = np.asarray(references, dtype=np.int64)
-        if predictions.size == 0:
+        if len(predictions) == 0:
             raise ValueError("F1 of zero predictions is undefined.")
-        weight = np.ones(predictions.size) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-        present = np.union1d(predictions, references)
-        if average == "binary":
-            if present.size > 2:
-                raise ValueError(f"average='binary' needs at most two classes, got {present.size}; choose another "
-                                 f"average among {AVERAGES}.")
-            labels = [pos_label]
-        labels = present if labels is None else np.asarray(labels, dtype=np.int64)
-        # Per class: true positives, predictions of the class (TP + FP) and references of it (TP + FN).
-        hit = (predictions[None] == labels[:, None]) & (predictions == references)[None]
-        tp = (hit * weight).sum(1)
-        predicted = ((predictions[None] == labels[:, None]) * weight).sum(1)
-        support = ((references[None] == labels[:, None]) * weight).sum(1)
-        if average == "micro":
-            tp, predicted, support = tp.sum(keepdims=True), predicted.sum(keepdims=True), support.sum(keepdims=True)
-        f1 = np.divide(2 * tp, predicted + support, out=np.zeros_like(tp), where=(predicted + support) > 0)
-        if average is None:
-            return {"f1": f1.tolist()}
-        if average == "weighted":
-            return {"f1": float(np.average(f1, weights=support)) if support.sum() > 0 else 0.0}
-        return {"f1": float(f1.mean())}
+        score = f1_score(references, predictions, labels=labels, pos_label=pos_label, average=average,
+                         sample_weight=sample_weight, zero_division=0)
+        return {"f1": float(score) if average is not None else score.tolist()}
