@@ -203,10 +203,13 @@ def sgd_args(**kw):
 def test_audit_flags_training_without_noise(tiny_llama, tokenizer):
     """σ = 0 on the tiny model: the canary's gradient direction separates the releases, so the audit proves ε > 0.5
     (the most 20 runs per side allow is 0.81; one run on D that never drew the canary, 1.6% a run with q = 1/2 and
-    6 steps, costs 0.22) while the ledger of such a run claims ε = ∞."""
+    6 steps, costs 0.22) while the ledger of such a run claims ε = ∞. The batches are drawn from seeds
+    (`insecure_noise_seed`; σ = 0 has no noise to hide) so that the test is deterministic: with secret batches, two
+    or more of the 20 runs on D miss the canary about 4% of the time and the bound falls below 0.5."""
     result = A.run_distinguishing_audit(
         factory(tiny_llama), tokenizer, tiny_sentiment_dataset(15), CANARY,
-        DPConfig(noise_multiplier=0.0, max_grad_norm=0.1, target_delta=1e-3), sgd_args(max_steps=6), trials=20,
+        DPConfig(noise_multiplier=0.0, max_grad_norm=0.1, target_delta=1e-3, insecure_noise_seed=0),
+        sgd_args(max_steps=6), trials=20,
         statistics=["canary_loss", "gradient_alignment"], seed=0)
     json.dumps(result, allow_nan=False)  # JSON-ready, no NaN/inf literals
     assert result["claimed_epsilon"] == "inf" and result["ledger"]["noise_multiplier"] == 0.0
