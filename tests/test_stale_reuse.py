@@ -214,3 +214,15 @@ def test_bad_run_dirs_config_files_and_flags_exit_2_naming_them(tmp_path, capsys
     for flags, match in ((["--overwrite", "tune,nope"], "`overwrite`"), (["--threads", "0"], "`threads`")):
         _refused(capsys, ["run", "--run_dir", str(tmp_path / "r"), *flags], match)
     assert PipelineConfig(overwrite="all").overwrite_stages() == ["tune", "transfer", "full_tuning", "evaluate"]
+
+
+def test_a_ready_student_replaced_in_place_is_not_taken_for_the_old_one(tiny_run, tokenizer, tmp_path, capsys):
+    from peft_post.testing import build_tiny_model
+
+    run_dir, args = tiny_run
+    student = str(tmp_path / "ready-student")
+    build_tiny_model("llama", tokenizer, student, seed=1, num_layers=2)
+    assert main(["tune", *args, "--student_model", student]) == 0
+    assert main(["tune", *args, "--student_model", student]) == 0  # the same files: reused
+    build_tiny_model("llama", tokenizer, student, seed=2, num_layers=2)  # another model under the same name
+    _refused(capsys, ["tune", *args, "--student_model", student], "student_model_sha256", "--overwrite tune")

@@ -11,6 +11,7 @@ is not the private data.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -503,9 +504,18 @@ def stage_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str] =
     public data, `transfer_*`, the task, the target, the student and the source prompt's fingerprint (what the
     provider is handed: it stands for every setting of tune, whose private data digest the provider never sees).
     evaluate: the private test data (`data_sha256` of the examples scored), the task, the target and the student.
+
+    A distilled student is its recipe (`student_cache_key`'s fields: distillation is seeded); a ready
+    `student_model` is its name and, for a local folder, the digest of its files (`model_files_sha256`), so a folder
+    replaced in place by another model is not taken for the one a prompt was tuned on.
     """
-    student = (_field_values(cfg, ("student_model", "target_model")) if cfg.student_model is not None
-               else _field_values(cfg, _STUDENT))
+    if cfg.student_model is not None:
+        from ..assets import resolve_model
+
+        student = {**_field_values(cfg, ("student_model", "target_model")),
+                   "student_model_sha256": model_files_sha256(resolve_model(cfg.student_model))}
+    else:
+        student = _field_values(cfg, _STUDENT)
     if stage == "distill":
         return _field_values(cfg, _STUDENT)
     if stage in ("tune", "full_tuning"):
@@ -519,6 +529,24 @@ def stage_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str] =
     if stage == "evaluate":
         return {**_field_values(cfg, _EVALUATE + _TASK), **student, "private_test_data_sha256": data_sha256}
     raise ValueError(f"`stage` must be one of {sorted(STAGE_DEPENDANTS)}, got {stage!r}.")
+
+
+def model_files_sha256(path: str) -> Optional[str]:
+    """A digest of a local model folder's config and weight files (None for a Hub id). Cached per process by the
+    files' sizes and modification times: hashing a 135M-parameter model takes about a second."""
+    if not os.path.isdir(path):
+        return None
+    files = tuple((name, os.stat(os.path.join(path, name)).st_size, os.stat(os.path.join(path, name)).st_mtime_ns)
+                  for name in sorted(os.listdir(path))
+                  if name == "config.json" or name.endswith((".safetensors", ".bin")))
+    return _model_files_sha256(path, files)
+
+
+@functools.lru_cache(maxsize=8)
+def _model_files_sha256(path: str, files: tuple) -> str:
+    from ..assets import sha256_file
+
+    return _spec_key({name: sha256_file(os.path.join(path, name)) for name, _, _ in files})
 
 
 def settings_key(settings: dict) -> str:
