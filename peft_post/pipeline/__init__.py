@@ -33,7 +33,7 @@ The package, by job; a module imports only modules after it in this list (docs/a
 
 from .config import (CONFIG_FILE, PRESETS, PUBLIC_SPLITS_OF_PRIVATE_DATASETS, RENAMED_FIELDS, PipelineConfig,
                      parse_overrides, rename_legacy_fields, rename_legacy_flags)
-from .data import private_split, private_splits
+from .data import private_examples, private_split, private_splits
 from .preflight import preflight
 from .loading import load_model, load_prompted_model, load_tokenizer, new_prompted_model, random_subset
 from .runner import STAGES, StageMissing, run_pipeline
@@ -78,6 +78,7 @@ __all__ = [
     "NO_PROMPT",
     "PipelineConfig",
     "preflight",
+    "private_examples",
     "private_split",
     "private_splits",
     "PRESETS",

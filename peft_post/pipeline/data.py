@@ -10,6 +10,7 @@ functions, so they all see the same split.
 from __future__ import annotations
 
 from .config import PipelineConfig
+from .loading import random_subset
 
 SPLIT_ROLES = ("train", "test")
 
@@ -61,6 +62,13 @@ def private_split(cfg: PipelineConfig, which: str):
     if name not in splits:
         raise ValueError(missing_split_message(cfg, which, sorted(splits)))
     return splits[name]
+
+
+def private_examples(cfg: PipelineConfig, which: str):
+    """The examples a run uses of the private training or test split: `private_split`, capped at
+    `max_train_examples` / `max_test_examples` by a draw seeded with `cfg.seed` (the same draw in every stage)."""
+    cap = cfg.max_train_examples if which == "train" else cfg.max_test_examples
+    return random_subset(private_split(cfg, which), cap, cfg.seed)
 
 
 def missing_split_message(cfg: PipelineConfig, which: str, present: list) -> str:

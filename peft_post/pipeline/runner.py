@@ -12,14 +12,13 @@ from typing import Optional
 from ..io import atomic_write_json
 from .checkpoints import check_checkpoints
 from .config import STAGE_INPUTS, STAGE_NAMES, PipelineConfig
-from .data import private_split
-from .loading import random_subset
+from .data import private_examples
 from .stages import check_student_tokenizer, distill_stage, evaluate_stage, transfer_stage, tune_stage
 from .preflight import preflight
 from .store import (PRIVATE_DIR, STAGE_FOLDERS, USER_STAGES, SettingsChanged, adapter_fingerprint,
                     check_partial_settings, complete_release, check_settings, discard_stage, labelled_data_digest,
                     migrate_legacy_user_stage, overwrite_hint, private_record_path, private_stage_done,
-                    private_workspace, read_record, run_folder_lock, settings_record, stage_done, stage_record,
+                    read_record, run_folder_lock, settings_record, stage_done, stage_record, user_stage_workspace,
                     stage_settings, student_folder, verify_outputs)
 
 STAGES = STAGE_NAMES
@@ -205,11 +204,11 @@ def _check_reuse(cfg: PipelineConfig, planned: list, folders: dict, target_path:
     discarded = set(cfg.discarded_stages())
     settings: dict = {}
     if "tune" in planned or "full_tuning" in planned:
-        train = random_subset(private_split(cfg, "train"), cfg.max_train_examples, cfg.seed)
+        train = private_examples(cfg, "train")
         digest = labelled_data_digest(train, cfg.text_column, cfg.label_column)
         settings["tune"] = stage_settings(cfg, "tune", digest)
         settings["full_tuning"] = stage_settings(cfg, "full_tuning", digest)
-    test = random_subset(private_split(cfg, "test"), cfg.max_test_examples, cfg.seed)
+    test = private_examples(cfg, "test")
     settings["evaluate"] = stage_settings(cfg, "evaluate", labelled_data_digest(test, cfg.text_column,
                                                                                  cfg.label_column))
     if "distill" in planned and "distill" not in discarded:
@@ -257,7 +256,7 @@ def _check_user_stage(folder: str, stage: str, settings: dict, max_steps: int) -
         finished = private_stage_done(folder, stage)
         if finished is not None:
             return finished
-    checkpoints = os.path.join(private_workspace(folder), stage + ".partial", "checkpoints")
+    checkpoints = os.path.join(user_stage_workspace(folder, stage), "checkpoints")
     check_partial_settings(checkpoints, stage, settings)
     _check_checkpoint(checkpoints, stage, max_steps)
     return None

@@ -28,10 +28,10 @@ import torch
 from ..io import drop_training_arguments
 from .checkpoints import resume_checkpoint
 from .config import PipelineConfig
-from .data import private_split
-from .loading import load_model, load_prompted_model, load_tokenizer, model_sizes, new_prompted_model, random_subset
+from .data import private_examples
+from .loading import load_model, load_prompted_model, load_tokenizer, model_sizes, new_prompted_model
 from .store import (cached_evaluation, check_partial_settings, evaluation_key, finish_stage, labelled_data_digest,
-                    private_stage_done, private_workspace, public_splits, release_user_stage, settings_record,
+                    private_stage_done, public_splits, release_user_stage, settings_record, user_stage_workspace,
                     stage_done, stage_settings, student_cache_lock, student_folder, verify_outputs)
 
 # Progress-bar labels of `score_methods`, per method.
@@ -114,13 +114,13 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     record = private_stage_done(folder, stage)
     # Checkpoints (optimizer and RNG state, computed from private data) and the trainer's full output stay in the
     # private workspace; only `release_user_stage`'s allow-list reaches `folder`.
-    workspace = os.path.join(private_workspace(folder), stage + ".partial")
+    workspace = user_stage_workspace(folder, stage)
     if record is not None:
         shutil.rmtree(workspace, ignore_errors=True)  # left by a crash after the record was written
         return {**record, "reused": True}
     check_partial_settings(os.path.join(workspace, "checkpoints"), stage, settings, claim=True)
     start = time.perf_counter()
-    train = random_subset(private_split(cfg, "train"), cfg.max_train_examples, cfg.seed)
+    train = private_examples(cfg, "train")
     tokenizer = load_tokenizer(model_path)
     model = new_prompted_model(model_path, cfg.post_config(model_path), masked, cfg.seed)
     trainer, record = tune_prompt(cfg, model, tokenizer, train, os.path.join(workspace, "checkpoints"), dp)
@@ -241,7 +241,7 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
     """
     from ..transfer import direct_transfer, direct_transfer_obstacle
 
-    test = random_subset(private_split(cfg, "test"), cfg.max_test_examples, cfg.seed)
+    test = private_examples(cfg, "test")
     test_sha256 = labelled_data_digest(test, cfg.text_column, cfg.label_column)  # data rebuilt in place is rescored
     tokenizer = load_tokenizer(target_path)
     # method -> (the prompt folder it scores, whether it runs the student, its model's loader)

@@ -29,6 +29,8 @@ STAGE_FILE = "stage.json"
 # The user's own part of a run folder: records and scores computed from private data, and the checkpoints of the
 # stages that read it. Nothing in it is handed to anyone.
 PRIVATE_DIR = "private"
+# The folder of a user stage's workspace that becomes its released folder (`release_user_stage`).
+RELEASE_DIR = "release"
 # Stages that train on the private training split. Their folder is what the user hands over, so it holds
 # `RELEASED_FILES` only, and their record (losses, N, wall time, memory) lives in the private workspace.
 USER_STAGES = ("tune", "full_tuning")
@@ -134,6 +136,12 @@ def private_workspace(folder: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(folder)), PRIVATE_DIR)
 
 
+def user_stage_workspace(folder: str, stage: str) -> str:
+    """Where user stage `stage`, released as `folder`, runs: ``<run_dir>/private/<stage>.partial`` (its checkpoints
+    and, while it publishes, its release folder)."""
+    return os.path.join(private_workspace(folder), stage + ".partial")
+
+
 def private_record_path(folder: str, stage: str) -> str:
     """Where the record of user stage `stage`, whose released folder is `folder`, lives: ``private/<stage>.json``."""
     return os.path.join(private_workspace(folder), f"{stage}.json")
@@ -183,7 +191,7 @@ def release_user_stage(saved: str, folder: str, stage: str, record: dict, worksp
     workspace, and `complete_release` finishes the rename (a rerun never trains a second prompt to hand over)."""
     from ..profiling import peak_rss_mb
 
-    release = os.path.join(workspace, "release")
+    release = os.path.join(workspace, RELEASE_DIR)
     shutil.rmtree(release, ignore_errors=True)
     os.makedirs(release)
     names = sorted(os.listdir(saved))
@@ -198,27 +206,30 @@ def release_user_stage(saved: str, folder: str, stage: str, record: dict, worksp
               "released_files": sorted(set(names) & RELEASED_FILES),
               "withheld_files": sorted(set(names) - RELEASED_FILES)}
     atomic_write_json(private_record_path(folder, stage), record)
+    _move_release_into_place(release, folder, workspace)
+    return record
+
+
+def _move_release_into_place(release: str, folder: str, workspace: str) -> None:
+    """The last step of publishing a user stage whose record is written: the release folder becomes `folder`
+    (atomic rename), then the workspace with its checkpoints goes."""
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.replace(release, folder)
     shutil.rmtree(workspace, ignore_errors=True)
-    return record
 
 
 def complete_release(folder: str, stage: str) -> bool:
     """Finish a user stage interrupted between writing its record and renaming its release folder into place (see
     `release_user_stage`): the rename, when the workspace's release folder holds the adapter the record names.
     Returns whether it did."""
-    workspace = os.path.join(private_workspace(folder), stage + ".partial")
-    release, path = os.path.join(workspace, "release"), private_record_path(folder, stage)
+    workspace = user_stage_workspace(folder, stage)
+    release, path = os.path.join(workspace, RELEASE_DIR), private_record_path(folder, stage)
     if not (os.path.isfile(path) and os.path.isdir(release)):
         return False
     if adapter_fingerprint(release) != read_record(path).get("adapter_sha256"):
         return False
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.replace(release, folder)
-    shutil.rmtree(workspace, ignore_errors=True)
+    _move_release_into_place(release, folder, workspace)
     return True
 
 
@@ -662,7 +673,7 @@ def discard_stage(run_dir: str, stage: str, student: Optional[str] = None, score
         folder = os.path.join(run_dir, STAGE_FOLDERS[stage])
         paths = [folder, folder + ".partial"]
         if stage in USER_STAGES:
-            paths += [private_record_path(folder, stage), os.path.join(private_workspace(folder), stage + ".partial")]
+            paths += [private_record_path(folder, stage), user_stage_workspace(folder, stage)]
     for path in paths:
         if os.path.isdir(path):
             shutil.rmtree(path)
