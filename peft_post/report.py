@@ -114,6 +114,10 @@ class POSTResults:
     transfer_alpha: Optional[float] = field(default=None, metadata={"help": "α of the POST loss used."})
     preset: Optional[str] = field(default=None, metadata={"help": "Preset name of the run (e.g. default, quick)."})
     seed: Optional[int] = field(default=None, metadata={"help": "Seed of the run."})
+    precision: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Where and in which precision the stages ran (`Precision.record()`: device, dtype, "
+                  "device_map, quantization, and why 'auto' chose them)."})
     command: Optional[str] = field(default=None, metadata={"help": "The command line that produced the run."})
     notes: list = field(default_factory=list, metadata={"help": "Free-text remarks printed under the table."})
     not_applicable: dict = field(
@@ -276,6 +280,10 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
         lines.append(f"- preset: `{r.preset}`")
     if r.seed is not None:
         lines.append(f"- seed: {r.seed}")
+    if r.precision:
+        p = r.precision
+        placed = "".join(f", {k} {p[k]}" for k in ("device_map", "quantization") if p.get(k))
+        lines.append(f"- precision: {p.get('dtype')} on {p.get('device')}{placed} ({p.get('reason')})")
     lines += ["", "## Accuracy", "", "| Method | Accuracy (%) | Δ vs zero-shot (pp) |", "|---|---:|---:|"]
     for m in METHODS:
         if m in r.not_applicable:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,9 @@ from datasets import Dataset, DatasetDict
 from peft_post.testing import build_tiny_model, build_tokenizer, tiny_sentiment_dataset, tiny_sentiment_rows
 
 torch.set_num_threads(2)
+# `dtype="auto"` on a CPU picks bf16 where a probe finds it fast (AMX). The tests' exact figures are fp32 figures, so
+# the choice is pinned for every test and every process they start; tests of the choice itself unset it.
+os.environ.setdefault("PEFT_POST_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -231,6 +231,27 @@ class PipelineConfig:
     threads: Optional[int] = field(
         default=None, metadata={"help": "CPU threads torch uses (torch.set_num_threads); None keeps torch's default."}
     )
+    device: str = field(
+        default="auto",
+        metadata={"help": "Where every stage runs: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Compute dtype: 'auto', 'float32', 'bfloat16' or 'float16'. Frozen models load in it and "
+                  "forwards run under autocast; prompts and a student being distilled keep fp32 weights. 'auto': "
+                  "bf16 on a CUDA device with bf16, and on a CPU whose bf16 matmuls a one-off probe finds clearly "
+                  "faster (AMX); fp32 elsewhere. See docs/precision.md."},
+    )
+    device_map: Optional[str] = field(
+        default=None,
+        metadata={"help": "Spread the target over several CUDA devices (accelerate's device_map): 'auto', "
+                  "'balanced', 'balanced_low_0', 'sequential', or a JSON object of module -> device."},
+    )
+    quantization: Optional[str] = field(
+        default=None,
+        metadata={"help": "Load the frozen target in '8bit' or '4bit' (NF4) through bitsandbytes, on CUDA: "
+                  "`pip install 'peft-post[quantization]'`."},
+    )
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -263,6 +284,7 @@ class PipelineConfig:
                                          or self.threads < 1):
             raise ValueError(f"`threads` must be a positive int (or None for torch's default), got {self.threads!r}.")
         self._check_private_data_names()
+        self.precision()  # a device, dtype or extra this machine lacks is refused before any work
         if self.student_model is None:
             self.keep_layers()  # validates the layer list before any work
         # Every stage config once, so each checks its own fields before any work (building one costs < 1 ms).
@@ -275,9 +297,7 @@ class PipelineConfig:
 
     # ---------------------------------------------------------------------------------------- the stage configs
     def trainer_arguments(self) -> dict:
-        """The `TrainingArguments` every stage shares: seed, checkpointing, logging and the device."""
-        import torch
-
+        """The `TrainingArguments` every stage shares: seed, checkpointing, logging, the device and mixed precision."""
         from ..evaluation import progress_bars_wanted
 
         # Two checkpoints kept: a job killed after its final checkpoint resumes from the one before it (see
@@ -286,8 +306,26 @@ class PipelineConfig:
             **{arg: getattr(self, name) for arg, name in COMMON_TRAINER_FIELDS.items()},
             save_strategy="steps", save_total_limit=2, logging_steps=10, report_to="none",
             # Bars on a terminal or in a notebook only: in a redirected log each redraw is another line.
-            disable_tqdm=not progress_bars_wanted(), use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=not progress_bars_wanted(), **self.precision().trainer_arguments(),
         )
+
+    def precision(self):
+        """The run's `Precision`: `device`, `dtype`, `device_map` and `quantization` resolved on this machine (a
+        dtype of 'auto' measures the CPU once per machine; see `peft_post.precision`)."""
+        from ..precision import resolve_precision
+
+        choices = (self.device, self.dtype, self.device_map, self.quantization)
+        cached = self.__dict__.get("_precision")
+        if cached is None or cached[0] != choices:
+            device_map = self.device_map
+            if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
+                try:
+                    device_map = json.loads(device_map)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"`device_map` {self.device_map!r} is not a valid JSON object ({err}).") from None
+            cached = (choices, resolve_precision(self.device, self.dtype, device_map, self.quantization))
+            self.__dict__["_precision"] = cached
+        return cached[1]
 
     def distill_args(self, output_dir: str):
         """The `DistillationConfig` of the student's distillation, checkpointing into `output_dir`."""

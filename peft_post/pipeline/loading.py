@@ -8,14 +8,28 @@ import torch
 
 from ..config import POSTConfig
 from ..modeling import quiet_checkpointing_deprecation
+from ..precision import Precision
+
+# Loaded when no `Precision` is given: float32 on the CPU, as every stage ran before precision was an option.
+FLOAT32_CPU = Precision()
 
 
-def load_model(path: str, masked: bool):
-    """The model at `path` (a folder or Hub id) in float32 and eval mode: a masked LM when `masked`, else causal."""
+def load_model(path: str, masked: bool, precision: Optional[Precision] = None, role: str = "frozen"):
+    """The model at `path` (a folder or Hub id) in eval mode: a masked LM when `masked`, else causal.
+
+    It loads in `precision`'s compute dtype onto its device (float32 on the CPU when None), directly, never first in
+    fp32: ``role`` is ``"frozen"``, ``"target"`` (also `device_map` and quantization) or ``"trainable"`` (fp32
+    master weights); see `Precision.load_kwargs`.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    precision = precision or FLOAT32_CPU
     cls = AutoModelForMaskedLM if masked else AutoModelForCausalLM
-    return cls.from_pretrained(path, dtype=torch.float32).eval()
+    kwargs = precision.load_kwargs(role)
+    model = cls.from_pretrained(path, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(precision.device)
+    return model.eval()
 
 
 def load_tokenizer(path: str):
@@ -43,20 +57,23 @@ def random_subset(dataset, n: Optional[int], seed: int):
     return dataset.shuffle(seed=seed).select(range(n))
 
 
-def load_prompted_model(model_path: str, adapter: str, masked: bool):
+def load_prompted_model(model_path: str, adapter: str, masked: bool, precision: Optional[Precision] = None,
+                        role: str = "frozen"):
     """The model at `model_path` (`load_model`) with the POST prompt adapter saved in folder `adapter`."""
     from peft import PeftModel
 
-    model = load_model(model_path, masked)
+    model = load_model(model_path, masked, precision, role)
     with quiet_checkpointing_deprecation():
         return PeftModel.from_pretrained(model, adapter, config=POSTConfig.from_pretrained(adapter))
 
 
-def new_prompted_model(model_path: str, post_config: POSTConfig, masked: bool, seed: int):
-    """The model at `model_path` (`load_model`) wrapped with a new POST prompt adapter, created under `seed`."""
+def new_prompted_model(model_path: str, post_config: POSTConfig, masked: bool, seed: int,
+                       precision: Optional[Precision] = None, role: str = "frozen"):
+    """The model at `model_path` (`load_model`) wrapped with a new POST prompt adapter, created under `seed`. The
+    prompt is an fp32 parameter whatever the model's dtype (its master copy under mixed precision)."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    model = load_model(model_path, masked)
+    model = load_model(model_path, masked, precision, role)
     with quiet_checkpointing_deprecation():
         return get_peft_model(model, post_config)

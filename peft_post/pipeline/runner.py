@@ -168,7 +168,7 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
         public_dataset=cfg.public_dataset, num_public_examples=cfg.num_public_examples,
         privacy=_ledger(tune.get("privacy")), stages=stages,
         transfer_curve=curve_from_log_history(transfer.get("log_history", [])), transfer_alpha=transfer["alpha"],
-        preset=cfg.preset, seed=cfg.seed, command=command or " ".join(shlex.quote(a) for a in sys.argv), notes=notes,
+        preset=cfg.preset, seed=cfg.seed, precision=cfg.precision().record(), command=command or " ".join(shlex.quote(a) for a in sys.argv), notes=notes,
     )
     write_report(results, cfg.run_dir)
     return results

@@ -64,7 +64,7 @@ def _distill_student(cfg: PipelineConfig, target_path: str, masked: bool, final:
     os.makedirs(partial, exist_ok=True)
     tokenizer = load_tokenizer(target_path)
     _, public_eval = public_splits(cfg)
-    student, record = distill_student(cfg, load_model(target_path, masked), tokenizer,
+    student, record = distill_student(cfg, load_model(target_path, masked, cfg.precision()), tokenizer,
                                       load_text_dataset(cfg.distill_dataset, split=cfg.distill_split),
                                       os.path.join(partial, "checkpoints"), public_eval=public_eval)
     student.save_pretrained(partial)
@@ -88,14 +88,16 @@ def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: s
 
     start = time.perf_counter()
     masked = cfg.masked
-    student = make_student(teacher, cfg.keep_layers())
+    # The teacher is frozen in the compute dtype; the student trains on fp32 master weights under autocast.
+    student = make_student(teacher, cfg.keep_layers()).float()
     if not masked and cfg.distill_templated_fraction > 0:
         text = with_task_template(text, cfg.template, cfg.distill_templated_fraction, cfg.seed, cfg.text_column)
     args = cfg.distill_args(output_dir)
     trainer = DistillationTrainer(student, teacher, args, train_dataset=text, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, trainer.args.max_steps))
     wall_time = time.perf_counter() - start
-    record = {"keep_layers": cfg.keep_layers(), "steps": trainer.state.global_step, "wall_time_s": wall_time}
+    record = {"keep_layers": cfg.keep_layers(), "steps": trainer.state.global_step, "wall_time_s": wall_time,
+              "precision": cfg.precision().record()}
     student.eval()
     if public_eval is not None:
         student_zs = evaluate_prompt(student, tokenizer, public_eval, cfg.post_config(), text_column=cfg.text_column, label_column=cfg.label_column,
@@ -122,7 +124,9 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     start = time.perf_counter()
     train = private_examples(cfg, "train")
     tokenizer = load_tokenizer(model_path)
-    model = new_prompted_model(model_path, cfg.post_config(model_path), masked, cfg.seed)
+    # The full-tuning baseline tunes on the target, which may be spread over devices or quantized.
+    role = "target" if stage == "full_tuning" else "frozen"
+    model = new_prompted_model(model_path, cfg.post_config(model_path), masked, cfg.seed, cfg.precision(), role)
     trainer, record = tune_prompt(cfg, model, tokenizer, train, os.path.join(workspace, "checkpoints"), dp)
     saved = os.path.join(workspace, "saved")
     shutil.rmtree(saved, ignore_errors=True)
@@ -157,7 +161,8 @@ def tune_prompt(cfg: PipelineConfig, model, tokenizer, train_dataset, output_dir
         trainer = PromptTrainer(model, args, **common)
     trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, trainer.args.max_steps))
     record = {"steps": trainer.state.global_step, "num_train_examples": len(train_dataset),
-              "privacy": trainer.privacy_report() if dp else None, "log_history": trainer.state.log_history}
+              "privacy": trainer.privacy_report() if dp else None, "precision": cfg.precision().record(),
+              "log_history": trainer.state.log_history}
     return trainer, record
 
 
@@ -172,8 +177,8 @@ def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, sou
     start = time.perf_counter()
     public_train, public_eval = public_splits(cfg)
     tokenizer = check_student_tokenizer(target_path, student_path)
-    source = load_prompted_model(student_path, source_prompt, masked)
-    target = new_prompted_model(target_path, cfg.post_config(target_path), masked, cfg.seed)
+    source = load_prompted_model(student_path, source_prompt, masked, cfg.precision())
+    target = new_prompted_model(target_path, cfg.post_config(target_path), masked, cfg.seed, cfg.precision(), "target")
     trainer, record = transfer_prompt(cfg, target, source, tokenizer, public_train, public_eval,
                                       os.path.join(partial, "checkpoints"))
     trainer.save_model(partial)
@@ -229,7 +234,8 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
                               public_eval_dataset=public_eval, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, trainer.args.max_steps))
     record = {"alpha": alpha, "alpha_inputs": alpha_inputs, "steps": trainer.state.global_step,
-              "num_public_examples": len(public_train), "log_history": trainer.state.log_history}
+              "num_public_examples": len(public_train), "precision": cfg.precision().record(),
+              "log_history": trainer.state.log_history}
     return trainer, record
 
 
@@ -244,17 +250,21 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
     test = private_examples(cfg, "test")
     test_sha256 = labelled_data_digest(test, cfg.text_column, cfg.label_column)  # data rebuilt in place is rescored
     tokenizer = load_tokenizer(target_path)
+    precision = cfg.precision()
     # method -> (the prompt folder it scores, whether it runs the student, its model's loader)
     methods = {
-        "zero_shot": (None, False, lambda: load_model(target_path, masked)),
-        "student_prompt": (folders["tune"], True, lambda: load_prompted_model(student_path, folders["tune"], masked)),
+        "zero_shot": (None, False, lambda: load_model(target_path, masked, precision, "target")),
+        "student_prompt": (folders["tune"], True,
+                           lambda: load_prompted_model(student_path, folders["tune"], masked, precision)),
         "direct_transfer": (folders["tune"], True, lambda: direct_transfer(
-            load_prompted_model(student_path, folders["tune"], masked), load_model(target_path, masked))),
-        "post": (folders["transfer"], False, lambda: load_prompted_model(target_path, folders["transfer"], masked)),
+            load_prompted_model(student_path, folders["tune"], masked, precision),
+            load_model(target_path, masked, precision, "target"))),
+        "post": (folders["transfer"], False,
+                 lambda: load_prompted_model(target_path, folders["transfer"], masked, precision, "target")),
     }
     if cfg.full_baseline:
-        methods["full_prompt_tuning"] = (folders["full_tuning"], False,
-                                         lambda: load_prompted_model(target_path, folders["full_tuning"], masked))
+        methods["full_prompt_tuning"] = (folders["full_tuning"], False, lambda: load_prompted_model(
+            target_path, folders["full_tuning"], masked, precision, "target"))
     # Direct transfer pastes p_s into the target, so it needs the student's width; POST, which maps through the
     # output distributions, does not. Read from the configs: no model is loaded to find it out.
     (d_s, v_s), (d_t, v_t) = model_sizes(student_path), model_sizes(target_path)
@@ -268,7 +278,7 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
         results[method] = cached_evaluation(
             cfg.run_dir, prompt, key, lambda method=method, load=load: score_methods(cfg, tokenizer, test,
                                                                                    {method: load})[method])
-    return {"num_test_examples": len(test), "results": results}
+    return {"num_test_examples": len(test), "results": results, "precision": precision.record()}
 
 
 def score_methods(cfg: PipelineConfig, tokenizer, test_dataset,
