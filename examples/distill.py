@@ -1,7 +1,7 @@
 """Distil a small student from a large causal LM on public text (POST stage 1, the provider's one-time cost).
 
 Usage:
-    python examples/distill.py --teacher embedded:smollm2-135m-instruct --keep_layers 0,1,2,3,26,27,28,29 \
+    python examples/distill.py --teacher embedded:smollm2-135m-instruct --keep_layers 0,1,2,3,-4,-3,-2,-1 \
         --dataset embedded:distillation_text --output_dir runs/student --max_steps 300 --learning_rate 1e-3
 """
 

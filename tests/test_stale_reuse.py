@@ -75,7 +75,7 @@ def test_changed_settings_are_refused_naming_the_fields_and_overwrite_reruns_the
     _refused(capsys, ["tune", *args, "--tune_learning_rate", "0.5"], "--tune_learning_rate 0.03 then, 0.5 now")
     _refused(capsys, ["transfer", *args, "--transfer_alpha", "0.5"], "--transfer_alpha None then, 0.5 now",
              "--overwrite transfer")
-    _refused(capsys, ["run", *args, "--student_layers", "0,1"], "The tune stage", "--student_layers [0, -1] then")
+    _refused(capsys, ["run", *args, "--student_layers", "0,1"], "The tune stage", "--student_layers [0, 3] then")
 
     # Fields that shape no output change nothing; another test cap only scores again (from the cache when known).
     scored = []

@@ -34,6 +34,12 @@ def find_layers(model) -> tuple[str, torch.nn.ModuleList]:
             layers = _get(backbone, path)
             if isinstance(layers, torch.nn.ModuleList) and len(layers) == n:
                 return f"{prefix}.{path}", layers
+    if model.config.get_text_config() is not model.config:
+        raise ValueError(
+            f"make_student needs a text-only model, got the multimodal {type(model).__name__} "
+            f"(model_type={model.config.model_type!r}). Load its language model alone with "
+            "`peft_post.text_models.load_text_model(path)` (for Gemma-3 4B+: a Gemma3ForCausalLM), then make the "
+            "student from that.")
     raise ValueError(
         f"make_student does not know where {type(model).__name__} (model_type={model.config.model_type!r}) keeps "
         f"its layers: expected a ModuleList of num_hidden_layers={n} blocks at <{prefix or 'backbone'}>."

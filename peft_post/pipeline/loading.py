@@ -21,12 +21,14 @@ def load_model(path: str, masked: bool, precision: Optional[Precision] = None, r
     fp32: ``role`` is ``"frozen"``, ``"target"`` (also `device_map` and quantization) or ``"trainable"`` (fp32
     master weights); see `Precision.load_kwargs`.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForMaskedLM
+
+    from ..text_models import load_text_model
 
     precision = precision or FLOAT32_CPU
-    cls = AutoModelForMaskedLM if masked else AutoModelForCausalLM
     kwargs = precision.load_kwargs(role)
-    model = cls.from_pretrained(path, **kwargs)
+    # A causal LM is loaded text-only: a multimodal checkpoint (Gemma-3 4B+) gives its language model alone.
+    model = AutoModelForMaskedLM.from_pretrained(path, **kwargs) if masked else load_text_model(path, **kwargs)
     if "device_map" not in kwargs:
         model.to(precision.device)
     return model.eval()

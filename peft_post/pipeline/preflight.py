@@ -117,6 +117,8 @@ def model_and_tokenizer(name: str, flag: str):
 
 
 def model_config(path: str, flag: str):
+    """The config saved at `path` (no weights), as `AutoConfig` reads it; a `ValueError` naming `--flag` if it
+    cannot be read."""
     from transformers import AutoConfig
 
     try:
@@ -125,14 +127,23 @@ def model_config(path: str, flag: str):
         raise ValueError(f"`--{flag}` {path!r}: could not read its config ({type(err).__name__}: {err}).") from None
 
 
+def language_model_config(path: str, flag: str):
+    """The config of the language model at `path`: a multimodal wrapper's ``text_config`` (Gemma-3 4B+ is saved as
+    `Gemma3ForConditionalGeneration`, and POST uses its text model only: `text_models.load_text_model`), the config
+    itself otherwise. Its layer count, hidden size and vocabulary are the ones the pipeline works with."""
+    return model_config(path, flag).get_text_config()
+
+
 def check_model_head(cfg: PipelineConfig, path: str, flag: str) -> None:
-    """The model has the head the template needs: a masked LM for a ``{mask}`` template, a causal LM otherwise."""
+    """The model has the head the template needs: a masked LM for a ``{mask}`` template, a causal LM otherwise (a
+    multimodal wrapper whose language model is a causal LM counts: it is loaded text-only)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     config = model_config(path, flag)
     auto = AutoModelForMaskedLM if cfg.masked else AutoModelForCausalLM
+    candidates = [config] if cfg.masked else [config, config.get_text_config()]
     try:
-        fits = type(config) in auto._model_mapping
+        fits = any(type(c) in auto._model_mapping for c in candidates)
     except Exception:  # a remote-code or unusual config: leave it to the loader
         return
     if not fits:
@@ -144,18 +155,45 @@ def check_model_head(cfg: PipelineConfig, path: str, flag: str) -> None:
 
 
 def check_student_layers(cfg: PipelineConfig, target_path: str) -> list[int]:
-    """`--student_layers` resolved against the target's layer count (its config; the model is not loaded)."""
+    """`--student_layers` resolved against the target's layer count (its language model's config; no weights are
+    loaded). A list that does not fit is refused naming the flag, with the same layers counted from the top when
+    the list looks written for a deeper model (``0,1,2,3,26,27,28,29`` for a 28-layer target:
+    ``0,1,2,3,-4,-3,-2,-1``)."""
     from ..distill.student import normalize_layer_indices
 
-    config = model_config(target_path, "target_model")
+    config = language_model_config(target_path, "target_model")
     n = getattr(config, "num_hidden_layers", None)
     if not isinstance(n, int):
         return cfg.keep_layers()
     try:
         return normalize_layer_indices(cfg.keep_layers(), n)
     except ValueError as err:
+        hint = relative_layers_hint(cfg.keep_layers(), n)
         raise ValueError(f"`--student_layers` {cfg.student_layers!r} does not fit `--target_model` ({n} layers): "
-                         f"{err}") from None
+                         f"{err}{hint}") from None
+
+
+def relative_layers_hint(layers: list, num_layers: int) -> str:
+    """For absolute `layers` beyond a model of `num_layers` layers: a sentence giving the same layers counted from
+    the top when that fits (they look written for a deeper model), the general advice when it does not; nothing for
+    other errors (a layer repeated or out of order, or already counted from the top)."""
+    from ..distill.student import normalize_layer_indices
+
+    general = (f" A student of this model keeps at most {num_layers} of its layers; count the top ones from the end "
+               "(-1 is the last), e.g. '0,1,-2,-1', and the list fits any model deep enough.")
+    if not layers or any(i < 0 for i in layers) or max(layers) < num_layers:
+        return ""  # already counted from the top, or in range (a repeated or unsorted layer): the error says it all
+    written_for = max(layers) + 1
+    # The upper half of the layers the list was written for counts from the top; the lower half from the bottom.
+    relative = [i - written_for if i >= written_for / 2 else i for i in layers]
+    try:
+        normalize_layer_indices(relative, num_layers)
+    except ValueError:
+        return general
+    text = ",".join(str(i) for i in relative)
+    return (f" The list looks written for a {written_for}-layer model; the same layers counted from the top are "
+            f"`--student_layers {text}` (-1 is the last layer), which fits this model and any other at least "
+            f"{len(layers)} layers deep.")
 
 
 # --------------------------------------------------------------------------------------------------------- task

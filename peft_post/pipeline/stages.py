@@ -96,7 +96,9 @@ def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: s
     trainer = DistillationTrainer(student, teacher, args, train_dataset=text, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, trainer.args.max_steps))
     wall_time = time.perf_counter() - start
-    record = {"keep_layers": cfg.keep_layers(), "steps": trainer.state.global_step, "wall_time_s": wall_time,
+    # The layers as the student kept them: a list counted from the top is recorded resolved.
+    record = {"keep_layers": student.config.post_distillation["keep_layers"], "steps": trainer.state.global_step,
+              "wall_time_s": wall_time,
               "precision": cfg.precision().record()}
     student.eval()
     if public_eval is not None:

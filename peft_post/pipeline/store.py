@@ -266,11 +266,59 @@ def _model_id(path: str) -> str:
     return os.path.abspath(path) if os.path.isdir(path) else path
 
 
+def target_num_layers(target_path: str) -> int:
+    """The number of transformer layers of the model at `target_path` (a folder or Hub id), read from its text
+    config (`text_models.text_config`: a multimodal wrapper's language model): no weights are read. Cached per
+    process by the path and, for a folder, its config file's size and modification time."""
+    stamp = None
+    config_file = os.path.join(target_path, "config.json")
+    if os.path.isfile(config_file):
+        stat = os.stat(config_file)
+        stamp = (stat.st_size, stat.st_mtime_ns)
+    return _target_num_layers(target_path, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _target_num_layers(target_path: str, stamp) -> int:
+    from ..text_models import text_config
+
+    try:
+        n = text_config(target_path).num_hidden_layers
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"`--target_model` {target_path!r}: could not read its number of layers from its config "
+                         f"({type(err).__name__}: {err}); `--student_layers` counted from the top need it.") from None
+    return int(n)
+
+
+def resolved_student_layers(cfg: PipelineConfig, target_path: Optional[str] = None) -> list[int]:
+    """`cfg.keep_layers()` with the layers counted from the top (negative) resolved against the target's layer
+    count (`target_num_layers`; `target_path` defaults to `cfg.target_model` resolved), so ``0,1,-2,-1`` and
+    ``0,1,28,29`` name the same student of a 30-layer target, and students keyed before the presets counted from
+    the top keep their keys. A list without negative indices is returned as written, and no config is read.
+    Raises `ValueError` for a list that does not fit the target (`preflight.check_student_layers` refused it
+    before any work)."""
+    from ..distill.student import normalize_layer_indices
+
+    layers = cfg.keep_layers()
+    if all(i >= 0 for i in layers):
+        return layers
+    if target_path is None:
+        from ..assets import resolve_model
+
+        target_path = resolve_model(cfg.target_model)
+    return normalize_layer_indices(layers, target_num_layers(target_path))
+
+
 def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
-    """Everything that determines the distilled student, hashed: same key, same student."""
+    """Everything that determines the distilled student, hashed: same key, same student. The layers are hashed as
+    absolute indices (`resolved_student_layers`): the same layers written from the top give the same key."""
+    return _student_key(cfg, target_path, resolved_student_layers(cfg, target_path))
+
+
+def _student_key(cfg: PipelineConfig, target_path: str, layers: list) -> str:
     spec = {
         "target": _model_id(target_path),
-        "layers": cfg.keep_layers(), "data": cfg.distill_dataset, "steps": cfg.distill_max_steps,
+        "layers": layers, "data": cfg.distill_dataset, "steps": cfg.distill_max_steps,
         "lr": cfg.distill_learning_rate, "batch": cfg.distill_batch_size, "block": cfg.distill_block_size,
         "templated": cfg.distill_templated_fraction, "template": cfg.template, "seed": cfg.seed,
         # float(): `5` and `5.0` are the same student, and json writes them differently.
@@ -278,14 +326,33 @@ def student_cache_key(cfg: PipelineConfig, target_path: str) -> str:
     }
     if cfg.distill_split != "train":  # keeps the keys of students distilled before the field existed
         spec["split"] = cfg.distill_split
+    spec.update(precision_settings(cfg, "distill"))
     return _spec_key(spec)
 
 
 def student_folder(cfg: PipelineConfig, target_path: str) -> str:
-    """The folder of `cfg`'s distilled student in the shared cache (there or not yet)."""
+    """The folder of `cfg`'s distilled student in the shared cache (there or not yet).
+
+    A student distilled from layers written from the top before keys resolved them was keyed by the layers as
+    written (``[0, -1]``); while no student is finished under the resolved key, that finished one is reused rather
+    than distilled again.
+    """
     from ..assets import cache_dir
 
-    return os.path.join(cache_dir(), "students", student_cache_key(cfg, target_path))
+    students = os.path.join(cache_dir(), "students")
+    folder = os.path.join(students, student_cache_key(cfg, target_path))
+    written = written_layers_student_key(cfg, target_path)
+    if written is None or stage_done(folder) is not None:
+        return folder
+    legacy = os.path.join(students, written)
+    return legacy if stage_done(legacy) is not None else folder
+
+
+def written_layers_student_key(cfg: PipelineConfig, target_path: str) -> Optional[str]:
+    """The key a student of layers counted from the top had before keys resolved them (the layers as written,
+    ``[0, -1]``); None when every layer is written as an absolute index (those keys never changed)."""
+    layers = cfg.keep_layers()
+    return None if all(i >= 0 for i in layers) else _student_key(cfg, target_path, layers)
 
 
 def public_pool(cfg: PipelineConfig):
@@ -384,6 +451,7 @@ def evaluation_key(cfg: PipelineConfig, target_path: str, method: str, student_p
         spec["test_size"] = cfg.private_test_size
     if student_path is not None:  # methods that run the student
         spec["student"] = _model_id(student_path)
+    spec.update(precision_settings(cfg, "evaluate"))
     return _spec_key(spec)
 
 
@@ -455,6 +523,8 @@ FULL_HASH_MAX_BYTES = 16 << 20
 # Fields that shape no stage's output: changing them never refuses a finished stage.
 UNKEYED_FIELDS = frozenset({"run_dir", "preset", "full_baseline", "max_private_overlap", "eval_batch_size",
                             "save_steps", "overwrite", "threads"})
+# Keyed as resolved (`precision_settings`), not as given: "auto" means another dtype on another machine.
+PRECISION_FIELDS = frozenset({"device", "dtype", "device_map", "quantization"})
 _TASK = ("template", "label_words", "num_virtual_tokens", "prompt_init_text", "text_column", "label_column")
 _STUDENT = ("target_model", "student_layers", "distill_dataset", "distill_split", "distill_max_steps",
             "distill_learning_rate", "distill_batch_size", "distill_block_size", "distill_templated_fraction",
@@ -487,7 +557,7 @@ def _field_values(cfg: PipelineConfig, names) -> dict:
     values = {}
     for name in names:
         if name == "student_layers":
-            value = cfg.keep_layers()
+            value = resolved_student_layers(cfg)  # as `student_cache_key` hashes them: absolute indices
         elif name == "label_words":
             value = cfg.label_word_lists()
         else:
@@ -505,9 +575,24 @@ def labelled_data_digest(dataset, text_column: str, label_column: str) -> str:
     return hashlib.sha256(json.dumps([rows[c] for c in columns], default=str).encode()).hexdigest()
 
 
+def precision_settings(cfg: PipelineConfig, stage: str) -> dict:
+    """The precision entries of `stage`'s settings: the compute dtype when it is not float32, and the target's
+    quantization for the stages that run the target. A bf16 forward rounds, so a stage made in one precision is not
+    reused in another. Nothing for float32 without quantization, so keys written before precision was an option
+    stay valid; the device is not keyed (one dtype computes the same recipe on a CPU and a GPU)."""
+    precision = cfg.precision()
+    settings = {}
+    if precision.dtype != "float32":
+        settings["dtype"] = precision.dtype
+    if precision.quantization is not None and stage in ("transfer", "full_tuning", "evaluate"):
+        settings["quantization"] = precision.quantization
+    return settings
+
+
 def stage_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str] = None,
                    source_prompt_sha256: Optional[str] = None) -> dict:
-    """The settings that shape `stage`'s output, by PipelineConfig field name (`UNKEYED_FIELDS` never count).
+    """The settings that shape `stage`'s output, by PipelineConfig field name (`UNKEYED_FIELDS` never count), and
+    the resolved precision (`precision_settings`).
 
     distill: the student's fields (what `student_cache_key` hashes). tune: the private training data (its name,
     split, cap, and `data_sha256`, the digest of the examples it trains on), the task, the prompt, `tune_*`, `dp`
@@ -520,6 +605,11 @@ def stage_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str] =
     `student_model` is its name and, for a local folder, the digest of its files (`model_files_sha256`), so a folder
     replaced in place by another model is not taken for the one a prompt was tuned on.
     """
+    return {**_recipe_settings(cfg, stage, data_sha256, source_prompt_sha256), **precision_settings(cfg, stage)}
+
+
+def _recipe_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str],
+                     source_prompt_sha256: Optional[str]) -> dict:
     if cfg.student_model is not None:
         from ..assets import resolve_model
 
@@ -586,7 +676,7 @@ def check_settings(stage: str, record: dict, settings: dict, where: str) -> None
     """Refuse, with a `SettingsChanged` naming the fields that differ, a record made with other settings. A record
     without a settings key (made before keys existed) is accepted."""
     key = record.get("settings_key")
-    if key is None or key == settings_key(settings):
+    if key is None or key == settings_key(settings) or _same_layers_written_from_the_top(record, settings):
         return
     old = record.get("settings") or {}
     changes = []
@@ -602,6 +692,25 @@ def check_settings(stage: str, record: dict, settings: dict, where: str) -> None
         f"The {stage} stage in {where} was made with other settings than this run's: "
         f"{'; '.join(changes) or 'its settings key differs'}. Reusing it would mix two configurations in one "
         f"report. Give this run a new --run_dir, or pass {overwrite_hint(stage)}.")
+
+
+def _same_layers_written_from_the_top(record: dict, settings: dict) -> bool:
+    """A record written before settings held `student_layers` resolved holds them as written (``[0, -1]``): it is
+    this run's when they resolve to this run's layers on this run's target and nothing else differs."""
+    from ..assets import resolve_model
+    from ..distill.student import normalize_layer_indices
+
+    old = (record.get("settings") or {}).get("student_layers")
+    now = settings.get("student_layers")
+    if not isinstance(old, list) or not old or all(isinstance(i, int) and i >= 0 for i in old) or \
+            "target_model" not in settings or old == now:
+        return False
+    if settings_key({**record["settings"], "student_layers": now}) != settings_key(settings):
+        return False
+    try:
+        return normalize_layer_indices(old, target_num_layers(resolve_model(settings["target_model"]))) == now
+    except ValueError:
+        return False
 
 
 def check_partial_settings(checkpoints: str, stage: str, settings: Optional[dict], claim: bool = False) -> None:
