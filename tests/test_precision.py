@@ -160,15 +160,20 @@ def test_frozen_models_load_in_the_compute_dtype_and_prompts_stay_fp32(tiny_mode
     assert prompted.get_base_model().get_input_embeddings().weight.dtype == torch.bfloat16
 
 
-def test_a_pipeline_run_records_its_precision(tiny_run, monkeypatch):
+def test_a_pipeline_run_records_its_precision_and_is_not_reused_in_another(tiny_run, capsys):
     from peft_post.cli import main
     from peft_post.pipeline import stage_record
 
     run_dir, flags = tiny_run
-    main(["run", *flags, "--dp", "false", "--dtype", "float32", "--device", "cpu"])
+    assert main(["run", *flags, "--dp", "false", "--dtype", "float32", "--device", "cpu"]) == 0
     report = json.loads(open(os.path.join(run_dir, "report.json")).read())
     expected = {"device": "cpu", "dtype": "float32", "device_map": None, "quantization": None, "reason": "given"}
     assert report["precision"] == expected
     assert "- precision: float32 on cpu (given)" in open(os.path.join(run_dir, "report.md")).read()
     for stage in ("transfer",):
         assert stage_record(run_dir, stage)["precision"] == expected
+    # The same recipe in bf16 computes other numbers: the finished stages are refused, naming the dtype.
+    capsys.readouterr()
+    assert main(["run", *flags, "--dp", "false", "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype 'float32' then, 'bfloat16' now" in err, err

@@ -523,8 +523,9 @@ FULL_HASH_MAX_BYTES = 16 << 20
 # Fields that shape no stage's output: changing them never refuses a finished stage.
 UNKEYED_FIELDS = frozenset({"run_dir", "preset", "full_baseline", "max_private_overlap", "eval_batch_size",
                             "save_steps", "overwrite", "threads"})
-# Keyed as resolved (`precision_settings`), not as given: "auto" means another dtype on another machine.
-PRECISION_FIELDS = frozenset({"device", "dtype", "device_map", "quantization"})
+# `device`, `dtype`, `device_map` and `quantization` are keyed as resolved (`precision_settings`), not as given:
+# "auto" means another dtype on another machine. The settings leave these entries out at these values.
+PRECISION_DEFAULTS = {"dtype": "float32", "quantization": None}
 _TASK = ("template", "label_words", "num_virtual_tokens", "prompt_init_text", "text_column", "label_column")
 _STUDENT = ("target_model", "student_layers", "distill_dataset", "distill_split", "distill_max_steps",
             "distill_learning_rate", "distill_batch_size", "distill_block_size", "distill_templated_fraction",
@@ -681,7 +682,9 @@ def check_settings(stage: str, record: dict, settings: dict, where: str) -> None
     old = record.get("settings") or {}
     changes = []
     for name in sorted(set(old) | set(settings)):
-        before, now = old.get(name, _ABSENT), settings.get(name, _ABSENT)
+        # Precision entries are left out at their defaults (`precision_settings`): show what that meant.
+        default = PRECISION_DEFAULTS.get(name, _ABSENT)
+        before, now = old.get(name, default), settings.get(name, default)
         if before == now:
             continue
         if name in DIGESTS:
