@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -87,9 +88,14 @@ def predict_class_scores(
     prompt: Union[torch.Tensor, None, str] = "auto",
     desc: str = "evaluate",
     disable_progress: Optional[bool] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class scores (N, C) and labels (N,) over a dataloader of `VerbalizerCollator` batches, with a progress bar
-    unless `disable_progress` (None: `progress_bars_wanted`)."""
+    unless `disable_progress` (None: `progress_bars_wanted`).
+
+    Batches go to the device of the model's input embeddings. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the
+    forwards under ``torch.autocast`` on that device, so a model loaded in fp32 is scored in bf16; None (the
+    default) runs the model in its own dtype. The scores are float32 either way."""
     if disable_progress is None:
         disable_progress = not progress_bars_wanted()
     was_training = model.training
@@ -99,12 +105,17 @@ def predict_class_scores(
     try:
         for batch in tqdm(dataloader, desc=desc, disable=disable_progress, leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = label_logits(model, **batch, prompt=prompt)
+            with _autocast(device, autocast_dtype):
+                logits = label_logits(model, **batch, prompt=prompt)
             scores.append(verbalizer.class_scores(logits).float().cpu())
             labels.append(batch["labels"].cpu())
     finally:
         model.train(was_training)
     return torch.cat(scores), torch.cat(labels)
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def score_dataset(
@@ -119,11 +130,13 @@ def score_dataset(
     prompt: Union[torch.Tensor, None, str] = "auto",
     desc: str = "evaluate",
     disable_progress: Optional[bool] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class scores (N, C) and labels (N,) of every row of `dataset`, in the dataset's order.
 
     ``prompt`` is as in `label_logits`: "auto" (the adapter's), None (the base model's, unprompted) or an explicit
-    (n, d) prompt. Runs in eval mode under `torch.no_grad`, batched, with a progress bar.
+    (n, d) prompt. Runs in eval mode under `torch.no_grad`, batched, with a progress bar, on the device of the
+    model's input embeddings; ``autocast_dtype`` as in `predict_class_scores`.
     """
     if not isinstance(config, POSTConfig):
         raise TypeError(
@@ -140,7 +153,7 @@ def score_dataset(
     # Tomatoes: benchmarks/eval_speed.py); the scores are put back in the dataset's order afterwards.
     order = np.argsort([len(template.encode(text)) for text in dataset[text_column]], kind="stable")
     loader = DataLoader(dataset.select(order.tolist()), batch_size=batch_size, shuffle=False, collate_fn=collator)
-    scores, labels = predict_class_scores(model, loader, verbalizer, prompt, desc, disable_progress)
+    scores, labels = predict_class_scores(model, loader, verbalizer, prompt, desc, disable_progress, autocast_dtype)
     inverse = torch.from_numpy(np.argsort(order, kind="stable"))
     return scores[inverse], labels[inverse]
 
@@ -153,6 +166,7 @@ def evaluate_prompt(
     *,
     use_prompt: bool = True,
     prompt: Optional[torch.Tensor] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
     **score_options,
 ) -> dict:
     """Accuracy, macro-F1 and per-class counts (`accuracy_report`) of `model` on `dataset` under `config`'s template
@@ -160,12 +174,15 @@ def evaluate_prompt(
 
     `model` is a plain transformers model (zero-shot) or a prompt-tuning `PeftModel`. ``use_prompt=False`` scores a
     `PeftModel`'s base model without its prompt; ``prompt`` scores an explicit (n, d) prompt instead of the
-    adapter's. ``score_options`` are `score_dataset`'s: ``text_column`` ("text"), ``label_column`` ("label"),
-    ``batch_size`` (32), ``desc`` and ``disable_progress``. Runs in eval mode under `torch.no_grad`, batched, with a
-    progress bar.
+    adapter's. ``autocast_dtype``: None (the model runs in its own dtype, bf16 for a model loaded in bf16), or e.g.
+    ``torch.bfloat16`` to score an fp32-loaded model under bf16 autocast. ``score_options`` are `score_dataset`'s:
+    ``text_column`` ("text"), ``label_column`` ("label"), ``batch_size`` (32), ``desc`` and ``disable_progress``.
+    Runs in eval mode under `torch.no_grad`, batched, with a progress bar, on the device of the model's input
+    embeddings (a bf16 model, a CUDA model and a dispatched one included).
     """
     if "prompt" in score_options:
         raise TypeError("Pass an explicit prompt as `prompt`, or `use_prompt=False` for the unprompted base model.")
     chosen = prompt if prompt is not None else ("auto" if use_prompt else None)
-    scores, labels = score_dataset(model, tokenizer, dataset, config, prompt=chosen, **score_options)
+    scores, labels = score_dataset(model, tokenizer, dataset, config, prompt=chosen, autocast_dtype=autocast_dtype,
+                                   **score_options)
     return accuracy_report(scores.argmax(-1).numpy(), labels.numpy(), scores.shape[1])

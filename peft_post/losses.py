@@ -8,19 +8,27 @@ import torch
 import torch.nn.functional as F
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    # Half-precision softmax over a 50k vocabulary loses the small probabilities the KL is made of.
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def class_scores(logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Class score = mean label-word logit.
 
     logits: (B, V) vocabulary logits at the label position; index: (C, K) label-word token ids per class
-    (padded); weight: (C, K) with 1/|V_c| on real entries and 0 on padding. Returns (B, C).
+    (padded); weight: (C, K) with 1/|V_c| on real entries and 0 on padding. Returns (B, C), in float32 at least
+    (the mean of K low-precision logits would round again).
     """
+    logits = _at_least_float32(logits)
     gathered = logits[:, index.reshape(-1)].reshape(logits.shape[0], *index.shape)
     return (gathered * weight.to(logits.dtype)).sum(-1)
 
 
 def verbalizer_loss(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
                     reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over the class scores (the prompt-tuning loss of POST stage 2)."""
+    """Cross-entropy over the class scores (the prompt-tuning loss of POST stage 2), in float32 whatever the logits'
+    dtype."""
     return F.cross_entropy(class_scores(logits, index, weight).float(), labels, reduction=reduction)
 
 
@@ -135,11 +143,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[tor
     return total, parts
 
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    # Half-precision softmax over a 50k vocabulary loses the small probabilities the KL is made of.
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def temperature_kl(student_logits: torch.Tensor, reference_logits: torch.Tensor, temperature: float = 2.0,
                    reduction: str = "mean") -> torch.Tensor:
     """KL_T(u, v) = T² · KL(softmax(v/T) ‖ softmax(u/T)) over the last dimension, `v` the reference (POST Eq. 3).
@@ -188,8 +191,11 @@ def transfer_loss(target_logits: torch.Tensor, target_base_logits: torch.Tensor,
             "transfer_loss needs four (B, V) tensors of one shape (target, target base, source, source base), got "
             f"{[tuple(t.shape) for t in (target_logits, target_base_logits, source_logits, source_base_logits)]}."
         )
+    # In fp32 from the start: the differences a − b of the direction term would round in bf16 before any softmax.
+    target_logits, target_base_logits, source_logits, source_base_logits = (
+        _at_least_float32(t) for t in (target_logits, target_base_logits, source_logits, source_base_logits))
     # Skipping a term with zero weight is not only faster: 0 * inf (a -inf logit) would turn the loss into nan.
-    loss = target_logits.new_zeros((), dtype=torch.promote_types(target_logits.dtype, torch.float32))
+    loss = target_logits.new_zeros(())
     if alpha < 1:
         loss = loss + (1 - alpha) * temperature_kl(target_logits, source_logits, temperature)
     if alpha > 0:

@@ -14,6 +14,8 @@ from typing import Optional, Union
 
 import torch
 from peft import PeftModel
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 # Architectures whose logits are exactly `head(backbone(x).last_hidden_state)`. Others take the slower exact
 # path (full-sequence logits, then a gather), so no model is ever scored wrongly.
@@ -64,6 +66,59 @@ def require_only_prompt_trainable(model, name: str = "model") -> torch.nn.Parame
             "get_peft_model (which freezes the base model) and do not unfreeze base weights."
         )
     return prompt
+
+
+# Every torch dropout module; `train_without_dropout` switches them off.
+_DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                    torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def _applies_dropout(module: torch.nn.Module) -> bool:
+    """Whether `module`'s own forward may drop out when ``module.training``: it is a dropout module, it holds a float
+    rate it passes to a functional dropout (Llama's ``attention_dropout``), or it reads the rate of a dropout child
+    (GPT-2's and BERT's attention give ``self.attn_dropout.p if self.training`` to SDPA)."""
+    if isinstance(module, _DROPOUT_MODULES):
+        return True
+    if any(isinstance(v, float) and "dropout" in k for k, v in vars(module).items()):
+        return True
+    if isinstance(module, (PreTrainedModel, GradientCheckpointingLayer)):
+        # A model or a checkpointed layer: its training flag gates checkpointing (and the KV cache), and its dropout
+        # children are switched off themselves. (One that applies a float rate itself was caught above: it runs in
+        # eval mode, exact but not checkpointed; no supported architecture has one.)
+        return False
+    return any(isinstance(child, _DROPOUT_MODULES) for child in module.children())
+
+
+def train_without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Train mode without dropout: ``model.train()``, then every module that would drop out switched to eval mode
+    (that module only, not its children). Returns `model`.
+
+    A frozen model must compute a fixed function of its input (eval mode), but transformers runs gradient
+    checkpointing only in modules whose ``training`` is set, so ``eval()`` would silently turn checkpointing off.
+    The result is numerically the eval-mode forward of every supported architecture, with checkpointing where it
+    was enabled. Call it after anything that calls ``model.train()`` (Trainer does, every step).
+    """
+    model.train()
+    for module in model.modules():
+        if _applies_dropout(module):
+            module.training = False
+    return model
+
+
+def upcast_trainable_parameters(model: torch.nn.Module) -> list[str]:
+    """Cast every trainable float parameter held in half precision (bf16/fp16) to float32, in place (the same
+    `Parameter` objects, so ties and optimizer references survive); returns their names.
+
+    Trainable tensors keep fp32 master copies: an optimizer step of size lr·g is below bf16's resolution (8 bits of
+    mantissa) for most prompt entries, so a bf16 prompt would mostly not move. The frozen weights keep their dtype;
+    `label_logits` casts the prompt to the embeddings' dtype for the forward.
+    """
+    upcast = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.is_floating_point() and param.element_size() < 4:
+            param.data = param.data.float()
+            upcast.append(name)
+    return upcast
 
 
 def is_masked_lm(model) -> bool:
@@ -181,11 +236,15 @@ def label_logits(
     prompt: Union[torch.Tensor, None, str] = "auto",
     **_: object,
 ) -> torch.Tensor:
-    """Vocabulary logits (B, V) at each row's label slot.
+    """Vocabulary logits (B, V) at each row's label slot, in float32 (float64 for a float64 model) whatever the
+    model's dtype or autocast: every loss and score downstream is a softmax over them.
 
     ``label_positions`` index the unprompted sequence (as `VerbalizerCollator` returns them). ``prompt``:
     ``"auto"`` uses the active adapter's prompt of a `PeftModel` (none for a plain model); ``None`` runs the base
     model unprompted (the zero-shot logits); a tensor of shape (n, d) or (B, n, d) is prepended as given.
+
+    Works with a model dispatched over several devices (``device_map="auto"``): the label slots are picked on the
+    device of the last hidden state, and the logits come back on the head's device.
     """
     base = base_model_of(model)
     if isinstance(prompt, str):
@@ -204,16 +263,44 @@ def label_logits(
                 f"`prompt` must be (n, {embeds.shape[2]}) or ({batch}, n, {embeds.shape[2]}), got {tuple(prompt.shape)}."
             )
         n = prompt.shape[1]
-        embeds = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)
+        # The prompt is an fp32 master parameter; a low-precision model gets a copy in its own dtype, and autograd
+        # hands the gradient back to the prompt in fp32.
+        embeds = torch.cat([prompt.to(device=embeds.device, dtype=embeds.dtype), embeds], dim=1)
         mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)
     kwargs = {"inputs_embeds": embeds, "attention_mask": mask}
     position_ids = _position_ids(base, mask)
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    positions = label_positions.to(embeds.device) + n
-    rows = torch.arange(batch, device=embeds.device)
     head = output_head(base)
     if head is None:
-        return base(**kwargs).logits[rows, positions]
-    hidden = getattr(base, base.base_model_prefix)(**kwargs).last_hidden_state[rows, positions]
-    return soft_cap_logits(head(hidden), base.config)
+        logits = base(**kwargs).logits
+        return _at_least_float32(logits[_label_slots(logits.device, batch, label_positions, n)])
+    if not is_masked_lm(base):
+        # A KV cache is of no use to one forward, and under gradient checkpointing transformers warns and drops it.
+        kwargs["use_cache"] = False
+    hidden = getattr(base, base.base_model_prefix)(**kwargs).last_hidden_state
+    # Under a device map the last hidden state lies on the last layer's device, not the embeddings', and the head
+    # may lie on a third one: index where the tensor is, then move the B rows (not the B x L states) to the head.
+    hidden = hidden[_label_slots(hidden.device, batch, label_positions, n)]
+    device = _parameter_device(head)
+    if device is not None:
+        hidden = hidden.to(device)
+    # Softmax, KL and cross-entropy downstream run in fp32: the (B, V) logits are cast once here (cheap) whatever
+    # the model's or autocast's compute dtype.
+    return _at_least_float32(soft_cap_logits(head(hidden), base.config))
+
+
+def _label_slots(device, batch: int, label_positions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, positions) index tensors on `device` that pick each row's label slot, after `n` prompt tokens."""
+    return torch.arange(batch, device=device), label_positions.to(device) + n
+
+
+def _parameter_device(module: torch.nn.Module) -> Optional[torch.device]:
+    """The device of `module`'s weights; None when it has none or they are offloaded (on the meta device), where
+    accelerate's hook on the module moves its inputs itself."""
+    param = next(module.parameters(), None)
+    return None if param is None or param.device.type == "meta" else param.device
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -171,6 +171,11 @@ class DistillationTrainer(Trainer):
                     param.requires_grad_(False)
         if args.freeze_lm_head:
             student_base.get_output_embeddings().requires_grad_(False)
+        if any(p.is_floating_point() and p.element_size() < 4 for p in student_base.parameters()):
+            # The student trains: fp32 master weights (a bf16 weight would not move under most updates). The whole
+            # student, not only its trainable part, so that its layers see one dtype; bf16 compute comes from
+            # autocast (`args.bf16`). The frozen teacher keeps its dtype.
+            student_base.to(torch.float32)
 
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, **kwargs)
@@ -201,13 +206,16 @@ class DistillationTrainer(Trainer):
         slots = inputs.pop(LABEL_SLOT_COLUMN, None)
         input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         mask = attention_mask.bool()
-        # The student's own forward, called through `model`: under multi-process training that is the DDP wrapper,
-        # whose forward arms the gradient all-reduce. The LM loss needs the logits at every position anyway.
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        # Both forwards under the trainer's autocast (`args.bf16` / `fp16`): the teacher's runs outside the autocast
+        # forward accelerate gives the student. The losses upcast to fp32 (softmax, KL, cross-entropy, cosine).
+        with self.accelerator.autocast():
+            # The student's own forward, called through `model`: under multi-process training that is the DDP
+            # wrapper, whose forward arms the gradient all-reduce. The LM loss needs the logits at every position.
+            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         s_hidden, s_logits = out.hidden_states[-1], out.logits
         cache = self.teacher_cache if model.training else self.eval_teacher_cache
         topk = t_logits = t_hidden = None
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             if cache is not None:
                 cached = cache.batch(index, input_ids.shape[1], device=input_ids.device)
                 t_hidden = cached.get("hidden")

@@ -7,6 +7,8 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
+CACHE_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
 
 @dataclass
 class TransferConfig(TrainingArguments):
@@ -46,6 +48,29 @@ class TransferConfig(TrainingArguments):
     )
     cache_batch_size: int = field(
         default=32, metadata={"help": "Batch size of the no-grad forwards that build the cache."}
+    )
+    cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Storage dtype of the cached logits: 'auto' (the target's compute dtype: bfloat16 or float16 when "
+            "its weights are, or when `bf16`/`fp16` is set; float32 otherwise), 'float32', 'bfloat16' or "
+            "'float16'. The loss always computes in float32; bfloat16 halves the cache."
+        },
+    )
+    cache_memory_budget_mb: float = field(
+        default=2048,
+        metadata={
+            "help": "Largest cache (MiB, as projected before the build and logged) held in host memory by each "
+            "process. A larger one is written once to a safetensors file in `cache_dir` and memory-mapped by every "
+            "process; a resumed run with the same models, data and settings reuses that file."
+        },
+    )
+    cache_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Folder of the on-disk cache (see `cache_memory_budget_mb`); None: `<output_dir>/transfer_cache`. "
+            "Under several processes it must be on a filesystem they all read."
+        },
     )
     init_from_source: bool = field(
         default=False,
@@ -106,6 +131,17 @@ class TransferConfig(TrainingArguments):
             raise ValueError(f"`cache_top_k` must be None (full vocabulary) or an int >= 1, got {self.cache_top_k!r}.")
         if not isinstance(self.cache_batch_size, int) or self.cache_batch_size < 1:
             raise ValueError(f"`cache_batch_size` must be an int >= 1, got {self.cache_batch_size!r}.")
+        if self.cache_dtype not in CACHE_DTYPE_CHOICES:
+            raise ValueError(f"`cache_dtype` must be one of {CACHE_DTYPE_CHOICES}, got {self.cache_dtype!r}.")
+        budget = self.cache_memory_budget_mb
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+            raise ValueError(
+                f"`cache_memory_budget_mb` must be a number >= 0 (MiB; 0 always writes the cache to disk, inf never "
+                f"does), got {budget!r}."
+            )
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ValueError(f"`cache_dir` must be a folder path or None (<output_dir>/transfer_cache), got "
+                             f"{self.cache_dir!r}.")
         if not isinstance(self.max_steps, int) or self.max_steps < 1:
             raise ValueError(
                 f"`max_steps` must be an int >= 1, got {self.max_steps!r}: the transfer runs a fixed number of steps "

@@ -22,10 +22,12 @@ from ..evaluation import evaluate_prompt
 from ..losses import transfer_loss
 from ..modeling import (base_model_of, forward_through, is_masked_lm, label_logits, prompt_parameter,
                         quiet_checkpointing_deprecation, require_data_parallel, require_only_prompt_trainable,
-                        require_prompt_model, unwrap_model)
+                        require_prompt_model, train_without_dropout, unwrap_model, upcast_trainable_parameters)
 from ..prompts import get_prompt, prompt_from_text, set_prompt
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset, dataset_fingerprint
-from .cache import TransferCache, build_transfer_cache, frozen_logits, select_support
+from .cache import (TransferCache, build_transfer_cache, frozen_logits, log_cache_plan, projected_cache_bytes,
+                    resolve_cache_dtype, select_support, shared_transfer_cache, transfer_cache_digest,
+                    transfer_cache_path)
 from .config import TransferConfig
 
 TASK_FIELDS = ("task_type", "template", "label_words", "max_length")
@@ -199,8 +201,10 @@ class TransferTrainer(Trainer):
     - ``processing_class``: the target tokenizer; ``source_tokenizer`` (default: the same) must agree with it on
       every id the transfer uses.
 
-    All checks run in the constructor, before any forward pass. The frozen base models run in eval mode (no
-    dropout): they are fixed functions of the input, which is what makes caching their outputs exact.
+    All checks run in the constructor, before any forward pass. The frozen base models run without dropout: they
+    are fixed functions of the input, which is what makes caching their outputs exact. (The target runs in train
+    mode without dropout, `train_without_dropout`, so that ``gradient_checkpointing=True`` takes effect.) Forwards
+    run under the trainer's autocast (``bf16=True``); p_t stays an fp32 master copy and the loss is computed in fp32.
     """
 
     # compute_loss returns a per-batch mean, so Trainer must divide by the gradient-accumulation steps.
@@ -252,6 +256,8 @@ class TransferTrainer(Trainer):
                     "is optimistic."
                 )
         prompt = require_only_prompt_trainable(model, "model")
+        # p_t is an fp32 master copy even on a bf16/fp16 target (before it is initialised, so p_s is copied exactly).
+        upcast_trainable_parameters(model)
         target_template = TaskTemplate.from_config(target_cfg, tokenizer)
         if source_tokenizer is not tokenizer:
             source_template = TaskTemplate.from_config(target_cfg, source_tokenizer)
@@ -352,15 +358,39 @@ class TransferTrainer(Trainer):
     # -- cache and loss ------------------------------------------------------------------------------------------
 
     def build_cache(self) -> TransferCache:
-        """Compute a_s, b_s, b_t of every public example once (called by `train` when caching is on)."""
+        """Compute a_s, b_s, b_t of every public example once (called by `train` when caching is on).
+
+        Logs the projected size first, and keeps it with the storage dtype and place in ``self.cache_plan``. A cache
+        above ``cache_memory_budget_mb`` goes to a memory-mapped safetensors file in ``cache_dir``, named by the
+        digest of its inputs: built by one process, opened by the others, and reused by a later run.
+        """
+        args = self.args
         loader = DataLoader(
-            _PublicTexts(self.public_texts), batch_size=self.args.cache_batch_size, shuffle=False,
+            _PublicTexts(self.public_texts), batch_size=args.cache_batch_size, shuffle=False,
             collate_fn=self.data_collator,
         )
-        self.cache = build_transfer_cache(
-            self.source_model, self.model, loader, len(self.public_texts), self.verbalizer.all_token_ids,
-            top_k=self.args.cache_top_k,
-        )
+        num_examples, label_ids = len(self.public_texts), self.verbalizer.all_token_ids
+        dtype = resolve_cache_dtype(args.cache_dtype, self.model, bf16=args.bf16, fp16=args.fp16)
+        vocab = _vocab_size(self.model)
+        size = projected_cache_bytes(num_examples, vocab, args.cache_top_k, len(label_ids), dtype)
+        path = digest = None
+        if size > args.cache_memory_budget_mb * 2**20:
+            digest = transfer_cache_digest(self.source_model, self.model, loader, label_ids, args.cache_top_k, dtype)
+            path = transfer_cache_path(digest, args.cache_dir, args.output_dir)
+        self.cache_plan = {"projected_bytes": size, "dtype": str(dtype).replace("torch.", ""), "path": path,
+                           "message": log_cache_plan(num_examples, vocab, args.cache_top_k, len(label_ids), dtype,
+                                                     path, args.cache_memory_budget_mb)}
+
+        def build() -> TransferCache:
+            # Under the same autocast as the uncached path's frozen forwards in `compute_loss` (off unless bf16/fp16).
+            with self.accelerator.autocast():
+                return build_transfer_cache(self.source_model, self.model, loader, num_examples, label_ids,
+                                            top_k=args.cache_top_k, dtype=dtype, path=path, digest=digest or "")
+
+        if path is None:
+            self.cache, self.cache_plan["built"] = build(), True
+        else:
+            self.cache, self.cache_plan["built"] = shared_transfer_cache(path, digest, build)
         return self.cache
 
     def train(self, *args, **kwargs):
@@ -386,13 +416,18 @@ class TransferTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer switched the model to train mode; the frozen target base must not apply dropout (b_t is a fixed
-        # function of x, and the cache holds its eval-mode value). The prompt itself has no dropout.
-        model.eval()
+        # function of x, and the cache holds its eval-mode value). `train_without_dropout` gives the eval-mode
+        # numbers but keeps the layers in train mode, where transformers runs gradient checkpointing.
+        if model.training:
+            train_without_dropout(model)
+        # Under the trainer's autocast (`args.bf16`): `forward_through` bypasses the autocast forward accelerate puts
+        # on the model. `label_logits` returns fp32 logits, and `transfer_loss` runs in fp32.
         # `model` is the DDP wrapper under multi-process training: the frozen no-grad forwards use the bare model,
         # and only the trainable one goes through the wrapper so that p_t's gradient is all-reduced.
-        frozen = self.frozen_inputs(unwrap_model(model), inputs)
-        a_t = forward_through(model, label_logits, inputs["input_ids"], inputs["attention_mask"],
-                              inputs["label_positions"])
+        with self.accelerator.autocast():
+            frozen = self.frozen_inputs(unwrap_model(model), inputs)
+            a_t = forward_through(model, label_logits, inputs["input_ids"], inputs["attention_mask"],
+                                  inputs["label_positions"])
         if frozen["support"] is not None:
             a_t = a_t.gather(1, frozen["support"])
         loss = transfer_loss(
@@ -412,11 +447,12 @@ class TransferTrainer(Trainer):
             )
         if self.eval_dataset is None:
             raise ValueError("No `public_eval_dataset` was given to this TransferTrainer.")
-        report = evaluate_prompt(
-            self.model, self.processing_class, self.eval_dataset, self.task_config,
-            text_column=self.args.text_column, label_column=self.args.label_column,
-            batch_size=self.args.per_device_eval_batch_size, disable_progress=True,
-        )
+        with self.accelerator.autocast():  # the training precision (`args.bf16`)
+            report = evaluate_prompt(
+                self.model, self.processing_class, self.eval_dataset, self.task_config,
+                text_column=self.args.text_column, label_column=self.args.label_column,
+                batch_size=self.args.per_device_eval_batch_size, disable_progress=True,
+            )
         metrics = {
             f"{metric_key_prefix}_accuracy": report["accuracy"],
             f"{metric_key_prefix}_macro_f1": report["macro_f1"],

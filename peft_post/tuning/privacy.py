@@ -11,11 +11,12 @@ the Gaussian noise sampler and the accountant interface; Google's `dp_accounting
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import secrets
 import warnings
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -35,9 +36,13 @@ ACCOUNTANT_STATE_NAME = "dp_accountant.json"
 NOISE_KEY_NAME = "dp_noise_key.json"
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def per_example_prompts(prompt: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """A (B, n, d) leaf holding one independent copy of the (n, d) prompt per example."""
-    return prompt.detach().unsqueeze(0).repeat(batch_size, 1, 1).requires_grad_(True)
+    """A (B, n, d) float32 (at least) leaf holding one independent copy of the (n, d) prompt per example."""
+    return _at_least_float32(prompt.detach()).unsqueeze(0).repeat(batch_size, 1, 1).requires_grad_(True)
 
 
 def per_example_gradients(
@@ -46,23 +51,30 @@ def per_example_gradients(
     prompt: torch.Tensor,
     index: torch.Tensor,
     weight: torch.Tensor,
+    autocast: Optional[Callable[[], ContextManager]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact per-example gradients (B, n, d) of the verbalizer loss w.r.t. the prompt, and the (B,) losses.
 
-    One forward and one backward: the loss is summed, so the gradient of example i lands only in its own copy.
+    One forward and one backward: the loss is summed, so the gradient of example i lands only in its own copy. The
+    forward may run in low precision (a bf16 model, or autocast); the copies are float32 like the prompt, so the
+    gradients come back in float32 (see tests/test_low_precision.py for how far they are from fp32 ones).
+
+    ``autocast``: a factory of the context the forward runs under (``accelerator.autocast``); the backward runs
+    outside it, as torch recommends.
     """
     copies = per_example_prompts(prompt, batch["input_ids"].shape[0])
-    logits = label_logits(
-        model, batch["input_ids"], batch["attention_mask"], batch["label_positions"], prompt=copies
-    )
+    with autocast() if autocast is not None else contextlib.nullcontext():
+        logits = label_logits(
+            model, batch["input_ids"], batch["attention_mask"], batch["label_positions"], prompt=copies
+        )
     losses = verbalizer_loss(logits, batch["labels"], index.to(logits.device), weight.to(logits.device), reduction="none")
     (grads,) = torch.autograd.grad(losses.sum(), copies)
-    return grads, losses.detach()
+    return _at_least_float32(grads), losses.detach()
 
 
 def per_example_norms(grads: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each example's whole gradient (all virtual tokens together)."""
-    return grads.flatten(1).norm(2, dim=1)
+    """L2 norm of each example's whole gradient (all virtual tokens together), computed in float32 at least."""
+    return _at_least_float32(grads).flatten(1).norm(2, dim=1)
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -71,7 +83,11 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
 
 
 def clipped_sum(grads: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Σ_i clip_C(g_i) over the batch dimension; each term has norm ≤ C, so one example moves the sum by ≤ C."""
+    """Σ_i clip_C(g_i) over the batch dimension; each term has norm ≤ C, so one example moves the sum by ≤ C.
+
+    In float32 at least, whatever the gradients' dtype: the sensitivity bound is a property of these numbers.
+    """
+    grads = _at_least_float32(grads)
     factors = clip_factors(per_example_norms(grads), max_grad_norm)
     return torch.einsum("b,b...->...", factors.to(grads.dtype), grads)
 
@@ -95,8 +111,10 @@ def privatize(
 ) -> torch.Tensor:
     """(Σ clipped + N(0, σ²C²I)) / expected batch size: the noisy mean gradient released by one DP-SGD step.
 
-    Dividing by the *expected* batch size (not the sampled one) keeps the batch size itself out of the output.
+    Dividing by the *expected* batch size (not the sampled one) keeps the batch size itself out of the output. In
+    float32 at least: noise drawn in bf16 would have 8 bits of mantissa.
     """
+    summed = _at_least_float32(summed)
     noise = gaussian_noise(noise_multiplier * max_grad_norm, summed, generator, secure_mode)
     return (summed + noise) / expected_batch_size
 

@@ -21,7 +21,8 @@ from ..evaluation import accuracy_report, predict_class_scores
 from ..io import atomic_write_json, drop_training_arguments
 from ..losses import verbalizer_loss
 from ..modeling import (base_model_of, forward_through, label_logits, prompt_parameter, require_data_parallel,
-                        require_only_prompt_trainable, require_prompt_model, require_single_process)
+                        require_only_prompt_trainable, require_prompt_model, require_single_process,
+                        train_without_dropout, upcast_trainable_parameters)
 from ..prompts import prompt_norms
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
 from . import privacy
@@ -51,6 +52,11 @@ class PromptTrainer(Trainer):
     causal LMs (``CAUSAL_LM``) and masked LMs (``FEATURE_EXTRACTION``). Datasets hold raw ``text``/``label`` rows;
     the collator renders them through the config's template. `evaluate` reports accuracy and macro-F1 (via
     `predict_class_scores`), the loss, and the prompt's row norms next to the model's word-embedding norms.
+
+    Precision: ``bf16=True`` (or ``fp16``) runs the forwards, evaluation included, under the trainer's autocast; the
+    prompt is kept as an fp32 master copy, also on a model loaded in bf16, and the loss is computed in fp32.
+    ``gradient_checkpointing=True`` works: the frozen LM runs in train mode with its dropout switched off
+    (`train_without_dropout`), which computes what eval mode would.
 
     Example::
 
@@ -88,6 +94,8 @@ class PromptTrainer(Trainer):
                 if d is not None:
                     check_classification_dataset(d, self.text_column, self.label_column, self.verbalizer.num_classes, name)
         require_only_prompt_trainable(model)
+        # The prompt is an fp32 master copy even on a bf16/fp16 model; bf16 compute comes from `args.bf16` (autocast).
+        upcast_trainable_parameters(model)
         if getattr(args, "disable_dropout", True):
             _disable_dropout(base_model_of(model))
         if data_collator is None:
@@ -113,10 +121,23 @@ class PromptTrainer(Trainer):
     def _get_num_items_in_batch(self, batch_samples, device):
         return sum(int(b["labels"].shape[0]) for b in batch_samples) or None
 
+    def _frozen_train_mode(self, model) -> None:
+        """Trainer put `model` in train mode; the frozen LM runs without dropout (`train_without_dropout`: eval-mode
+        numbers, gradient checkpointing still on) unless ``args.disable_dropout`` is False."""
+        if getattr(self.args, "disable_dropout", True):
+            train_without_dropout(model)
+        else:
+            model.train()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self._frozen_train_mode(model)
+        # Under the trainer's autocast (`args.bf16` / `fp16`): `forward_through` calls the bare model's parts, which
+        # bypasses the autocast forward accelerate puts on the model. `label_logits` returns fp32 logits.
         # Through `model`, which is the DDP wrapper under multi-process training, so the prompt's gradient is all-reduced.
-        logits = forward_through(model, label_logits, inputs["input_ids"], inputs["attention_mask"],
-                                 inputs["label_positions"])
+        with self.accelerator.autocast():
+            logits = forward_through(model, label_logits, inputs["input_ids"], inputs["attention_mask"],
+                                     inputs["label_positions"])
         index, weight = self.verbalizer.index.to(logits.device), self.verbalizer.weight.to(logits.device)
         total = verbalizer_loss(logits, inputs["labels"], index, weight, reduction="sum")
         divisor = num_items_in_batch if num_items_in_batch else inputs["labels"].shape[0]
@@ -150,9 +171,10 @@ class PromptTrainer(Trainer):
         # set, so the metrics are the set's under any number of processes.
         loader = DataLoader(data, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers)
-        scores, labels = predict_class_scores(
-            self.model, loader, self.verbalizer, prompt="auto", disable_progress=self.args.disable_tqdm
-        )
+        with self.accelerator.autocast():  # the training precision (`args.bf16` / `fp16`)
+            scores, labels = predict_class_scores(
+                self.model, loader, self.verbalizer, prompt="auto", disable_progress=self.args.disable_tqdm
+            )
         report = accuracy_report(scores.argmax(-1).numpy(), labels.numpy(), self.verbalizer.num_classes)
         p = metric_key_prefix
         metrics = {
@@ -272,6 +294,11 @@ class DPPromptTrainer(PromptTrainer):
     the prompt on evaluation metrics are refused. Starting from a prompt with a DP ledger continues its accountant
     history, so the saved ε covers both runs.
 
+    Under ``bf16=True`` the per-example forward runs in bf16 (the gradients then differ from fp32 ones by about 1%:
+    tests/test_low_precision.py measures it); norms, clipping, the sum and the noise are always fp32, so each
+    example's clipped contribution is ≤ C to fp32 precision. fp16 is refused (its loss scaler would rescale the
+    noised gradient).
+
     What is protected: the prompt's training set (replace-one adjacency; N is public). Not protected: inference
     queries sent to a model that uses the prompt, and anything logged locally during training (loss, evaluation
     metrics, checkpoints): those stay in the user's workspace.
@@ -299,6 +326,11 @@ class DPPromptTrainer(PromptTrainer):
                 f"`max_grad_norm` of the training arguments must be 0 under DP (got {args.max_grad_norm}): the "
                 "Trainer would clip the already-noised batch gradient. Set the per-example bound in "
                 "DPConfig(max_grad_norm=...)."
+            )
+        if args.fp16:
+            raise ValueError(
+                "fp16 is not supported under DP: fp16 needs loss scaling, and the scaler would rescale (and may skip) "
+                "the already-noised gradient the optimizer receives. Use `bf16=True`, which needs no scaling."
             )
         if args.gradient_accumulation_steps != 1:
             raise ValueError(
@@ -417,7 +449,7 @@ class DPPromptTrainer(PromptTrainer):
                 f"DP step {self.state.global_step + 1} would exceed the {self.planned_steps} steps σ was calibrated "
                 "for. A checkpoint saved at the last step is finished: load its adapter instead of resuming from "
                 "it, or resume from an earlier checkpoint.")
-        model.train()
+        self._frozen_train_mode(model)
         inputs = self._prepare_inputs(inputs)
         prompt = prompt_parameter(self.model)
         summed = torch.zeros_like(prompt, dtype=torch.float32)
@@ -426,8 +458,11 @@ class DPPromptTrainer(PromptTrainer):
         if count:
             with self.compute_loss_context_manager():
                 for chunk in privacy.chunks(inputs, self.dp_config.max_physical_batch_size):
+                    # The forward under the trainer's autocast (bf16 when `args.bf16`); the gradients come back in
+                    # fp32, and the norms, clipping, sum and noise below are fp32.
                     grads, losses = privacy.per_example_gradients(
-                        model, chunk, prompt, self.verbalizer.index, self.verbalizer.weight
+                        model, chunk, prompt, self.verbalizer.index, self.verbalizer.weight,
+                        autocast=self.accelerator.autocast,
                     )
                     summed += privacy.clipped_sum(grads.float(), self.dp_config.max_grad_norm)
                     loss_total = loss_total + losses.sum().float().to(loss_total.device)
