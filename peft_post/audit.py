@@ -267,7 +267,7 @@ def _train_shadow(cfg, student_path: str, masked: bool, examples, in_mask: np.nd
 
     shadow_cfg = dataclasses.replace(cfg, seed=seed)
     tokenizer = load_tokenizer(student_path)
-    model = new_prompted_model(student_path, cfg.post_config(student_path), masked, seed)
+    model = new_prompted_model(student_path, cfg.post_config(student_path), masked, seed, cfg.precision())
     checkpoints = os.path.join(folder, "checkpoints")
     start = time.perf_counter()
     trainer, record = tune_prompt(shadow_cfg, model, tokenizer, examples.select(np.flatnonzero(in_mask)), checkpoints,
@@ -353,6 +353,7 @@ def run_audit(cfg, audit: AuditConfig, command: Optional[str] = None) -> dict:
         "shadow_wall_time_s": float(sum(s["wall_time_s"] for s in shadows)),
         "shadows_reused": sum(s["reused"] for s in shadows),
         "student_model": student_path,
+        "precision": cfg.precision().record(),
         "wall_time_s": time.perf_counter() - start,
         "command": command,
         "settings": _settings(cfg, audit),

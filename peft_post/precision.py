@@ -168,6 +168,8 @@ def cpu_bf16_speedup(refresh: bool = False) -> float:
     key = f"{cpu_name()}|torch {torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|" \
           f"threads {torch.get_num_threads()}"
     path = os.path.join(cache_dir(), PROBE_FILE)
+    if not refresh and (key, path) in _UNSAVED_PROBES:
+        return _UNSAVED_PROBES[(key, path)]
     probes = {}
     if os.path.isfile(path):
         try:
@@ -182,8 +184,11 @@ def cpu_bf16_speedup(refresh: bool = False) -> float:
     try:
         atomic_write_json(path, probes)
     except OSError:
-        pass  # a read-only cache only costs the probe again next time
+        _UNSAVED_PROBES[(key, path)] = measured["speedup"]  # a read-only cache: measured once per process instead
     return measured["speedup"]
+
+
+_UNSAVED_PROBES: dict = {}
 
 
 @functools.lru_cache(maxsize=1)

@@ -142,6 +142,9 @@ def test_pipeline_config_carries_the_precision_to_every_trainer(monkeypatch):
     for args in (cfg.distill_args("."), cfg.tune_args("."), cfg.transfer_args(".")):
         assert args.bf16 and not args.fp16 and args.use_cpu
     assert PipelineConfig(preset="quick", dtype="float32").precision().dtype == "float32"
+    checkpointed = PipelineConfig(preset="quick", gradient_checkpointing=True)
+    for args in (checkpointed.distill_args("."), checkpointed.tune_args("."), checkpointed.transfer_args(".")):
+        assert args.gradient_checkpointing  # the old name reads the new field
     # A JSON device map is parsed; a broken one names the field.
     with pytest.raises(ValueError, match="`device_map`"):
         PipelineConfig(preset="quick", device_map="{broken")

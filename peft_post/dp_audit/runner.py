@@ -11,8 +11,6 @@ import time
 import warnings
 from typing import Optional, Sequence
 
-import torch
-
 from .config import CASES, DP_AUDIT_FILE, DPAuditConfig
 from .trials import (DEFAULT_STATISTICS, choose_canary, flipped_label, max_example_gradient_norm,
                      neighbouring_datasets, run_distinguishing_audit, to_jsonable)
@@ -97,7 +95,7 @@ def run_dp_audit(cfg, audit: DPAuditConfig, command: Optional[str] = None) -> di
     else:
         student_path, _ = distill_stage(cfg, resolve_model(cfg.target_model), masked)
     tokenizer = load_tokenizer(student_path)
-    model = new_prompted_model(student_path, cfg.post_config(student_path), masked, cfg.seed)
+    model = new_prompted_model(student_path, cfg.post_config(student_path), masked, cfg.seed, cfg.precision())
     if audit.canary_text is None:
         canary, candidates = choose_canary(model, tokenizer, data, text_column=text_column, label_column=label_column)
     else:
@@ -107,7 +105,7 @@ def run_dp_audit(cfg, audit: DPAuditConfig, command: Optional[str] = None) -> di
     args = PromptTrainingConfig(
         output_dir="dp-audit", max_steps=audit.steps, learning_rate=audit.learning_rate, optim=audit.optim,
         lr_scheduler_type="constant", per_device_train_batch_size=audit.batch_size, text_column=text_column,
-        label_column=label_column, use_cpu=not torch.cuda.is_available(), seed=cfg.seed, save_strategy="no",
+        label_column=label_column, **cfg.precision().trainer_arguments(), seed=cfg.seed, save_strategy="no",
         report_to="none", disable_tqdm=True)
     d_in, _, replacement = neighbouring_datasets(data, canary, audit.adjacency, replacement)
     clip = cfg.dp_max_grad_norm
@@ -135,6 +133,7 @@ def run_dp_audit(cfg, audit: DPAuditConfig, command: Optional[str] = None) -> di
         "no_clipping_norm": no_clipping_norm,
         "largest_example_gradient_norm_at_p0": max_norm,
         "student_model": cfg.student_model or "distilled by the pipeline (cached)",
+        "precision": cfg.precision().record(),
         "settings": {"pipeline": dataclasses.asdict(cfg), "audit": dataclasses.asdict(audit)},
         "command": command,
         "wall_time_s": time.perf_counter() - start,

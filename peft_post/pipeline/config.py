@@ -231,6 +231,11 @@ class PipelineConfig:
     threads: Optional[int] = field(
         default=None, metadata={"help": "CPU threads torch uses (torch.set_num_threads); None keeps torch's default."}
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass instead of keeping them (every trainer): less "
+                  "memory for a large target or batch, about one more forward of time; the same numbers."},
+    )
     device: str = field(
         default="auto",
         metadata={"help": "Where every stage runs: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."},
@@ -307,6 +312,7 @@ class PipelineConfig:
             save_strategy="steps", save_total_limit=2, logging_steps=10, report_to="none",
             # Bars on a terminal or in a notebook only: in a redirected log each redraw is another line.
             disable_tqdm=not progress_bars_wanted(), **self.precision().trainer_arguments(),
+            **(checkpointing_arguments() if self.gradient_checkpointing else {}),
         )
 
     def precision(self):
@@ -314,18 +320,14 @@ class PipelineConfig:
         dtype of 'auto' measures the CPU once per machine; see `peft_post.precision`)."""
         from ..precision import resolve_precision
 
-        choices = (self.device, self.dtype, self.device_map, self.quantization)
-        cached = self.__dict__.get("_precision")
-        if cached is None or cached[0] != choices:
-            device_map = self.device_map
-            if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
-                try:
-                    device_map = json.loads(device_map)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"`device_map` {self.device_map!r} is not a valid JSON object ({err}).") from None
-            cached = (choices, resolve_precision(self.device, self.dtype, device_map, self.quantization))
-            self.__dict__["_precision"] = cached
-        return cached[1]
+        # Not cached on the instance (its __dict__ must stay its fields): resolving reads the probe's small cache file.
+        device_map = self.device_map
+        if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
+            try:
+                device_map = json.loads(device_map)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"`device_map` {self.device_map!r} is not a valid JSON object ({err}).") from None
+        return resolve_precision(self.device, self.dtype, device_map, self.quantization)
 
     def distill_args(self, output_dir: str):
         """The `DistillationConfig` of the student's distillation, checkpointing into `output_dir`."""
@@ -498,6 +500,15 @@ class PipelineConfig:
             **init,
             **overrides,
         )
+
+
+def checkpointing_arguments() -> dict:
+    """The `TrainingArguments` that turn on activation (gradient) checkpointing: transformers 5.25 renamed
+    ``gradient_checkpointing`` to ``activation_checkpointing`` and warns on the old name."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}
 
 
 def _named_errors(build: Callable, fields: Mapping[str, str]):

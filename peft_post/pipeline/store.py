@@ -522,7 +522,7 @@ SETTINGS_FILE = "settings.json"
 FULL_HASH_MAX_BYTES = 16 << 20
 # Fields that shape no stage's output: changing them never refuses a finished stage.
 UNKEYED_FIELDS = frozenset({"run_dir", "preset", "full_baseline", "max_private_overlap", "eval_batch_size",
-                            "save_steps", "overwrite", "threads"})
+                            "save_steps", "overwrite", "threads", "gradient_checkpointing"})
 # `device`, `dtype`, `device_map` and `quantization` are keyed as resolved (`precision_settings`), not as given:
 # "auto" means another dtype on another machine. The settings leave these entries out at these values.
 PRECISION_DEFAULTS = {"dtype": "float32", "quantization": None}
