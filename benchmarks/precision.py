@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="timed steps of each kind and precision (after a warm-up)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--num-public-examples", type=int, default=64, help="public examples the transfer cache holds")
+    p.add_argument("--student-layers", help="the student's layers (default: the default preset's)")
     p.add_argument("--no-steps", dest="steps", action="store_false", help="skip the step timings")
     p.add_argument("--run-dir", help="a finished run whose prompts are scored in both precisions")
     p.add_argument("--max-test-examples", type=int, help="cap on the run's test examples scored (default: the run's)")
@@ -106,7 +107,7 @@ def build_steps(cfg, target_path: str, tokenizer, work: str, dtype: str, dataset
     from peft import get_peft_model
 
     from peft_post.distill import DistillationTrainer, make_student, with_task_template
-    from peft_post.evaluation import VerbalizerCollator
+    from peft_post.tasks import TaskTemplate, VerbalizerCollator
     from peft_post.modeling import label_logits, quiet_checkpointing_deprecation
     from peft_post.pipeline import load_model, new_prompted_model
     from peft_post.transfer import TransferTrainer
@@ -134,7 +135,8 @@ def build_steps(cfg, target_path: str, tokenizer, work: str, dtype: str, dataset
     dp_tune = DPPromptTrainer(prompted_student(), cfg.tune_args(out("dp")), dp_config=cfg.dp_config(),
                               train_dataset=datasets["train"], processing_class=tokenizer)
     target = new_prompted_model(target_path, cfg.post_config(target_path), False, cfg.seed, precision, "target")
-    transfer = TransferTrainer(target, tune.model, cfg.transfer_args(out("transfer")),
+    # Its own source (the transfer freezes the source's prompt; the step's cost does not depend on what p_s learned).
+    transfer = TransferTrainer(target, prompted_student(), cfg.transfer_args(out("transfer")),
                                public_dataset=datasets["public"], public_eval_dataset=datasets["public"],
                                processing_class=tokenizer)
     _sync()
@@ -143,8 +145,8 @@ def build_steps(cfg, target_path: str, tokenizer, work: str, dtype: str, dataset
     _sync()
     cache_s = time.perf_counter() - start
 
-    collator = VerbalizerCollator(tokenizer, cfg.post_config())
-    rows = [{"text": t} for t in datasets["test"][cfg.text_column][: cfg.eval_batch_size]]
+    collator = VerbalizerCollator(TaskTemplate.from_config(cfg.post_config(), tokenizer), cfg.text_column, None)
+    rows = [{cfg.text_column: t} for t in datasets["test"][cfg.text_column][: cfg.eval_batch_size]]
     eval_batch = {k: v.to(precision.device) for k, v in collator(rows).items() if k != "labels"}
     zero_shot = load_model(target_path, False, precision, "target")
 
@@ -226,7 +228,8 @@ def measure_steps(args, work: str) -> dict:
 
     target_path = (_random_model_folder(work) if args.model == "random:smollm2-135m" else resolve_model(args.model))
     cfg = PipelineConfig(run_dir=work, target_model=args.model if not args.model.startswith("random:") else
-                         target_path, device=args.device, save_steps=10_000)
+                         target_path, device=args.device, save_steps=10_000,
+                         **({"student_layers": args.student_layers} if args.student_layers else {}))
     tokenizer = load_tokenizer(target_path)
     public_train, _ = public_splits(cfg)
     datasets = {"distill": random_subset(load_text_dataset(cfg.distill_dataset, split=cfg.distill_split), 256, 0),
@@ -236,7 +239,8 @@ def measure_steps(args, work: str) -> dict:
     times = {dtype: {name: [] for name in STEPS} for dtype in DTYPES}
     for dtype in DTYPES:
         for name in STEPS:
-            built[dtype]["steps"][name]()  # warm-up
+            print(f"warm-up: {name} in {dtype}", flush=True)
+            built[dtype]["steps"][name]()
     for _ in range(args.rounds):
         for name in STEPS:
             for dtype in DTYPES:
