@@ -167,6 +167,7 @@ def evaluate_prompt(
     use_prompt: bool = True,
     prompt: Optional[torch.Tensor] = None,
     autocast_dtype: Optional[torch.dtype] = None,
+    per_example: bool = False,
     **score_options,
 ) -> dict:
     """Accuracy, macro-F1 and per-class counts (`accuracy_report`) of `model` on `dataset` under `config`'s template
@@ -175,7 +176,9 @@ def evaluate_prompt(
     `model` is a plain transformers model (zero-shot) or a prompt-tuning `PeftModel`. ``use_prompt=False`` scores a
     `PeftModel`'s base model without its prompt; ``prompt`` scores an explicit (n, d) prompt instead of the
     adapter's. ``autocast_dtype``: None (the model runs in its own dtype, bf16 for a model loaded in bf16), or e.g.
-    ``torch.bfloat16`` to score an fp32-loaded model under bf16 autocast. ``score_options`` are `score_dataset`'s:
+    ``torch.bfloat16`` to score an fp32-loaded model under bf16 autocast. ``per_example=True`` adds
+    ``"per_example_correct"``: which examples were right (`correctness_bits`), in the dataset's order, for paired
+    comparisons of methods scored on the same examples. ``score_options`` are `score_dataset`'s:
     ``text_column`` ("text"), ``label_column`` ("label"), ``batch_size`` (32), ``desc`` and ``disable_progress``.
     Runs in eval mode under `torch.no_grad`, batched, with a progress bar, on the device of the model's input
     embeddings (a bf16 model, a CUDA model and a dispatched one included).
@@ -185,4 +188,20 @@ def evaluate_prompt(
     chosen = prompt if prompt is not None else ("auto" if use_prompt else None)
     scores, labels = score_dataset(model, tokenizer, dataset, config, prompt=chosen, autocast_dtype=autocast_dtype,
                                    **score_options)
-    return accuracy_report(scores.argmax(-1).numpy(), labels.numpy(), scores.shape[1])
+    predictions, references = scores.argmax(-1).numpy(), labels.numpy()
+    report = accuracy_report(predictions, references, scores.shape[1])
+    if per_example:
+        report["per_example_correct"] = correctness_bits(predictions, references)
+    return report
+
+
+def correctness_bits(predictions, references) -> str:
+    """Whether each prediction is right, as a string of "0"/"1" in the examples' order ("1011..." for 4 examples).
+
+    One character per example keeps a run's per-example record compact in JSON (a list would take a line per example
+    there), and the paired bootstrap of the report (`peft_post.report.paired_bootstrap`) reads it back."""
+    predictions = np.asarray(predictions, dtype=np.int64)
+    references = np.asarray(references, dtype=np.int64)
+    if predictions.shape != references.shape:
+        raise ValueError(f"{predictions.shape[0]} predictions for {references.shape[0]} references.")
+    return "".join("1" if right else "0" for right in (predictions == references).tolist())

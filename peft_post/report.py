@@ -2,8 +2,9 @@
 
 A run's results are a `POSTResults` (or the equivalent dict, see `POSTResults.from_dict`): accuracy of each
 method on the private task's held-out test split, the DP ledger when the student prompt was trained with DP,
-wall time and peak memory of each stage, and the transfer curve. Everything else in the report (time ratio,
-gain over zero-shot, share of the gap to full prompt tuning closed) is derived here, from those numbers only.
+wall time and peak memory of each stage, the transfer curve, and which test examples each method got right.
+Everything else in the report (time ratio, gain over zero-shot, share of the gap to full prompt tuning closed, and
+their intervals from a paired bootstrap over the test examples) is derived here, from those numbers only.
 
 The functions are pure (results in, text/bytes out) except `write_report`, which writes the three files
 atomically. A stage's wall time and peak memory are measured by `peft_post.profiling.track_stage`.
@@ -15,7 +16,9 @@ import io
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
 
 from .config import guarantee_holds, validate_privacy_ledger
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -37,6 +40,12 @@ METHOD_SHORT = {"zero_shot": "zero-shot", "full_prompt_tuning": "full PT", "stud
 REQUIRED_METHODS = ("zero_shot", "student_prompt", "direct_transfer", "post")
 # The methods the report compares everything with: they are never "not applicable".
 ALWAYS_APPLICABLE = ("zero_shot", "post")
+
+# The paired bootstrap of the headline numbers (`paired_bootstrap`): resamples of the test examples, its seed (fixed,
+# so an interval is a function of the per-example results alone) and the two-sided level of every interval.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
 
 # Stage names the time ratio reads: (student tuning + transfer) / full prompt tuning of the target.
 STAGE_DISTILL, STAGE_TUNE, STAGE_TRANSFER, STAGE_EVALUATE, STAGE_FULL = (
@@ -93,7 +102,8 @@ class POSTResults:
     private task's held-out test split (the split is used for this report only, never for selection);
     ``full_prompt_tuning`` may be None (it runs only with ``--full-baseline``), the others are required unless
     ``not_applicable`` gives the reason they could not run (direct transfer across hidden sizes): their accuracy
-    is then None and the report prints "n/a (reason)".
+    is then None and the report prints "n/a (reason)". ``per_example_correct`` (optional) says which test examples
+    each method got right; the report's intervals (`derived_metrics`) come from it, and without it there are none.
     """
 
     target_model: str = field(metadata={"help": "The large model Φ_t (Hub id, local folder or embedded name)."})
@@ -125,6 +135,13 @@ class POSTResults:
         metadata={"help": "Why a method could not run, by method, e.g. {'direct_transfer': 'hidden sizes differ: "
                   "64 vs 32'}; its accuracy is then None and the report prints 'n/a (reason)'. Never zero_shot or "
                   "post."})
+    per_example_correct: dict = field(
+        default_factory=dict,
+        metadata={"help": "Which private test examples each method got right, by method: a string of '0'/'1' (a "
+                  "list of 0/1 is accepted) of length `num_test_examples`, the same examples in the same order for "
+                  "every method, whose mean is the method's accuracy. The paired bootstrap of the report's intervals "
+                  "resamples it. Empty in reports written before it existed (they have no intervals). Like the "
+                  "accuracies it is the user's: it stays in the run folder."})
 
     def __post_init__(self):
         if not isinstance(self.accuracy, dict):
@@ -145,6 +162,7 @@ class POSTResults:
         if isinstance(self.num_test_examples, bool) or not isinstance(self.num_test_examples, int) \
                 or self.num_test_examples < 1:
             raise ValueError(f"`num_test_examples` must be a positive int, got {self.num_test_examples!r}.")
+        self._check_per_example_correct()
         if self.privacy is not None:
             validate_privacy_ledger(self.privacy, "privacy")
         alpha = self.transfer_alpha
@@ -171,6 +189,29 @@ class POSTResults:
             if self.accuracy.get(m) is not None:
                 raise ValueError(f"`accuracy[{m!r}]` is {self.accuracy[m]!r} but `not_applicable` says it could "
                                  f"not run ({reason}); give one or the other.")
+
+    def _check_per_example_correct(self) -> None:
+        if not isinstance(self.per_example_correct, dict):
+            raise ValueError("`per_example_correct` must be a dict {method: '0'/'1' string}, got "
+                             f"{type(self.per_example_correct).__name__}.")
+        normalised = {}
+        for m, bits in self.per_example_correct.items():
+            if m not in METHODS or self.accuracy.get(m) is None:
+                raise ValueError(f"`per_example_correct` names {m!r}, which has no accuracy; give per-example results "
+                                 f"only for methods scored in `accuracy` ({METHODS}).")
+            try:
+                vector = correctness_vector(bits)
+            except ValueError as err:
+                raise ValueError(f"`per_example_correct[{m!r}]`: {err}") from None
+            if vector.size != self.num_test_examples:
+                raise ValueError(f"`per_example_correct[{m!r}]` has {vector.size} examples, but `num_test_examples` is "
+                                 f"{self.num_test_examples}: every method is scored on the same test examples.")
+            # The intervals must be about the accuracies the report prints: a vector of other examples is refused.
+            if abs(vector.mean() - self.accuracy[m]) > 1e-9:
+                raise ValueError(f"`per_example_correct[{m!r}]` gives accuracy {vector.mean():.6g}, but "
+                                 f"`accuracy[{m!r}]` is {self.accuracy[m]:.6g}: they must come from the same scoring.")
+            normalised[m] = "".join("1" if v else "0" for v in vector.tolist())
+        self.per_example_correct = {m: normalised[m] for m in METHODS if m in normalised}
 
     @classmethod
     def from_dict(cls, data: dict) -> "POSTResults":
@@ -203,32 +244,167 @@ def _as_results(results: Union[POSTResults, dict]) -> POSTResults:
     return results if isinstance(results, POSTResults) else POSTResults.from_dict(results)
 
 
+# ------------------------------------------------------------------------------------------------ paired bootstrap
+def correctness_vector(bits: Union[str, Sequence]) -> np.ndarray:
+    """Per-example correctness as a uint8 array of 0/1, from a string of "0"/"1" (`evaluation.correctness_bits`) or a
+    sequence of 0/1 (or bools)."""
+    if isinstance(bits, str):
+        if set(bits) - {"0", "1"}:
+            raise ValueError("a correctness string holds only '0' and '1'.")
+        vector = np.frombuffer(bits.encode("ascii"), dtype=np.uint8) - ord("0")
+    else:
+        values = list(bits)
+        if not all(v in (0, 1) and not isinstance(v, float) for v in values):
+            raise ValueError("a correctness list holds only 0 and 1 (or bools).")
+        vector = np.asarray(values, dtype=np.uint8)
+    if vector.size == 0:
+        raise ValueError("no examples.")
+    return vector
+
+
+def paired_bootstrap(correct: Mapping[str, Union[str, Sequence]], num_resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> dict[str, np.ndarray]:
+    """Accuracy of each method on `num_resamples` resamples of the test examples: {method: (num_resamples,) array}.
+
+    Every method was scored on the same examples (`correct` maps a method to its per-example correctness, see
+    `correctness_vector`), so each resample draws example indices with replacement once and applies them to every
+    method: a difference or ratio of two methods computed per resample keeps the pairing, and the examples that
+    every method gets right or wrong add no spurious noise to it. Deterministic for a given `seed`.
+    """
+    vectors = {m: correctness_vector(v) for m, v in correct.items()}
+    if not vectors:
+        raise ValueError("No per-example results to resample.")
+    sizes = {v.size for v in vectors.values()}
+    if len(sizes) != 1:
+        raise ValueError("Paired resampling needs every method scored on the same examples; got sizes "
+                         f"{sorted(sizes)}.")
+    if isinstance(num_resamples, bool) or not isinstance(num_resamples, int) or num_resamples < 1:
+        raise ValueError(f"`num_resamples` must be a positive int, got {num_resamples!r}.")
+    n = sizes.pop()
+    rng = np.random.default_rng(seed)
+    out = {m: np.empty(num_resamples) for m in vectors}
+    # Indices are drawn in blocks of about 4M, so memory stays bounded whatever the size of the test split.
+    block = max(1, min(num_resamples, (1 << 22) // n))
+    for start in range(0, num_resamples, block):
+        stop = min(start + block, num_resamples)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        for m, v in vectors.items():
+            out[m][start:stop] = v[idx].mean(axis=1)
+    return out
+
+
+def percentile_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
+    """The two-sided percentile interval [lo, hi] of bootstrap `values` at `confidence` (0.95: 2.5th, 97.5th)."""
+    tail = 100 * (1 - confidence) / 2
+    lo, hi = np.percentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+def zero_shot_verdict(interval: Optional[Sequence[float]]) -> Optional[str]:
+    """What an interval of POST − zero-shot allows the report to say: "beats" (entirely above 0), "below" (entirely
+    below 0), "within_noise" (it holds 0, the degenerate [0, 0] of identical results included); None without one."""
+    if interval is None:
+        return None
+    lo, hi = interval
+    return "beats" if lo > 0 else "below" if hi < 0 else "within_noise"
+
+
+def _headline_intervals(r: POSTResults, gap_closed: Optional[float]) -> dict[str, Any]:
+    """The paired-bootstrap intervals of POST − zero-shot, full PT − zero-shot and gap closed, with the verdict on
+    zero-shot and, when gap closed has no interval (or no value), the reason."""
+    acc, correct = r.accuracy, r.per_example_correct
+    out: dict[str, Any] = {"post_gain_over_zero_shot_ci": None, "post_vs_zero_shot": None,
+                           "full_gain_over_zero_shot_ci": None, "gap_closed_ci": None,
+                           "gap_closed_undefined_share": None, "gap_closed_note": None, "bootstrap": None}
+    full = acc["full_prompt_tuning"]
+    if full is None:
+        out["gap_closed_note"] = ("full prompt tuning on the target did not run (--full_baseline true runs it), so "
+                                  "there is no gap to measure")
+    elif gap_closed is None:
+        out["gap_closed_note"] = (f"full prompt tuning ({_pct(full)}%) does not beat zero-shot "
+                                  f"({_pct(acc['zero_shot'])}%), so there is no gap to close")
+    if "zero_shot" not in correct or "post" not in correct:
+        if gap_closed is not None:
+            out["gap_closed_note"] = "no interval: this report has no per-example test results"
+        return out
+    boot = paired_bootstrap({m: correct[m] for m in ("zero_shot", "post", "full_prompt_tuning") if m in correct})
+    out["bootstrap"] = {"method": "paired percentile bootstrap over test examples", "resamples": BOOTSTRAP_RESAMPLES,
+                        "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE}
+    zs = boot["zero_shot"]
+    out["post_gain_over_zero_shot_ci"] = percentile_interval(boot["post"] - zs)
+    out["post_vs_zero_shot"] = zero_shot_verdict(out["post_gain_over_zero_shot_ci"])
+    if full is None:
+        return out
+    if "full_prompt_tuning" not in boot:
+        if gap_closed is not None:
+            out["gap_closed_note"] = "no interval: full prompt tuning has no per-example test results"
+        return out
+    denominator = boot["full_prompt_tuning"] - zs
+    out["full_gain_over_zero_shot_ci"] = percentile_interval(denominator)
+    if gap_closed is None:
+        return out
+    # The ratio is undefined on a resample where full PT does not beat zero-shot (denominator 0), and meaningless
+    # where it is below (the sign flips; near 0 the ratio runs off to ±infinity). So gap closed gets an interval only
+    # when full PT − zero-shot has its own interval above 0: then at most about 2.5% of the resamples are undefined,
+    # they are left out, and their share is reported. Otherwise the interval is None, with the reason, rather than an
+    # interval made of exploding ratios.
+    undefined = denominator <= 0
+    out["gap_closed_undefined_share"] = float(undefined.mean())
+    if out["full_gain_over_zero_shot_ci"][0] <= 0:
+        lo, hi = out["full_gain_over_zero_shot_ci"]
+        out["gap_closed_note"] = (f"no interval: full PT − zero-shot has a {CONFIDENCE:.0%} interval "
+                                  f"[{100 * lo:+.2f}, {100 * hi:+.2f}] percentage points that does not exclude 0, so "
+                                  "the ratio is unstable")
+        return out
+    defined = ~undefined
+    out["gap_closed_ci"] = percentile_interval((boot["post"] - zs)[defined] / denominator[defined])
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- derived numbers
 def derived_metrics(results: Union[POSTResults, dict]) -> dict[str, Any]:
-    """Numbers computed from the results: gains over zero-shot, gap closed, the time ratio.
+    """Numbers computed from the results: gains over zero-shot, gap closed, their intervals, the time ratio.
 
-    - ``post_gain_over_zero_shot``: POST − zero-shot (fraction); ``post_beats_zero_shot``: that is > 0.
+    - ``gap_closed``: (POST − zero-shot) / (full PT − zero-shot), when full PT ran and beat zero-shot; None
+      otherwise, with the reason in ``gap_closed_note``.
+    - ``gap_closed_ci``: its 95% interval from a paired bootstrap over the test examples (`paired_bootstrap`), when
+      full PT − zero-shot has an interval above 0 (``full_gain_over_zero_shot_ci``); resamples where full PT does not
+      beat zero-shot are left out, ``gap_closed_undefined_share`` is their share. None otherwise, with the reason.
+    - ``post_gain_over_zero_shot``: POST − zero-shot (fraction); ``post_gain_over_zero_shot_ci`` its paired interval.
+    - ``post_vs_zero_shot``: "beats" or "below" when that interval excludes 0 (above or below), else
+      "within_noise"; ``post_beats_zero_shot`` is True only for "beats". Both None without per-example results.
+    - ``bootstrap``: how the intervals were computed (method, resamples, seed, confidence); None without them.
     - ``post_gain_over_direct_transfer``: POST − direct transfer; None when direct transfer was not applicable.
-    - ``gap_closed``: (POST − zero-shot) / (full PT − zero-shot), when full PT ran and beat zero-shot.
     - ``time_ratio``: (tune + transfer wall time) / full_tuning wall time, when all three stages were timed;
       ``speedup`` is its inverse (the paper's 6.5× for GPT2-XL).
     - ``total_wall_time_s``: the sum over stages not reused from an earlier run.
     """
     r = _as_results(results)
     acc = r.accuracy
+    full = acc["full_prompt_tuning"]
+    gap_closed = None
+    if full is not None and full > acc["zero_shot"]:
+        gap_closed = (acc["post"] - acc["zero_shot"]) / (full - acc["zero_shot"])
+    intervals = _headline_intervals(r, gap_closed)
     out: dict[str, Any] = {
+        "gap_closed": gap_closed,
+        "gap_closed_ci": intervals["gap_closed_ci"],
+        "gap_closed_undefined_share": intervals["gap_closed_undefined_share"],
+        "gap_closed_note": intervals["gap_closed_note"],
         "post_gain_over_zero_shot": acc["post"] - acc["zero_shot"],
-        "post_beats_zero_shot": acc["post"] > acc["zero_shot"],
+        "post_gain_over_zero_shot_ci": intervals["post_gain_over_zero_shot_ci"],
+        "post_vs_zero_shot": intervals["post_vs_zero_shot"],
+        "post_beats_zero_shot": (None if intervals["post_vs_zero_shot"] is None
+                                 else intervals["post_vs_zero_shot"] == "beats"),
+        "full_gain_over_zero_shot": None if full is None else full - acc["zero_shot"],
+        "full_gain_over_zero_shot_ci": intervals["full_gain_over_zero_shot_ci"],
+        "bootstrap": intervals["bootstrap"],
         "post_gain_over_direct_transfer": (None if acc["direct_transfer"] is None
                                            else acc["post"] - acc["direct_transfer"]),
-        "gap_closed": None,
         "time_ratio": None,
         "speedup": None,
         "total_wall_time_s": sum(s.wall_time_s for s in r.stages if not s.reused),
     }
-    full = acc["full_prompt_tuning"]
-    if full is not None and full > acc["zero_shot"]:
-        out["gap_closed"] = (acc["post"] - acc["zero_shot"]) / (full - acc["zero_shot"])
     tune, transfer, full_stage = r.stage(STAGE_TUNE), r.stage(STAGE_TRANSFER), r.stage(STAGE_FULL)
     if tune and transfer and full_stage and full_stage.wall_time_s > 0:
         out["time_ratio"] = (tune.wall_time_s + transfer.wall_time_s) / full_stage.wall_time_s
@@ -257,9 +433,52 @@ def _num(x, fmt: str = "{:.1f}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
+def _pp_interval(interval: Sequence[float]) -> str:
+    return f"[{100 * interval[0]:+.2f}, {100 * interval[1]:+.2f}]"
+
+
+def _bootstrap_text(r: POSTResults, d: dict) -> str:
+    b = d["bootstrap"]
+    return f"paired bootstrap over the {r.num_test_examples} test examples, {b['resamples']} resamples"
+
+
+def _gap_closed_line(r: POSTResults, d: dict) -> str:
+    """The headline: gap closed with its interval, or why there is none."""
+    name = "- **Gap closed**, (POST − zero-shot) / (full PT − zero-shot)"
+    if d["gap_closed"] is None:
+        return f"{name}: not available: {d['gap_closed_note']}."
+    value = f"{name}: **{d['gap_closed']:.2f}**"
+    if d["gap_closed_ci"] is None:
+        return f"{value}, {d['gap_closed_note']}."
+    lo, hi = d["gap_closed_ci"]
+    left_out = d["gap_closed_undefined_share"]
+    dropped = (f"; {left_out:.1%} of the resamples, where full PT did not beat zero-shot, are left out"
+               if left_out else "")
+    level = f"{d['bootstrap']['confidence']:.0%}"
+    return f"{value}, {level} interval [{lo:.2f}, {hi:.2f}] ({_bootstrap_text(r, d)}{dropped})."
+
+
+def _zero_shot_line(r: POSTResults, d: dict) -> str:
+    """POST − zero-shot with its interval, and the verdict the interval allows (never one from the point estimate)."""
+    gain = f"{100 * d['post_gain_over_zero_shot']:+.2f} percentage points"
+    verdict = d["post_vs_zero_shot"]
+    if verdict is None:
+        return (f"- **POST − zero-shot**: {gain}; no interval is available (this report has no per-example test "
+                "results), so it does not say whether POST beats zero-shot.")
+    interval = (f"{d['bootstrap']['confidence']:.0%} interval {_pp_interval(d['post_gain_over_zero_shot_ci'])} "
+                f"({_bootstrap_text(r, d)})")
+    if verdict == "beats":
+        return f"- **POST − zero-shot**: {gain}, {interval}: POST beats the target's zero-shot accuracy."
+    if verdict == "below":
+        return f"- **POST − zero-shot**: {gain}, {interval}: POST is below the target's zero-shot accuracy."
+    return (f"- **POST − zero-shot**: {gain}, {interval}: the difference is within noise (the interval includes 0), "
+            "so POST is not shown to beat zero-shot.")
+
+
 def render_markdown(results: Union[POSTResults, dict]) -> str:
-    """`report.md`: the accuracy table (percent, 2 decimals, of the values in `report.json`), the DP ledger,
-    the stage costs and the time ratio."""
+    """`report.md`: the headline (gap closed and POST − zero-shot, with their paired-bootstrap intervals), the
+    accuracy table (percent, 2 decimals, of the values in `report.json`), the DP ledger, the stage costs and the
+    time ratio."""
     r = _as_results(results)
     d = derived_metrics(r)
     acc = r.accuracy
@@ -284,6 +503,7 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
         p = r.precision
         placed = "".join(f", {k} {p[k]}" for k in ("device_map", "quantization") if p.get(k))
         lines.append(f"- precision: {p.get('dtype')} on {p.get('device')}{placed} ({p.get('reason')})")
+    lines += ["", "## Headline", "", _gap_closed_line(r, d), _zero_shot_line(r, d)]
     lines += ["", "## Accuracy", "", "| Method | Accuracy (%) | Δ vs zero-shot (pp) |", "|---|---:|---:|"]
     for m in METHODS:
         if m in r.not_applicable:
@@ -293,12 +513,6 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
             continue
         delta = "" if m == "zero_shot" else f"{100 * (acc[m] - acc['zero_shot']):+.2f}"
         lines.append(f"| {METHOD_LABELS[m]} | {_pct(acc[m])} | {delta} |")
-    lines.append("")
-    verdict = "beats" if d["post_beats_zero_shot"] else "does NOT beat"
-    lines.append(f"POST {verdict} the target's zero-shot accuracy ({100 * d['post_gain_over_zero_shot']:+.2f} "
-                 "percentage points).")
-    if d["gap_closed"] is not None:
-        lines.append(f"POST closes {100 * d['gap_closed']:.1f}% of the gap between zero-shot and full prompt tuning.")
     if dp:
         p = r.privacy
         adjacency = p.get("adjacency", "add_or_remove_one (not recorded)")

@@ -15,7 +15,7 @@ from peft_post.pipeline import (DISTILL_OVERLAP_SAMPLE, RELEASED_FILES, Pipeline
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "post_config.json", "README.md"}
 # Keys of the private record and of the test scores: none may appear in a released JSON file.
 PRIVATE_KEYS = {"log_history", "loss", "train_loss", "grad_norm", "eval_loss", "num_test_examples", "num_examples",
-                "accuracy", "per_class", "wall_time_s", "peak_memory_mb"}
+                "accuracy", "per_class", "per_example_correct", "wall_time_s", "peak_memory_mb"}
 
 
 def _flag(args, name):

@@ -207,7 +207,15 @@ class PipelineConfig:
     transfer_batch_size: int = field(default=8, metadata={"help": "Public examples per transfer step."})
     transfer_alpha: Optional[float] = field(
         default=None,
-        metadata={"help": "POST α in [0, 1]; None picks it with the paper's heuristic on the PUBLIC held-out split."},
+        metadata={"help": "POST α in [0, 1], used as given; None picks it on PUBLIC data by `transfer_alpha_method`."},
+    )
+    transfer_alpha_method: str = field(
+        default="heuristic",
+        metadata={"help": "How α is picked when `transfer_alpha` is None: 'heuristic' (the paper's, from the unprompted "
+                  "target's and the source's accuracies on the public held-out split; refused, with a warning, for "
+                  "public labels outside the private task's label space, and then 'agreement' is used) or "
+                  "'agreement' (one transfer per α in 0, 0.25, 0.5, 0.75, 1, keeping the prompt whose predictions on "
+                  "the public held-out texts agree most with the source's: no public labels, 5x the transfer steps)."},
     )
     transfer_temperature: float = field(default=2.0, metadata={"help": "Transfer temperature T."})
     transfer_cache_top_k: Optional[int] = field(
@@ -282,6 +290,11 @@ class PipelineConfig:
             raise ValueError(f"`max_private_overlap` must be in [0, 1] (1 turns the check off), got "
                              f"{self.max_private_overlap!r}.")
         self._check_private_test_size()
+        from ..transfer.alpha import ALPHA_METHODS
+
+        if self.transfer_alpha_method not in ALPHA_METHODS:
+            raise ValueError(f"`transfer_alpha_method` must be one of {ALPHA_METHODS}, got "
+                             f"{self.transfer_alpha_method!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"`seed` must be an int in [0, 2**32 - 1] (numpy's seed range), got {self.seed!r}.")
         self.overwrite_stages()  # validates the stage names

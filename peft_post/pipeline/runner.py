@@ -121,9 +121,11 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
             previous = read_record(evaluation_path)
             # A baseline stage copied in after the evaluation ran is scored (the others come from their caches), and
             # so is a test set changed since (an evaluation written before keys existed is reused as it is).
-            # An evaluation without results (damaged) is scored again.
+            # An evaluation without results (damaged) is scored again, and so is one written before per-example
+            # results were kept (the report's intervals need them; the scores cache rescores those too).
             if isinstance(previous.get("results"), dict) and \
                     (not cfg.full_baseline or "full_prompt_tuning" in previous["results"]) and \
+                    _has_per_example_results(previous["results"]) and \
                     previous.get("settings_key") in (None, settings_record(settings["evaluate"])["settings_key"]):
                 records[name] = previous
                 stages.append(_stage_stats(name, previous, reused=True))
@@ -155,7 +157,9 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
     notes = []
     if cfg.preset == "quick":
         notes.append("Preset 'quick': a first look with tiny budgets; it is not expected to beat zero-shot.")
-    if transfer.get("alpha_inputs"):
+    if transfer.get("alpha_note"):
+        notes.append(transfer["alpha_note"])
+    elif transfer.get("alpha_inputs"):  # a transfer stage recorded before alpha_note existed
         notes.append(f"alpha={transfer['alpha']:.3f} from the paper's heuristic on the public held-out split "
                      f"(zero-shot {transfer['alpha_inputs']['public_zero_shot']:.3f}, "
                      f"source {transfer['alpha_inputs']['public_source']:.3f}).")
@@ -164,6 +168,8 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
         num_test_examples=evaluation["num_test_examples"],
         accuracy={m: r["accuracy"] for m, r in evaluation["results"].items()},
         not_applicable={m: r["not_applicable"] for m, r in evaluation["results"].items() if r.get("not_applicable")},
+        per_example_correct={m: r["per_example_correct"] for m, r in evaluation["results"].items()
+                             if r.get("per_example_correct") is not None},
         student_model=cfg.student_model or f"{cfg.target_model} layers {cfg.student_layers}",
         public_dataset=cfg.public_dataset, num_public_examples=cfg.num_public_examples,
         privacy=_ledger(tune.get("privacy")), stages=stages,
@@ -172,6 +178,12 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
     )
     write_report(results, cfg.run_dir)
     return results
+
+
+def _has_per_example_results(results: dict) -> bool:
+    """Whether every method of an evaluation that ran holds its per-example results (`score_methods`)."""
+    return all(isinstance(r, dict) and (r.get("not_applicable") or r.get("per_example_correct") is not None)
+               for r in results.values())
 
 
 def _keep_discarded_ledger(run_dir: str) -> None:

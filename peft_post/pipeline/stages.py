@@ -215,37 +215,129 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
     """Transfer the prompt of `source` (the student's `PeftModel`) into `target` (the target's `PeftModel`) on the
     public data; returns the trainer (its `save_model` writes p_t with its provenance) and the record.
 
-    α is `alpha`, else `cfg.transfer_alpha`, else the paper's heuristic on `public_eval`: the accuracies of the
-    unprompted target and of the source there (public labelled data: the provider holds no private data).
+    α is `alpha`, else `cfg.transfer_alpha`, used as given. Otherwise `cfg.transfer_alpha_method` chooses it on
+    public data (the provider holds no private data):
+
+    - "heuristic": the paper's (`suggest_alpha`), on the accuracies of the unprompted target and of the source on
+      `public_eval`, scored with the private task's template and label words. Those numbers mean something only when
+      the public labels are the private task's classes, so the heuristic is refused, with a warning, when
+      `label_space_mismatch` says they are not (labels out of range or of another type, or both accuracies far below
+      chance); α is then chosen by agreement, and the transfer runs without the public accuracy curve.
+    - "agreement": `transfer_by_agreement`, which reads the public held-out texts and no labels.
+
+    The record says how: `alpha_method` ("given", "heuristic" or "agreement"), `alpha_inputs` (the heuristic's two
+    accuracies, only when they chose α), `alpha_check` (the label-space check, when the heuristic was asked for),
+    `alpha_agreement` (each α's agreement, when measured) and `alpha_note` (the sentence for the report).
     Checkpoints go to `output_dir`, and a run that finds one there resumes from it.
     """
     from ..evaluation import evaluate_prompt
     from ..transfer import TransferTrainer, require_shared_vocabulary, suggest_alpha
+    from ..transfer.alpha import heuristic_note, label_space_mismatch
 
     require_shared_vocabulary(target, source, tokenizer)  # before the α step feeds the source the target's ids
-    alpha = cfg.transfer_alpha if alpha is None else alpha
-    alpha_inputs = None
-    if alpha is None:
+    given = cfg.transfer_alpha if alpha is None else alpha
+    choice = {"alpha_method": "given", "alpha_inputs": None, "alpha_check": None, "alpha_agreement": None,
+              "alpha_note": None if given is None else f"alpha={given:g} given (transfer_alpha)."}
+    problem = None
+    if given is None and cfg.transfer_alpha_method == "heuristic":
         task = source.active_peft_config
-        kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, batch_size=cfg.eval_batch_size)
-        zs = evaluate_prompt(target, tokenizer, public_eval, task, use_prompt=False, desc="alpha: zero-shot", **kw)
-        src = evaluate_prompt(source, tokenizer, public_eval, task, desc="alpha: source", **kw)
-        alpha = suggest_alpha(zs["accuracy"], src["accuracy"], task.num_classes)
-        alpha_inputs = {"public_zero_shot": zs["accuracy"], "public_source": src["accuracy"]}
-    trainer = TransferTrainer(target, source, cfg.transfer_args(output_dir, alpha=alpha), public_dataset=public_train,
-                              public_eval_dataset=public_eval, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, trainer.args.max_steps))
-    record = {"alpha": alpha, "alpha_inputs": alpha_inputs, "steps": trainer.state.global_step,
+        labels = public_eval[cfg.label_column] if cfg.label_column in public_eval.column_names else None
+        problem = (f"the public held-out split has no label column {cfg.label_column!r}" if labels is None
+                   else label_space_mismatch(task.num_classes, labels=labels))
+        check = {"num_classes": task.num_classes, "num_examples": len(public_eval)}
+        if problem is None:
+            kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, batch_size=cfg.eval_batch_size)
+            zs = evaluate_prompt(target, tokenizer, public_eval, task, use_prompt=False, desc="alpha: zero-shot", **kw)
+            src = evaluate_prompt(source, tokenizer, public_eval, task, desc="alpha: source", **kw)
+            check.update(public_zero_shot=zs["accuracy"], public_source=src["accuracy"])
+            problem = label_space_mismatch(task.num_classes, zero_shot_acc=zs["accuracy"],
+                                           source_acc=src["accuracy"], num_examples=zs["num_examples"])
+        choice["alpha_check"] = {**check, "label_space_mismatch": problem}
+        if problem is None:
+            given = suggest_alpha(zs["accuracy"], src["accuracy"], task.num_classes)
+            choice.update(alpha_method="heuristic", alpha_note=heuristic_note(given, zs["accuracy"], src["accuracy"]),
+                          alpha_inputs={"public_zero_shot": zs["accuracy"], "public_source": src["accuracy"]})
+        else:
+            warnings.warn(f"The alpha heuristic is refused: {problem}. Alpha is chosen by agreement with the source "
+                          "on the public held-out texts instead (no public labels read; 5x the transfer steps). Set "
+                          "`transfer_alpha` to choose it yourself, or give a public set of the private task's family.")
+    if given is None:  # "agreement": asked for, or the heuristic refused
+        trainer, agreement = transfer_by_agreement(cfg, target, source, tokenizer, public_train, public_eval,
+                                                   output_dir, evaluate_labels=problem is None, reason=problem)
+        given = agreement.pop("alpha")
+        choice.update(alpha_method="agreement", alpha_note=agreement.pop("note"), alpha_agreement=agreement)
+    else:
+        trainer = TransferTrainer(target, source, cfg.transfer_args(output_dir, alpha=given),
+                                  public_dataset=public_train, public_eval_dataset=public_eval,
+                                  processing_class=tokenizer)
+        trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, trainer.args.max_steps))
+    record = {"alpha": given, **choice, "steps": trainer.state.global_step,
               "num_public_examples": len(public_train), "precision": cfg.precision().record(),
               "log_history": trainer.state.log_history}
     return trainer, record
+
+
+def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public_train, public_eval, output_dir: str,
+                          evaluate_labels: bool = True, reason: Optional[str] = None):
+    """Choose α without public labels: one transfer per α of `transfer.alpha.ALPHA_GRID`, each the full
+    `transfer_max_steps` from the same start, seed and data order, scored by the share of the public held-out texts
+    on which the transferred prompt's prediction (argmax over the private task's label words) agrees with the
+    prompted source's. The prompt of highest agreement is kept in `target` (ties: `pick_alpha_by_agreement`).
+
+    Returns the kept α's trainer (its `save_model` writes that prompt with its provenance) and
+    ``{"alpha", "agreement": {α: share}, "num_examples", "total_steps", "note"}``. Full transfers, not short proxies:
+    the prompt that is scored is the one that is kept, at the price of ``len(ALPHA_GRID)`` transfers' steps. The cache
+    of frozen logits (a_s, b_s, b_t) does not depend on α, so it is built once and shared; the scoring adds one
+    forward of the source and one per prompt over the held-out texts. ``evaluate_labels`` False (labels unusable or
+    of another task) trains without the public accuracy curve; `reason` (why the heuristic was refused) goes into
+    the note. Each α checkpoints into its own ``output_dir/alpha_<α>`` and resumes from there.
+    """
+    from transformers.trainer_utils import IntervalStrategy
+
+    from ..prompts import get_prompt, set_prompt
+    from ..transfer import TransferTrainer
+    from ..transfer.alpha import ALPHA_GRID, agreement, agreement_note, pick_alpha_by_agreement, predict_classes
+
+    task = source.active_peft_config
+    texts = list(public_eval[cfg.text_column])
+    start = get_prompt(target)
+    trainers, prompts, agreements = {}, {}, {}
+    source_predictions = cache = None
+    for value in ALPHA_GRID:
+        # Every α starts from the same prompt: TransferTrainer re-initialises p_t from text, but keeps the adapter's
+        # own prompt when init_from_source_text is off, which would otherwise be the previous α's result.
+        set_prompt(target, start)
+        folder = os.path.join(output_dir, f"alpha_{value:g}")
+        args = cfg.transfer_args(folder, alpha=value)
+        if not evaluate_labels:
+            args.eval_strategy = IntervalStrategy.NO
+        trainer = TransferTrainer(target, source, args, public_dataset=public_train,
+                                  public_eval_dataset=public_eval if evaluate_labels else None,
+                                  processing_class=tokenizer)
+        trainer.cache = cache  # a_s, b_s, b_t do not depend on α: built by the first transfer, read by the others
+        trainer.train(resume_from_checkpoint=resume_checkpoint(folder, trainer.args.max_steps))
+        cache = trainer.cache
+        with trainer.accelerator.autocast():  # the transfer's precision, as its own evaluation
+            if source_predictions is None:
+                source_predictions = predict_classes(source, tokenizer, texts, task, cfg.eval_batch_size)
+            agreements[value] = agreement(predict_classes(target, tokenizer, texts, task, cfg.eval_batch_size),
+                                          source_predictions)
+        prompts[value], trainers[value] = get_prompt(target), trainer
+    alpha = pick_alpha_by_agreement(agreements)
+    set_prompt(target, prompts[alpha])
+    return trainers[alpha], {
+        "alpha": alpha, "agreement": {f"{a:g}": agreements[a] for a in ALPHA_GRID}, "num_examples": len(texts),
+        "total_steps": sum(t.state.global_step for t in trainers.values()),
+        "note": agreement_note(alpha, agreements, len(texts), reason)}
 
 
 def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, folders: dict, masked: bool) -> dict:
     """Accuracy of every method on the private test split: scored once, used for nothing but the report.
 
     Each score is cached in the run's private workspace under the fingerprint of the prompt it scores (`cached_evaluation`),
-    so a run that reuses a stage reuses its scores too.
+    so a run that reuses a stage reuses its scores too. A score holds which test examples the method got right
+    (`score_methods`), for the report's paired intervals; like the accuracies, it goes only into the run folder's
+    `evaluation.json` and report, which are the user's, never into a stage folder the provider receives.
     """
     from ..transfer import direct_transfer, direct_transfer_obstacle
 
@@ -285,7 +377,9 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
 
 def score_methods(cfg: PipelineConfig, tokenizer, test_dataset,
                   models: Mapping[str, Union[torch.nn.Module, Callable[[], Any]]]) -> dict:
-    """Accuracy and per-class counts of each method's model on `test_dataset`, under `cfg`'s task: {method: scores}.
+    """Accuracy, per-class counts and per-example correctness (``per_example_correct``, `correctness_bits`, in
+    `test_dataset`'s order) of each method's model on `test_dataset`, under `cfg`'s task: {method: scores}. Every
+    method is scored on the same examples in the same order, so the report can compare them pair by pair.
 
     `models` maps a method name to its model, or to a function that loads it; loaders are called one at a time, so
     only one model is in memory at once. Plain models are scored zero-shot, `PeftModel`s with their prompt.
@@ -299,6 +393,6 @@ def score_methods(cfg: PipelineConfig, tokenizer, test_dataset,
             model = model()
         scores[method] = evaluate_prompt(model, tokenizer, test_dataset, task, text_column=cfg.text_column,
                                          label_column=cfg.label_column, batch_size=cfg.eval_batch_size,
-                                         desc=METHOD_DESCRIPTIONS.get(method, method))
+                                         desc=METHOD_DESCRIPTIONS.get(method, method), per_example=True)
         del model
     return scores

@@ -455,6 +455,10 @@ def evaluation_key(cfg: PipelineConfig, target_path: str, method: str, student_p
     return _spec_key(spec)
 
 
+# What a cached test score must hold to be reused: the per-example results feed the report's paired bootstrap.
+EVALUATION_REQUIRED_KEYS = ("accuracy", "per_example_correct")
+
+
 def _scores_path(run_dir: str) -> str:
     return os.path.join(run_dir, PRIVATE_DIR, SCORES_FILE)
 
@@ -467,17 +471,21 @@ def _read_scores(run_dir: str) -> dict:
         return json.load(f)
 
 
-def cached_evaluation(run_dir: str, prompt: Optional[str], key: str, compute) -> dict:
+def cached_evaluation(run_dir: str, prompt: Optional[str], key: str, compute,
+                      required: tuple = EVALUATION_REQUIRED_KEYS) -> dict:
     """``compute()``, cached in the run's private workspace under the fingerprint of the prompt it scores (`prompt`,
     its folder; None for the bare target) and `key`.
 
     Private test scores are the user's: they never go into a prompt folder, which is handed to the provider. Keyed
     by the prompt's content, a stage reused in this run folder, or copied in with `copy_stage`, is not scored twice,
-    and a score never outlives the prompt it was measured on.
+    and a score never outlives the prompt it was measured on. A cached score without one of the `required` keys was
+    written by an older version and is computed again (a score without per-example results would give the report
+    no interval).
     """
     fingerprint = NO_PROMPT if prompt is None else adapter_fingerprint(prompt)
     cached = _read_scores(run_dir)
-    if key not in cached.get(fingerprint, {}):
+    entry = cached.get(fingerprint, {}).get(key)
+    if not isinstance(entry, dict) or any(k not in entry for k in required):
         cached.setdefault(fingerprint, {})[key] = compute()
         atomic_write_json(_scores_path(run_dir), cached)
     return cached[fingerprint][key]
@@ -524,8 +532,9 @@ FULL_HASH_MAX_BYTES = 16 << 20
 UNKEYED_FIELDS = frozenset({"run_dir", "preset", "full_baseline", "max_private_overlap", "eval_batch_size",
                             "save_steps", "overwrite", "threads", "gradient_checkpointing"})
 # `device`, `dtype`, `device_map` and `quantization` are keyed as resolved (`precision_settings`), not as given:
-# "auto" means another dtype on another machine. The settings leave these entries out at these values.
-PRECISION_DEFAULTS = {"dtype": "float32", "quantization": None}
+# "auto" means another dtype on another machine. Settings added after records were first keyed are left out at their
+# default (the value every older record was made with), so those records keep their keys.
+OMITTED_AT_DEFAULT = {"dtype": "float32", "quantization": None, "transfer_alpha_method": "heuristic"}
 _TASK = ("template", "label_words", "num_virtual_tokens", "prompt_init_text", "text_column", "label_column")
 _STUDENT = ("target_model", "student_layers", "distill_dataset", "distill_split", "distill_max_steps",
             "distill_learning_rate", "distill_batch_size", "distill_block_size", "distill_templated_fraction",
@@ -535,7 +544,7 @@ _TUNE = ("private_dataset", "private_train_split", "private_test_size", "max_tra
 _DP = ("dp_target_epsilon", "dp_target_delta", "dp_max_grad_norm", "dp_accountant")
 _TRANSFER = ("public_dataset", "public_split", "num_public_examples", "num_public_eval_examples", "transfer_max_steps",
              "transfer_learning_rate", "transfer_batch_size", "transfer_alpha", "transfer_temperature",
-             "transfer_cache_top_k", "target_model", "seed")
+             "transfer_cache_top_k", "transfer_alpha_method", "target_model", "seed")
 _EVALUATE = ("private_dataset", "private_test_split", "private_test_size", "max_test_examples", "target_model", "seed")
 # Settings entries that are digests, not fields, and what they digest (for the refusal's wording).
 DIGESTS = {"private_train_data_sha256": "the private training data (its texts and labels)",
@@ -606,7 +615,11 @@ def stage_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str] =
     `student_model` is its name and, for a local folder, the digest of its files (`model_files_sha256`), so a folder
     replaced in place by another model is not taken for the one a prompt was tuned on.
     """
-    return {**_recipe_settings(cfg, stage, data_sha256, source_prompt_sha256), **precision_settings(cfg, stage)}
+    settings = _recipe_settings(cfg, stage, data_sha256, source_prompt_sha256)
+    # A field added after settings were first keyed is left out at its default (see `OMITTED_AT_DEFAULT`).
+    settings = {name: value for name, value in settings.items()
+                if name not in OMITTED_AT_DEFAULT or value != OMITTED_AT_DEFAULT[name]}
+    return {**settings, **precision_settings(cfg, stage)}
 
 
 def _recipe_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str],
@@ -682,8 +695,8 @@ def check_settings(stage: str, record: dict, settings: dict, where: str) -> None
     old = record.get("settings") or {}
     changes = []
     for name in sorted(set(old) | set(settings)):
-        # Precision entries are left out at their defaults (`precision_settings`): show what that meant.
-        default = PRECISION_DEFAULTS.get(name, _ABSENT)
+        # Entries left out at their defaults (`OMITTED_AT_DEFAULT`): show what that meant.
+        default = OMITTED_AT_DEFAULT.get(name, _ABSENT)
         before, now = old.get(name, default), settings.get(name, default)
         if before == now:
             continue
