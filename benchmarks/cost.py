@@ -17,7 +17,6 @@ The student's distillation is the provider's one-time cost, shared by every late
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shlex
@@ -31,6 +30,7 @@ import torch
 
 from peft_post.assets import load_text_dataset, resolve_model
 from peft_post.io import atomic_write_json
+from peft_post.profiling import training_stepper
 from peft_post.pipeline import (STAGE_FOLDERS, PipelineConfig, distill_stage, load_prompted_model, load_tokenizer,
                                 new_prompted_model, parse_overrides, public_splits, random_subset, stage_record)
 from peft_post.transfer import TransferTrainer
@@ -48,24 +48,6 @@ def parse_args(argv=None):
                    help="a PipelineConfig field (repeatable), e.g. tune_max_steps=300")
     p.add_argument("--out", default=RESULT)
     return p.parse_args(argv)
-
-
-def _stepper(trainer, num_steps: int):
-    """One optimizer step of `trainer` on its next training batch, as the Trainer's loop does it; returns seconds."""
-    trainer.create_optimizer_and_scheduler(num_training_steps=num_steps)
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, read by `training_step`
-    batches = itertools.cycle(trainer.get_train_dataloader())
-
-    def step() -> float:
-        batch = next(batches)
-        start = time.perf_counter()
-        trainer.training_step(trainer.model, batch)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        trainer.optimizer.zero_grad()
-        return time.perf_counter() - start
-
-    return step
 
 
 def main(argv=None):
@@ -113,9 +95,9 @@ def measure(args, work: str, argv) -> None:
     transfer.build_cache()
     cache_s = time.perf_counter() - start
 
-    steppers = {"full_prompt_tuning": _stepper(full, cfg.tune_max_steps),
-                "student_tuning": _stepper(student, cfg.tune_max_steps),
-                "transfer": _stepper(transfer, cfg.transfer_max_steps)}
+    steppers = {"full_prompt_tuning": training_stepper(full, cfg.tune_max_steps),
+                "student_tuning": training_stepper(student, cfg.tune_max_steps),
+                "transfer": training_stepper(transfer, cfg.transfer_max_steps)}
     times: dict = {name: [] for name in steppers}
     for name, step in steppers.items():
         step()  # warm-up

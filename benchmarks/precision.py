@@ -21,7 +21,6 @@ GPU machine has no asset cache); step times do not depend on the weights' values
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import time
 import torch
 
 from peft_post.io import atomic_write_json
+from peft_post.profiling import training_stepper
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "precision.json")
 DTYPES = ("float32", "bfloat16")
@@ -75,26 +75,6 @@ def _random_model_folder(work: str) -> str:
     config = LlamaConfig(**SMOLLM2_135M, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
-
-
-def _stepper(trainer, num_steps: int):
-    """One optimizer step of `trainer` on its next training batch, as the Trainer's loop does it; returns seconds."""
-    trainer.create_optimizer_and_scheduler(num_training_steps=num_steps)
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, read by `training_step`
-    batches = itertools.cycle(trainer.get_train_dataloader())
-
-    def step() -> float:
-        batch = next(batches)
-        _sync()
-        start = time.perf_counter()
-        trainer.training_step(trainer.model, batch)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        trainer.optimizer.zero_grad()
-        _sync()
-        return time.perf_counter() - start
-
-    return step
 
 
 def _sync():
@@ -159,8 +139,10 @@ def build_steps(cfg, target_path: str, tokenizer, work: str, dtype: str, dataset
         _sync()
         return time.perf_counter() - start
 
-    steps = {"distill": _stepper(distill, cfg.distill_max_steps), "tune": _stepper(tune, cfg.tune_max_steps),
-             "dp_tune": _stepper(dp_tune, dp_tune.planned_steps), "transfer": _stepper(transfer, cfg.transfer_max_steps),
+    steps = {"distill": training_stepper(distill, cfg.distill_max_steps),
+             "tune": training_stepper(tune, cfg.tune_max_steps),
+             "dp_tune": training_stepper(dp_tune, dp_tune.planned_steps),
+             "transfer": training_stepper(transfer, cfg.transfer_max_steps),
              "evaluate_forward": evaluate_forward}
     return {"steps": steps, "transfer_cache_build_s": cache_s, "precision": precision.record()}
 
