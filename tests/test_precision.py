@@ -164,6 +164,8 @@ def test_frozen_models_load_in_the_compute_dtype_and_prompts_stay_fp32(tiny_mode
 
 
 def test_a_pipeline_run_records_its_precision_and_is_not_reused_in_another(tiny_run, capsys):
+    from transformers import AutoConfig
+
     from peft_post.cli import main
     from peft_post.pipeline import stage_record
 
@@ -173,8 +175,14 @@ def test_a_pipeline_run_records_its_precision_and_is_not_reused_in_another(tiny_
     expected = {"device": "cpu", "dtype": "float32", "device_map": None, "quantization": None, "reason": "given"}
     assert report["precision"] == expected
     assert "- precision: float32 on cpu (given)" in open(os.path.join(run_dir, "report.md")).read()
-    for stage in ("transfer",):
-        assert stage_record(run_dir, stage)["precision"] == expected
+    transfer = stage_record(run_dir, "transfer")
+    assert transfer["precision"] == expected
+    # The transfer cache's projected size, as logged before it was built: 3 × N × V float32 logits.
+    cache = transfer["transfer_cache"]
+    assert cache["dtype"] == "float32" and not cache["memory_mapped"]
+    vocab = AutoConfig.from_pretrained(flags[flags.index("--target_model") + 1]).vocab_size
+    assert cache["projected_bytes"] == 3 * transfer["num_public_examples"] * vocab * 4
+    assert "float32" in cache["message"]
     # The same recipe in bf16 computes other numbers: the finished stages are refused, naming the dtype.
     capsys.readouterr()
     assert main(["run", *flags, "--dp", "false", "--dtype", "bfloat16"]) == 2

@@ -274,6 +274,12 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
     record = {"alpha": given, **choice, "steps": trainer.state.global_step,
               "num_public_examples": len(public_train), "precision": cfg.precision().record(),
               "log_history": trainer.state.log_history}
+    plan = getattr(trainer, "cache_plan", None)
+    if plan is not None:  # its size, dtype and whether it went to disk (not its path: a machine path)
+        message = plan["message"] if plan["path"] is None else \
+            plan["message"].replace(plan["path"], os.path.basename(plan["path"]))
+        record["transfer_cache"] = {"projected_bytes": plan["projected_bytes"], "dtype": plan["dtype"],
+                                    "memory_mapped": plan["path"] is not None, "message": message}
     return trainer, record
 
 
