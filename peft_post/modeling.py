@@ -287,7 +287,7 @@ def label_logits(
         hidden = hidden.to(device)
     # Softmax, KL and cross-entropy downstream run in fp32: the (B, V) logits are cast once here (cheap) whatever
     # the model's or autocast's compute dtype.
-    return _at_least_float32(soft_cap_logits(head(hidden), base.config))
+    return soft_cap_logits(_at_least_float32(head(hidden)), base.config)
 
 
 def _label_slots(device, batch: int, label_positions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
