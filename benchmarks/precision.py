@@ -148,16 +148,27 @@ def build_steps(cfg, target_path: str, tokenizer, work: str, dtype: str, dataset
 
 
 def paired_difference(a: list, b: list) -> dict:
-    """Accuracy of predictions `a` and `b` (bools, same examples) and a 95% Wald interval for the paired difference
-    b - a from the discordant pairs (McNemar's setting); changed = the share of examples whose correctness differs."""
+    """Accuracy of predictions `a` and `b` (bools, same examples), the paired difference b - a with a 95% Wald
+    interval from the discordant pairs, and McNemar's exact two-sided p-value (the Wald interval is unreliable with
+    few discordant pairs: read the p-value there)."""
     n = len(a)
     only_b = sum(1 for x, y in zip(a, b) if y and not x)
     only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    return {"accuracy_a": sum(a) / n, "accuracy_b": sum(b) / n,
+            **difference_from_counts(only_a, only_b, n)}
+
+
+def difference_from_counts(only_a: int, only_b: int, n: int) -> dict:
+    """`paired_difference`'s statistics from its counts: examples right only under a, only under b, and all."""
     diff = (only_b - only_a) / n
     var = ((only_a + only_b) / n - diff ** 2) / n
     half = 1.96 * math.sqrt(max(var, 0.0))
-    return {"accuracy_a": sum(a) / n, "accuracy_b": sum(b) / n, "difference": diff,
-            "difference_95ci": [diff - half, diff + half], "discordant": only_a + only_b, "num_examples": n}
+    discordant = only_a + only_b
+    # Exact McNemar: under "no difference" each discordant pair goes either way with probability 1/2.
+    tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1)) / 2 ** discordant
+    return {"difference": diff, "difference_95ci": [diff - half, diff + half], "discordant": discordant,
+            "right_only_a": only_a, "right_only_b": only_b, "mcnemar_exact_p": min(1.0, 2 * tail),
+            "num_examples": n}
 
 
 def score_run(run_dir: str, max_test_examples, device: str) -> dict:
