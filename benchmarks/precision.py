@@ -148,9 +148,8 @@ def build_steps(cfg, target_path: str, tokenizer, work: str, dtype: str, dataset
 
 
 def paired_difference(a: list, b: list) -> dict:
-    """Accuracy of predictions `a` and `b` (bools, same examples), the paired difference b - a with a 95% Wald
-    interval from the discordant pairs, and McNemar's exact two-sided p-value (the Wald interval is unreliable with
-    few discordant pairs: read the p-value there)."""
+    """Accuracy of predictions `a` and `b` (bools, same examples), the paired difference b - a with an exact 95%
+    interval, and McNemar's exact two-sided p-value (see `difference_from_counts`)."""
     n = len(a)
     only_b = sum(1 for x, y in zip(a, b) if y and not x)
     only_a = sum(1 for x, y in zip(a, b) if x and not y)
@@ -160,13 +159,18 @@ def paired_difference(a: list, b: list) -> dict:
 
 def difference_from_counts(only_a: int, only_b: int, n: int) -> dict:
     """`paired_difference`'s statistics from its counts: examples right only under a, only under b, and all."""
+    from scipy.stats import beta
+
     diff = (only_b - only_a) / n
-    var = ((only_a + only_b) / n - diff ** 2) / n
-    half = 1.96 * math.sqrt(max(var, 0.0))
     discordant = only_a + only_b
+    # Given the d discordant pairs, only_b ~ Binomial(d, π) and b - a = d/n · (2π - 1): a Clopper-Pearson interval on
+    # π is an exact interval on the difference (a Wald interval is meaningless with a handful of discordant pairs).
+    low = beta.ppf(0.025, only_b, only_a + 1) if only_b else 0.0
+    high = beta.ppf(0.975, only_b + 1, only_a) if only_a else 1.0
+    lo, hi = (discordant / n * (2 * p - 1) for p in (low, high)) if discordant else (0.0, 0.0)
     # Exact McNemar: under "no difference" each discordant pair goes either way with probability 1/2.
     tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1)) / 2 ** discordant
-    return {"difference": diff, "difference_95ci": [diff - half, diff + half], "discordant": discordant,
+    return {"difference": diff, "difference_95ci": [float(lo), float(hi)], "discordant": discordant,
             "right_only_a": only_a, "right_only_b": only_b, "mcnemar_exact_p": min(1.0, 2 * tail),
             "num_examples": n}
 

@@ -38,7 +38,10 @@ FPR_LEVELS = (0.01, 0.001)
 # Keeps a Gaussian whose shadows all gave the same φ from dividing by zero; far below any real spread of φ.
 MIN_STD = 1e-8
 # Changing these does not change what the shadows learn or how they are scored, so a rerun may differ in them.
-_RESUME_FREE = ("run_dir", "audit_dir", "save_steps", "eval_batch_size", "bootstrap_resamples")
+_RESUME_FREE = ("run_dir", "audit_dir", "save_steps", "eval_batch_size", "bootstrap_resamples", "threads",
+                "gradient_checkpointing", "device", "dtype", "device_map", "quantization")
+# Fields added after audits were first saved: an audit saved before them ran at these values.
+_ADDED_AT_DEFAULT = {"transfer_alpha_method": "heuristic"}
 
 
 @dataclass
@@ -225,8 +228,16 @@ def default_audit_dir(run_dir: str, dp: bool) -> str:
 
 
 def _settings(cfg, audit: AuditConfig) -> dict:
-    return {name: {k: v for k, v in dataclasses.asdict(obj).items() if k not in _RESUME_FREE}
-            for name, obj in (("pipeline", cfg), ("audit", audit))}
+    """What an audit's shadows depend on: the configs' fields, except `_RESUME_FREE`'s (the precision fields as given
+    among them: "auto" means another dtype on another machine) and fields still at the default they had before
+    they existed, plus the resolved compute dtype when it is not fp32."""
+    settings = {name: {k: v for k, v in dataclasses.asdict(obj).items()
+                       if k not in _RESUME_FREE and (k not in _ADDED_AT_DEFAULT or v != _ADDED_AT_DEFAULT[k])}
+                for name, obj in (("pipeline", cfg), ("audit", audit))}
+    precision = cfg.precision()
+    if precision.dtype != "float32":
+        settings["pipeline"]["resolved_dtype"] = precision.dtype
+    return settings
 
 
 def _check_resume(folder: str, settings: dict) -> None:

@@ -30,7 +30,7 @@ from typing import Optional, Union
 
 import torch
 
-DEVICES_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'"
+DEVICES_HELP = "'auto' (CUDA when available), 'cpu' or 'cuda'"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = ("8bit", "4bit")
 # Placement strategies accelerate's `device_map` accepts by name (a dict maps modules to devices).
@@ -101,8 +101,11 @@ def resolve_device(device: str = "auto") -> str:
         if not torch.cuda.is_available():
             raise ValueError(f"`device` is {device!r} but torch finds no CUDA device (torch {torch.__version__}); "
                              "pass `--device cpu`, or `--device auto` to use CUDA only when it is there.")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"`device` is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
+        if parsed.index not in (None, 0):
+            # Trainer places what it trains on the first visible GPU whatever the model's device; a run split between
+            # cuda:0 (training) and cuda:N (loading, evaluation) would fail on mixed devices.
+            raise ValueError(f"`device` {device!r}: runs use the first visible GPU. Choose the GPU with "
+                             f"CUDA_VISIBLE_DEVICES={parsed.index} and pass `--device cuda`.")
     return str(parsed)
 
 

@@ -35,6 +35,8 @@ def test_auto_device_is_cuda_when_available(fake_cuda):
     assert resolve_device("cpu") == "cpu"
     fake_cuda(bf16=True)
     assert resolve_device("auto") == "cuda" and resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=1"):
+        resolve_device("cuda:1")
 
 
 def test_auto_dtype_on_cuda_is_bf16_where_supported_else_fp32(fake_cuda):
@@ -105,6 +107,11 @@ def test_the_probe_measures_both_dtypes():
 def test_choices_this_machine_cannot_honour_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         resolve_precision(**kwargs)
+
+
+def test_fp16_is_refused_for_dp_before_any_work():
+    with pytest.raises(ValueError, match="float16 cannot train with `dp`"):
+        PipelineConfig(preset="quick", dtype="float16", dp=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -188,3 +195,18 @@ def test_a_pipeline_run_records_its_precision_and_is_not_reused_in_another(tiny_
     assert main(["run", *flags, "--dp", "false", "--dtype", "bfloat16"]) == 2
     err = capsys.readouterr().err
     assert "--dtype 'float32' then, 'bfloat16' now" in err, err
+
+
+def test_a_student_of_a_bf16_teacher_keeps_its_rope_frequencies_exact(tiny_model_dirs):
+    from peft_post import make_student
+
+    teacher = load_model(tiny_model_dirs["llama"], False, Precision(dtype="bfloat16"))
+    student = make_student(teacher, [0, -1])
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    teacher_buffers, student_buffers = dict(teacher.named_buffers()), dict(student.named_buffers())
+    frequencies = [name for name in student_buffers if name.endswith("inv_freq")]
+    assert frequencies
+    for name in frequencies:
+        # fp32 as transformers keeps them in a bf16 model: rounded to bf16 they would shift every position's angle.
+        assert student_buffers[name].dtype == teacher_buffers[name].dtype == torch.float32
+        assert torch.equal(student_buffers[name], teacher_buffers[name])

@@ -110,7 +110,11 @@ def make_student(teacher, keep_layers: Sequence[int]):
     with no_init_weights():
         student = type(teacher)(config)
     ref = teacher.parameters().__next__()
-    student.to(dtype=ref.dtype, device=ref.device)
+    # Parameters take the teacher's dtype; buffers keep the dtype the constructor gave them (RoPE's inv_freq stays
+    # fp32 in a bf16 teacher, and is copied below as it is: cast to bf16 it would round the positions' frequencies).
+    student.to(device=ref.device)
+    for param in student.parameters():
+        param.data = param.data.to(ref.dtype)
 
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     new_index = {old: new for new, old in enumerate(keep)}

@@ -246,7 +246,8 @@ class PipelineConfig:
     )
     device: str = field(
         default="auto",
-        metadata={"help": "Where every stage runs: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."},
+        metadata={"help": "Where every stage runs: 'auto' (CUDA when available), 'cpu' or 'cuda' (the first visible "
+                  "GPU: choose it with CUDA_VISIBLE_DEVICES)."},
     )
     dtype: str = field(
         default="auto",
@@ -302,6 +303,9 @@ class PipelineConfig:
                                          or self.threads < 1):
             raise ValueError(f"`threads` must be a positive int (or None for torch's default), got {self.threads!r}.")
         self._check_private_data_names()
+        if self.dp and self.dtype == "float16":
+            raise ValueError("`dtype` float16 cannot train with `dp`: its loss scaler would rescale the gradient after "
+                             "the DP noise is added. Pass `--dtype bfloat16` (or float32) for a DP run.")
         self.precision()  # a device, dtype or extra this machine lacks is refused before any work
         if self.student_model is None:
             self.keep_layers()  # validates the layer list before any work

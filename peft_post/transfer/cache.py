@@ -57,15 +57,16 @@ def _device_of(model) -> torch.device:
 def frozen_logits(source_model, target_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(a_s, b_s, b_t): prompted source, plain source and plain target label logits of a collated batch.
 
-    The three no-grad forwards of the uncached path and of cache building; the results lie on the target's device.
+    The three no-grad forwards of the uncached path and of cache building; the results lie on the device of the
+    target's logits (its head's, under a device map).
     """
     keys = ("input_ids", "attention_mask", "label_positions")
     src_dev, tgt_dev = _device_of(source_model), _device_of(target_model)
     src = {k: batch[k].to(src_dev) for k in keys}
     tgt = {k: batch[k].to(tgt_dev) for k in keys}
-    a_s = label_logits(source_model, **src, prompt="auto").to(tgt_dev)
-    b_s = label_logits(source_model, **src, prompt=None).to(tgt_dev)
     b_t = label_logits(target_model, **tgt, prompt=None)
+    a_s = label_logits(source_model, **src, prompt="auto").to(b_t.device)
+    b_s = label_logits(source_model, **src, prompt=None).to(b_t.device)
     return a_s, b_s, b_t
 
 
@@ -368,6 +369,10 @@ def _create_mapped_file(path: str, specs: dict[str, tuple[tuple[int, ...], torch
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         f.truncate(total)
+        if hasattr(os, "posix_fallocate"):
+            # Reserve the blocks now: a sparse file filled through the mapping would die of SIGBUS on a full disk
+            # instead of raising an OSError here, before any forward.
+            os.posix_fallocate(f.fileno(), 0, total)
     return _map_tensors(path, header, start, total, shared=True)
 
 

@@ -375,7 +375,9 @@ class TransferTrainer(Trainer):
         size = projected_cache_bytes(num_examples, vocab, args.cache_top_k, len(label_ids), dtype)
         path = digest = None
         if size > args.cache_memory_budget_mb * 2**20:
-            digest = transfer_cache_digest(self.source_model, self.model, loader, label_ids, args.cache_top_k, dtype)
+            # The autocast state changes the logits computed (not only how they are stored).
+            digest = transfer_cache_digest(self.source_model, self.model, loader, label_ids, args.cache_top_k, dtype,
+                                           extra={"bf16": bool(args.bf16), "fp16": bool(args.fp16)})
             path = transfer_cache_path(digest, args.cache_dir, args.output_dir)
         self.cache_plan = {"projected_bytes": size, "dtype": str(dtype).replace("torch.", ""), "path": path,
                            "message": log_cache_plan(num_examples, vocab, args.cache_top_k, len(label_ids), dtype,
@@ -428,6 +430,8 @@ class TransferTrainer(Trainer):
             frozen = self.frozen_inputs(unwrap_model(model), inputs)
             a_t = forward_through(model, label_logits, inputs["input_ids"], inputs["attention_mask"],
                                   inputs["label_positions"])
+        # On a_t's device: under a device map the target's head may lie on another GPU than its inputs.
+        frozen = {k: None if v is None else v.to(a_t.device) for k, v in frozen.items()}
         if frozen["support"] is not None:
             a_t = a_t.gather(1, frozen["support"])
         loss = transfer_loss(

@@ -139,7 +139,8 @@ class PromptTrainer(Trainer):
             logits = forward_through(model, label_logits, inputs["input_ids"], inputs["attention_mask"],
                                      inputs["label_positions"])
         index, weight = self.verbalizer.index.to(logits.device), self.verbalizer.weight.to(logits.device)
-        total = verbalizer_loss(logits, inputs["labels"], index, weight, reduction="sum")
+        # On the logits' device: under a device map the head (hence the logits) may lie on another GPU than the inputs.
+        total = verbalizer_loss(logits, inputs["labels"].to(logits.device), index, weight, reduction="sum")
         divisor = num_items_in_batch if num_items_in_batch else inputs["labels"].shape[0]
         loss = total / divisor
         return (loss, logits) if return_outputs else loss
