@@ -141,6 +141,8 @@ def test_agreement_keeps_the_full_transfer_of_highest_agreement(alpha_models, tm
     assert record["alpha"] == pick_alpha_by_agreement(measured)
     assert record["alpha_agreement"]["num_examples"] == len(PUBLIC_EVAL)
     assert record["steps"] == 6 and record["alpha_agreement"]["total_steps"] == 6 * len(ALPHA_GRID)
+    # The cache the first transfer built (and the others read) is recorded whichever α is kept.
+    assert record["transfer_cache"]["dtype"] == "float32" and record["transfer_cache"]["projected_bytes"] > 0
     assert trainer.args.alpha == record["alpha"] and f"alpha={record['alpha']:g} chosen by agreement" in \
         record["alpha_note"]
     texts = [r["text"] for r in PUBLIC_EVAL]

@@ -308,7 +308,7 @@ def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public
     texts = list(public_eval[cfg.text_column])
     start = get_prompt(target)
     trainers, prompts, agreements = {}, {}, {}
-    source_predictions = cache = None
+    source_predictions = cache = plan = None
     for value in ALPHA_GRID:
         # Every α starts from the same prompt: TransferTrainer re-initialises p_t from text, but keeps the adapter's
         # own prompt when init_from_source_text is off, which would otherwise be the previous α's result.
@@ -323,6 +323,7 @@ def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public
         trainer.cache = cache  # a_s, b_s, b_t do not depend on α: built by the first transfer, read by the others
         trainer.train(resume_from_checkpoint=resume_checkpoint(folder, trainer.args.max_steps))
         cache = trainer.cache
+        plan = getattr(trainer, "cache_plan", plan)  # set by the transfer that built the cache
         with trainer.accelerator.autocast():  # the transfer's precision, as its own evaluation
             if source_predictions is None:
                 source_predictions = predict_classes(source, tokenizer, texts, task, cfg.eval_batch_size)
@@ -331,6 +332,8 @@ def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public
         prompts[value], trainers[value] = get_prompt(target), trainer
     alpha = pick_alpha_by_agreement(agreements)
     set_prompt(target, prompts[alpha])
+    if plan is not None:  # so the stage record states the shared cache whichever α is kept
+        trainers[alpha].cache_plan = plan
     return trainers[alpha], {
         "alpha": alpha, "agreement": {f"{a:g}": agreements[a] for a in ALPHA_GRID}, "num_examples": len(texts),
         "total_steps": sum(t.state.global_step for t in trainers.values()),
