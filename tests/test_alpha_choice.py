@@ -13,7 +13,7 @@ from transformers import HfArgumentParser
 
 from peft_post.modeling import prompt_parameter
 from peft_post.pipeline import STAGE_FOLDERS, PipelineConfig, load_tokenizer, new_prompted_model, run_pipeline
-from peft_post.pipeline.stages import transfer_prompt
+from peft_post.pipeline.stages import FALLBACK_ALPHA, transfer_prompt
 from peft_post.pipeline.store import settings_key, stage_settings
 from peft_post.prompts import get_prompt
 from peft_post.testing import build_tiny_model, sharpen_model, tiny_sentiment_rows
@@ -158,15 +158,15 @@ def test_agreement_keeps_the_full_transfer_of_highest_agreement(alpha_models, tm
             assert torch.equal(get_prompt(fixed.model), get_prompt(trainer.model))
 
 
-def test_labels_out_of_range_fall_back_to_agreement_with_a_warning(alpha_models, tmp_path):
+def test_labels_out_of_range_fall_back_to_half_with_a_warning(alpha_models, tmp_path):
     shifted = [{**r, "label": r["label"] + 2} for r in PUBLIC_EVAL]  # e.g. a 4-class public set on a 2-class task
     with pytest.warns(UserWarning, match="alpha heuristic is refused: the public held-out split has labels outside"):
         trainer, record, _, _ = _transfer(alpha_models, tmp_path, eval_rows=shifted)
-    assert record["alpha_method"] == "agreement" and record["alpha_inputs"] is None
+    assert record["alpha_method"] == "fallback" and record["alpha_inputs"] is None
+    assert record["alpha"] == FALLBACK_ALPHA == 0.5 and trainer.args.alpha == 0.5
     assert "outside 0..1" in record["alpha_check"]["label_space_mismatch"]
-    measured = {float(a): s for a, s in record["alpha_agreement"]["agreement"].items()}
-    assert record["alpha"] == pick_alpha_by_agreement(measured)
-    assert "The heuristic was refused: the public held-out split has labels outside" in record["alpha_note"]
+    assert record["alpha_agreement"] is None  # agreement is opt-in: measured, it picks α = 0 (see docs/transfer.md)
+    assert "the paper's heuristic was refused (the public held-out split has labels outside" in record["alpha_note"]
     # No accuracy curve against labels that are not the task's.
     assert not any("eval_accuracy" in row for row in record["log_history"])
 
@@ -185,7 +185,7 @@ def test_accuracies_far_below_chance_fall_back_and_a_given_alpha_is_used_as_is(a
         _, record, _, _ = _transfer(alpha_models, tmp_path / "refused", eval_rows=rows)
     check = record["alpha_check"]
     assert (check["public_zero_shot"], check["public_source"], check["num_examples"]) == (0.0, 0.0, 8)
-    assert record["alpha_method"] == "agreement" and record["alpha_inputs"] is None
+    assert (record["alpha_method"], record["alpha"], record["alpha_inputs"]) == ("fallback", FALLBACK_ALPHA, None)
     assert not any("eval_accuracy" in row for row in record["log_history"])
     # An explicit α is never second-guessed.
     with warnings.catch_warnings():
