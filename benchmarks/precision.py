@@ -34,7 +34,7 @@ import time
 import torch
 
 from peft_post.io import atomic_write_json
-from peft_post.profiling import training_stepper
+from peft_post.profiling import synchronize, training_stepper
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "precision.json")
 DTYPES = ("float32", "bfloat16")
@@ -77,11 +77,6 @@ def _random_model_folder(work: str) -> str:
     return path
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def build_steps(cfg, target_path: str, tokenizer, work: str, dtype: str, datasets: dict) -> dict:
     """The five timed steps in one precision, built as the pipeline builds them."""
     from peft import get_peft_model
@@ -98,7 +93,7 @@ def build_steps(cfg, target_path: str, tokenizer, work: str, dtype: str, dataset
     teacher = load_model(target_path, False, precision, "frozen")
     out = lambda name: os.path.join(work, f"{dtype}-{name}")  # noqa: E731
 
-    student = make_student(teacher, cfg.keep_layers()).float()  # fp32 master weights while distilled
+    student = make_student(teacher, cfg.keep_layers())  # DistillationTrainer casts it to fp32 master weights
     text = with_task_template(datasets["distill"], cfg.template, cfg.distill_templated_fraction, cfg.seed,
                               cfg.text_column)
     distill = DistillationTrainer(student, teacher, cfg.distill_args(out("distill")), train_dataset=text,
@@ -119,10 +114,10 @@ def build_steps(cfg, target_path: str, tokenizer, work: str, dtype: str, dataset
     transfer = TransferTrainer(target, prompted_student(), cfg.transfer_args(out("transfer")),
                                public_dataset=datasets["public"], public_eval_dataset=datasets["public"],
                                processing_class=tokenizer)
-    _sync()
+    synchronize()
     start = time.perf_counter()
     transfer.build_cache()
-    _sync()
+    synchronize()
     cache_s = time.perf_counter() - start
 
     collator = VerbalizerCollator(TaskTemplate.from_config(cfg.post_config(), tokenizer), cfg.text_column, None)
@@ -131,12 +126,12 @@ def build_steps(cfg, target_path: str, tokenizer, work: str, dtype: str, dataset
     zero_shot = load_model(target_path, False, precision, "target")
 
     def evaluate_forward() -> float:
-        _sync()
+        synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             label_logits(zero_shot, eval_batch["input_ids"], eval_batch["attention_mask"],
                          eval_batch["label_positions"])
-        _sync()
+        synchronize()
         return time.perf_counter() - start
 
     steps = {"distill": training_stepper(distill, cfg.distill_max_steps),

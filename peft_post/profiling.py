@@ -55,17 +55,19 @@ def track_stage(name: str, stages: list) -> Iterator[None]:
                              peak_memory_mb=round(peak_rss_mb(), 1)))
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work (a no-op on the CPU), so a timer around it measures the work itself."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def training_stepper(trainer, num_steps: int):
     """A function that runs one optimizer step of `trainer` on its next training batch, as `Trainer.train`'s loop
     does it, and returns its seconds (CUDA work included): the step the benchmarks time, interleaved across
     trainers, without `train()`'s callbacks, logging and checkpoints. `num_steps` sizes the LR schedule."""
     import itertools
-
-    import torch
-
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
 
     trainer.create_optimizer_and_scheduler(num_training_steps=num_steps)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, read by `training_step`
@@ -73,13 +75,13 @@ def training_stepper(trainer, num_steps: int):
 
     def step() -> float:
         batch = next(batches)
-        sync()
+        synchronize()
         start = time.perf_counter()
         trainer.training_step(trainer.model, batch)
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
         trainer.optimizer.zero_grad()
-        sync()
+        synchronize()
         return time.perf_counter() - start
 
     return step

@@ -88,8 +88,8 @@ def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: s
 
     start = time.perf_counter()
     masked = cfg.masked
-    # The teacher is frozen in the compute dtype; the student trains on fp32 master weights under autocast.
-    student = make_student(teacher, cfg.keep_layers()).float()
+    # The teacher is frozen in the compute dtype; DistillationTrainer gives the student fp32 master weights.
+    student = make_student(teacher, cfg.keep_layers())
     if not masked and cfg.distill_templated_fraction > 0:
         text = with_task_template(text, cfg.template, cfg.distill_templated_fraction, cfg.seed, cfg.text_column)
     args = cfg.distill_args(output_dir)
