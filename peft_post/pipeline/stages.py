@@ -298,8 +298,7 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
 FALLBACK_ALPHA = 0.5
 
 
-def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public_train, public_eval, output_dir: str,
-                          evaluate_labels: bool = True, reason: Optional[str] = None):
+def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public_train, public_eval, output_dir: str):
     """Choose α without public labels: one transfer per α of `transfer.alpha.ALPHA_GRID`, each the full
     `transfer_max_steps` from the same start, seed and data order, scored by the share of the public held-out texts
     on which the transferred prompt's prediction (argmax over the private task's label words) agrees with the
@@ -309,12 +308,8 @@ def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public
     ``{"alpha", "agreement": {α: share}, "num_examples", "total_steps", "note"}``. Full transfers, not short proxies:
     the prompt that is scored is the one that is kept, at the price of ``len(ALPHA_GRID)`` transfers' steps. The cache
     of frozen logits (a_s, b_s, b_t) does not depend on α, so it is built once and shared; the scoring adds one
-    forward of the source and one per prompt over the held-out texts. ``evaluate_labels`` False (labels unusable or
-    of another task) trains without the public accuracy curve; `reason` (why the heuristic was refused) goes into
-    the note. Each α checkpoints into its own ``output_dir/alpha_<α>`` and resumes from there.
+    forward of the source and one per prompt over the held-out texts. Each α checkpoints into its own ``output_dir/alpha_<α>`` and resumes from there.
     """
-    from transformers.trainer_utils import IntervalStrategy
-
     from ..prompts import get_prompt, set_prompt
     from ..transfer import TransferTrainer
     from ..transfer.alpha import ALPHA_GRID, agreement, agreement_note, pick_alpha_by_agreement, predict_classes
@@ -329,12 +324,8 @@ def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public
         # own prompt when init_from_source_text is off, which would otherwise be the previous α's result.
         set_prompt(target, start)
         folder = os.path.join(output_dir, f"alpha_{value:g}")
-        args = cfg.transfer_args(folder, alpha=value)
-        if not evaluate_labels:
-            args.eval_strategy = IntervalStrategy.NO
-        trainer = TransferTrainer(target, source, args, public_dataset=public_train,
-                                  public_eval_dataset=public_eval if evaluate_labels else None,
-                                  processing_class=tokenizer)
+        trainer = TransferTrainer(target, source, cfg.transfer_args(folder, alpha=value), public_dataset=public_train,
+                                  public_eval_dataset=public_eval, processing_class=tokenizer)
         trainer.cache = cache  # a_s, b_s, b_t do not depend on α: built by the first transfer, read by the others
         trainer.train(resume_from_checkpoint=resume_checkpoint(folder, trainer.args.max_steps))
         cache = trainer.cache
@@ -352,7 +343,7 @@ def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public
     return trainers[alpha], {
         "alpha": alpha, "agreement": {f"{a:g}": agreements[a] for a in ALPHA_GRID}, "num_examples": len(texts),
         "total_steps": sum(t.state.global_step for t in trainers.values()),
-        "note": agreement_note(alpha, agreements, len(texts), reason)}
+        "note": agreement_note(alpha, agreements, len(texts))}
 
 
 def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, folders: dict, masked: bool) -> dict:

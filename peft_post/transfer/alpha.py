@@ -151,14 +151,12 @@ def pick_alpha_by_agreement(agreements: Mapping[float, float]) -> float:
     return max(agreements, key=lambda a: (agreements[a], -abs(a - 0.5), a))
 
 
-def agreement_note(alpha: float, agreements: Mapping[float, float], num_examples: int,
-                   reason: Optional[str] = None) -> str:
-    """The report's sentence on an α chosen by agreement (`reason`: why the heuristic was refused, if it was)."""
+def agreement_note(alpha: float, agreements: Mapping[float, float], num_examples: int) -> str:
+    """The report's sentence on an α chosen by agreement."""
     listed = ", ".join(f"{a:g}: {agreements[a]:.3f}" for a in sorted(agreements))
-    why = f" The heuristic was refused: {reason}." if reason else ""
     return (f"alpha={alpha:g} chosen by agreement: of one transfer per alpha, the prompt whose predictions on the "
             f"{num_examples} public held-out texts agree most with the prompted source's (no public labels read; "
-            f"agreement per alpha {listed}).{why}")
+            f"agreement per alpha {listed}).")
 
 
 def heuristic_note(alpha: float, zero_shot_acc: float, source_acc: float) -> str:
