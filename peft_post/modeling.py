@@ -146,12 +146,6 @@ def soft_cap_logits(logits: torch.Tensor, config) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def require_single_process(args, trainer: str, reason: str) -> None:
-    """Refuse a multi-process run of a trainer that cannot be exactly correct under one, saying why."""
-    if args.world_size > 1:
-        raise ValueError(f"{trainer} runs on one process only (world_size={args.world_size}): {reason}")
-
-
 def require_data_parallel(trainer) -> None:
     """Refuse a distributed backend other than DistributedDataParallel (call after `Trainer.__init__`).
 

@@ -16,8 +16,8 @@ from accelerate import PartialState
 from datasets import Dataset
 from peft import get_peft_model
 
-from peft_post import (DistillationConfig, DistillationTrainer, POSTConfig, PromptTrainer, PromptTrainingConfig,
-                       TransferConfig, TransferTrainer, make_student)
+from peft_post import (DistillationConfig, DistillationTrainer, DPConfig, DPPromptTrainer, POSTConfig, PromptTrainer,
+                       PromptTrainingConfig, TransferConfig, TransferTrainer, make_student)
 from peft_post.distill import prepare_distillation_dataset
 from peft_post.modeling import prompt_parameter
 from peft_post.testing import tiny_corpus, tiny_sentiment_dataset
@@ -82,6 +82,25 @@ def train_prompt(workdir, out, batch):
             "num_examples": metrics["eval_num_examples"], "refuses_unwrapped": refused}
 
 
+def train_dp_prompt(workdir, out, batch):
+    """The prompt and the ledger after DP prompt tuning with the reproducible (test-only) noise seed, and the examples
+    each process's Poisson batches held."""
+    tokenizer = _tokenizer(workdir)
+    model = _prompted(workdir, "target", tokenizer)
+    args = PromptTrainingConfig(os.path.join(out, "dp"), learning_rate=10.0, per_device_train_batch_size=batch,
+                                max_grad_norm=0.0, **{**COMMON, "max_steps": 4, "dataloader_drop_last": False})
+    # Clipping binds for some examples and not others (C between their norms), and σ is small enough for the update
+    # to be mostly signal: a wrong shard, sum or scale would show.
+    dp = DPConfig(noise_multiplier=0.3, max_grad_norm=0.05, insecure_noise_seed=7)
+    trainer = DPPromptTrainer(model, args, dp, train_dataset=tiny_sentiment_dataset(12), processing_class=tokenizer)
+    start = prompt_parameter(model).detach().clone()
+    batches = [list(b) for b in trainer.get_train_dataloader().batch_sampler]
+    trainer.train()
+    ledger = trainer.privacy_report()
+    return {"start": start, "prompt": prompt_parameter(model).detach().clone(), "ledger": ledger, "batches": batches,
+            "sample_rate": trainer.sample_rate}
+
+
 def train_distillation(workdir, out, batch):
     """The student's trainable weights and the logged loss terms after distillation."""
     tokenizer = _tokenizer(workdir)
@@ -107,6 +126,7 @@ def main(workdir, out):
         "transfer": train_transfer(workdir, out, batch=1, accumulation=2),
         "prompt": train_prompt(workdir, out, batch=2),
         "distill": train_distillation(workdir, out, batch=2),
+        "dp_prompt": train_dp_prompt(workdir, out, batch=2),
     }
     for stage, result in results.items():
         torch.save(result, os.path.join(out, f"{stage}-{rank}.pt"))

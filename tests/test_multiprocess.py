@@ -1,4 +1,4 @@
-"""Multi-process (DDP, gloo on CPU) training gives one process's result; DP prompt tuning refuses several processes."""
+"""Multi-process (DDP, gloo on CPU) training gives one process's result, DP prompt tuning included."""
 
 import os
 import socket
@@ -10,11 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from peft import get_peft_model
 
 import _mp_worker
-from peft_post import DPConfig, DPPromptTrainer, POSTConfig, PromptTrainingConfig
 from peft_post.modeling import prompt_parameter, require_data_parallel
+from peft_post.tuning import privacy
 from peft_post.testing import sharpen_model, tiny_model
 
 WORKER = os.path.join(os.path.dirname(__file__), "_mp_worker.py")
@@ -60,7 +59,7 @@ def two_processes(workdir, tmp_path_factory):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     print(f"2-process launch: {time.time() - start:.1f} s")
     return {stage: [torch.load(os.path.join(out, f"{stage}-{rank}.pt")) for rank in (0, 1)]
-            for stage in ("transfer", "prompt", "distill")}
+            for stage in ("transfer", "prompt", "distill", "dp_prompt")}
 
 
 def _same_on_both_ranks(results, key):
@@ -110,13 +109,40 @@ def test_distillation_with_two_processes_equals_one_process(two_processes, workd
             assert multi[rank]["log"][key] == pytest.approx(value, rel=1e-5), key
 
 
-def test_dp_prompt_trainer_refuses_several_processes(monkeypatch, load_tiny, tokenizer, sentiment_dataset, tmp_path):
-    model = get_peft_model(load_tiny("gpt2"), POSTConfig(num_virtual_tokens=2))
-    monkeypatch.setattr(PromptTrainingConfig, "world_size", property(lambda self: 2))
-    args = PromptTrainingConfig(str(tmp_path), use_cpu=True)
-    with pytest.raises(ValueError, match=r"one process only \(world_size=2\).*Poisson.*epsilon"):
-        DPPromptTrainer(model, args, DPConfig(noise_multiplier=1.0), train_dataset=sentiment_dataset,
-                        processing_class=tokenizer)
+def test_dp_prompt_tuning_with_two_processes_equals_one_process(two_processes, workdir, tmp_path):
+    single = _mp_worker.train_dp_prompt(workdir, str(tmp_path), batch=4)
+    multi = two_processes["dp_prompt"]
+    _same_on_both_ranks(multi, "prompt")
+    # Each process holds a disjoint shard of the global Poisson batch (same key, same draws), and together they are
+    # exactly the batch one process draws at the same global rate q = 4 / 12.
+    assert [r["sample_rate"] for r in multi] == [single["sample_rate"]] * 2 == [pytest.approx(1 / 3)] * 2
+    for step, batch in enumerate(single["batches"]):
+        shards = [multi[rank]["batches"][step] for rank in (0, 1)]
+        assert not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1]) == sorted(batch)
+        assert all(i % 2 == rank for rank in (0, 1) for i in shards[rank])
+    assert sum(len(b) for b in single["batches"]) > 0
+    # The same noise once per global step (not once per process) and the same scale: the prompts agree to float
+    # rounding, and the ledger is identical.
+    assert (single["prompt"] - single["start"]).abs().max() > 1000 * 1e-6
+    torch.testing.assert_close(multi[0]["prompt"], single["prompt"], rtol=0, atol=1e-6)
+    assert multi[0]["ledger"] == multi[1]["ledger"] == single["ledger"]
+    assert single["ledger"]["steps"] == 4
+
+
+def test_dp_sampler_shards_are_a_global_poisson_batch():
+    """Without a fixed seed too: processes sharing a key draw one global batch and split it by shard."""
+    source = privacy.NoiseSource()
+    one = list(privacy.PoissonBatchSampler(12, 0.25, 30, source))
+    shards = [list(privacy.PoissonBatchSampler(12, 0.25, 30, source, rank=r, world_size=3)) for r in range(3)]
+    for step, batch in enumerate(one):
+        assert sorted(sum((shards[r][step] for r in range(3)), [])) == sorted(batch)
+    assert any(len(shards[r][step]) == 0 for r in range(3) for step in range(30))  # shards of 4 at q = 0.25: P(some empty) > 1 - 1e-20
+    fixed = [list(privacy.ShuffledBatchSampler(10, 4, source, rank=r, world_size=2)) for r in range(2)]
+    whole = list(privacy.ShuffledBatchSampler(10, 4, source))
+    assert [sorted(a + b) for a, b in zip(*fixed)] == [sorted(b) for b in whole]
+    with pytest.raises(ValueError, match="rank"):
+        privacy.PoissonBatchSampler(12, 0.25, 3, source, rank=2, world_size=2)
 
 
 @pytest.mark.parametrize("backend", [DistributedType.FSDP, DistributedType.DEEPSPEED])

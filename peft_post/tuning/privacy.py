@@ -101,6 +101,40 @@ def gaussian_noise(
     return _generate_noise(std=std, reference=reference, generator=generator, secure_mode=secure_mode)
 
 
+def add_noise(
+    summed: torch.Tensor,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    generator: Optional[torch.Generator] = None,
+    secure_mode: bool = False,
+) -> torch.Tensor:
+    """Σ clipped + N(0, σ²C²I): the Gaussian mechanism on the clipped sum, in float32 at least (noise drawn in bf16
+    would have 8 bits of mantissa). Under several processes it is applied once, to one process's partial sum, before
+    the sums are all-reduced (`all_reduce_sum`)."""
+    summed = _at_least_float32(summed)
+    return summed + gaussian_noise(noise_multiplier * max_grad_norm, summed, generator, secure_mode)
+
+
+def scale_to_mean(noised: torch.Tensor, expected_batch_size: float) -> torch.Tensor:
+    """The noisy sum divided by the *expected* batch size q·N (not the sampled one), which keeps the batch size itself
+    out of the output."""
+    return noised / expected_batch_size
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all processes (itself under one), identical on every process.
+
+    DP training bypasses DistributedDataParallel's gradient hooks (the per-example gradients are taken with respect
+    to per-example copies of the prompt, not the parameter DDP watches), so the clipped sums are reduced here.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    reduced = tensor.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced
+
+
 def privatize(
     summed: torch.Tensor,
     noise_multiplier: float,
@@ -109,18 +143,37 @@ def privatize(
     generator: Optional[torch.Generator] = None,
     secure_mode: bool = False,
 ) -> torch.Tensor:
-    """(Σ clipped + N(0, σ²C²I)) / expected batch size: the noisy mean gradient released by one DP-SGD step.
+    """(Σ clipped + N(0, σ²C²I)) / expected batch size: the noisy mean gradient released by one DP-SGD step of one
+    process (`add_noise`, then `scale_to_mean`)."""
+    return scale_to_mean(add_noise(summed, noise_multiplier, max_grad_norm, generator, secure_mode),
+                         expected_batch_size)
 
-    Dividing by the *expected* batch size (not the sampled one) keeps the batch size itself out of the output. In
-    float32 at least: noise drawn in bf16 would have 8 bits of mantissa.
+
+def distributed_privatize(
+    summed: torch.Tensor,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    generator_factory: Callable[[], torch.Generator],
+    is_noise_process: bool,
+    secure_mode: bool = False,
+) -> torch.Tensor:
+    """The noisy mean gradient of one global DP-SGD step from each process's clipped sum of its own shard.
+
+    The noise is drawn once per global step, by the process `is_noise_process` marks (the main one), and added to
+    its partial sum before the sums are all-reduced: the total is Σ over the whole global batch + one N(0, σ²C²I),
+    the same mechanism as one process computes (Opacus's `DistributedDPOptimizer` does the same). Every process then
+    holds the same gradient, divided by the global expected batch size. Under one process this is `privatize`.
     """
-    summed = _at_least_float32(summed)
-    noise = gaussian_noise(noise_multiplier * max_grad_norm, summed, generator, secure_mode)
-    return (summed + noise) / expected_batch_size
+    if is_noise_process:
+        summed = add_noise(summed, noise_multiplier, max_grad_norm, generator_factory(), secure_mode)
+    else:
+        summed = _at_least_float32(summed)
+    return scale_to_mean(all_reduce_sum(summed), expected_batch_size)
 
 
 def sample_rate_for(batch_size: int, num_examples: int) -> float:
-    """Poisson rate q = expected batch size / N."""
+    """Poisson rate q = expected (global) batch size / N."""
     if num_examples < 1:
         raise ValueError("The training set is empty; DP training needs at least one example.")
     if not 1 <= batch_size <= num_examples:
@@ -267,6 +320,21 @@ class NoiseSource:
         self._key = bytes.fromhex(state["key"])
         self.replayable = bool(state["replayable"])
 
+    def share_across_processes(self) -> None:
+        """Give every process the main process's key (a no-op under one process).
+
+        Every process must draw the same global Poisson batch (each then keeps its own shard) and agree on the step
+        stream. The key travels only over the job's own process group; it is never written anywhere but the user's
+        checkpoints.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        from accelerate.utils import broadcast_object_list  # picks the right device for gloo and NCCL
+
+        (state,) = broadcast_object_list([self.state_dict() if dist.get_rank() == 0 else None], from_process=0)
+        self.load_state_dict(state)
+
 
 class EmptyBatchCollator:
     """Wraps a collator so an empty Poisson batch becomes a batch of zero rows instead of an error."""
@@ -291,10 +359,18 @@ class EmptyBatchCollator:
 class PoissonBatchSampler(Sampler):
     """Batches drawn by Opacus's Poisson sampler (every example joins independently with rate q; batches may be
     empty), each from its own `NoiseSource` generator keyed by (epoch, batch), so skipping batches on resume draws
-    nothing from the stream of later ones."""
+    nothing from the stream of later ones.
 
-    def __init__(self, num_samples: int, sample_rate: float, steps: int, noise_source: NoiseSource):
+    Under several processes (``world_size`` > 1, every process holding the same key) each process keeps the members
+    of the global batch that lie in its own shard, the examples i with i mod world_size = rank: each shard is then
+    Poisson-sampled at the global rate q, the shards are disjoint, and together they are exactly the global Poisson
+    batch one process would draw. Every process yields the same number of batches; a shard's batch may be empty.
+    """
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, noise_source: NoiseSource, rank: int = 0,
+                 world_size: int = 1):
         self.num_samples, self.sample_rate, self.steps, self.noise_source = num_samples, sample_rate, steps, noise_source
+        self.rank, self.world_size = _check_shard(rank, world_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -311,14 +387,18 @@ class PoissonBatchSampler(Sampler):
                 num_samples=self.num_samples, sample_rate=self.sample_rate, steps=1,
                 generator=self.noise_source.generator("poisson", self.epoch, i),
             )
-            yield next(iter(draw))
+            batch = next(iter(draw))
+            yield batch if self.world_size == 1 else [j for j in batch if j % self.world_size == self.rank]
 
 
 class ShuffledBatchSampler(Sampler):
-    """Fixed-size batches of a secret per-epoch shuffle (the last batch may be smaller): ceil(N / B) per epoch."""
+    """Fixed-size batches of a secret per-epoch shuffle (the last batch may be smaller): ceil(N / B) per epoch, where
+    B is the global batch. Under several processes each keeps every world_size-th row of each batch, from its rank."""
 
-    def __init__(self, num_samples: int, batch_size: int, noise_source: NoiseSource):
+    def __init__(self, num_samples: int, batch_size: int, noise_source: NoiseSource, rank: int = 0,
+                 world_size: int = 1):
         self.num_samples, self.batch_size, self.noise_source = num_samples, batch_size, noise_source
+        self.rank, self.world_size = _check_shard(rank, world_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -330,7 +410,13 @@ class ShuffledBatchSampler(Sampler):
     def __iter__(self):
         order = torch.randperm(self.num_samples, generator=self.noise_source.generator("shuffle", self.epoch)).tolist()
         for start in range(0, self.num_samples, self.batch_size):
-            yield order[start : start + self.batch_size]
+            yield order[start : start + self.batch_size][self.rank :: self.world_size]
+
+
+def _check_shard(rank: int, world_size: int) -> tuple[int, int]:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"`rank` must be in [0, world_size), got rank={rank}, world_size={world_size}.")
+    return int(rank), int(world_size)
 
 
 class EpochDataLoader(DataLoader):

@@ -21,8 +21,8 @@ from ..evaluation import accuracy_report, predict_class_scores
 from ..io import atomic_write_json, drop_training_arguments
 from ..losses import verbalizer_loss
 from ..modeling import (base_model_of, forward_through, label_logits, prompt_parameter, require_data_parallel,
-                        require_only_prompt_trainable, require_prompt_model, require_single_process,
-                        train_without_dropout, upcast_trainable_parameters)
+                        require_only_prompt_trainable, require_prompt_model, train_without_dropout, unwrap_model,
+                        upcast_trainable_parameters)
 from ..prompts import prompt_norms
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
 from . import privacy
@@ -285,8 +285,9 @@ def _refuse_selection_on_private_data(args, callbacks) -> None:
 class DPPromptTrainer(PromptTrainer):
     """
     `PromptTrainer` with differential privacy (PromptDPSGD, DESIGN §2): each optimizer step draws a Poisson batch
-    (rate q = per_device_train_batch_size / N), computes every example's exact prompt gradient in one backward,
-    clips each to C, sums, adds N(0, σ²C²I), divides by the expected batch size and hands that to the optimizer.
+    (rate q = per_device_train_batch_size × processes / N), computes every example's exact prompt gradient in one
+    backward, clips each to C, sums, adds N(0, σ²C²I), divides by the expected batch size and hands that to the
+    optimizer.
     A replace-one PLD accountant tracks ε; `privacy_report()` is the ledger, saved in the adapter's
     ``post_config.json`` and, with the accountant's history, in every checkpoint so that resuming keeps ε exact.
 
@@ -299,6 +300,13 @@ class DPPromptTrainer(PromptTrainer):
     tests/test_low_precision.py measures it); norms, clipping, the sum and the noise are always fp32, so each
     example's clipped contribution is ≤ C to fp32 precision. fp16 is refused (its loss scaler would rescale the
     noised gradient).
+
+    Several processes (``accelerate launch``, torchrun; DDP only) run one global DP step together: every process holds
+    the main process's secret key, draws the same global Poisson batch and keeps its shard (examples i with
+    i mod world_size = rank), clips and sums its shard's gradients; the main process adds the step's noise to its
+    sum, the sums are all-reduced, and every process divides by q·N. The accountant steps once per global step on
+    every process. The released prompt and ledger are those one process would produce from the same batches: with
+    ``DPConfig(insecure_noise_seed=...)`` a 2-process run equals a 1-process run (tests/test_multiprocess.py).
 
     What is protected: the prompt's training set (replace-one adjacency; N is public). Not protected: inference
     queries sent to a model that uses the prompt, and anything logged locally during training (loss, evaluation
@@ -339,12 +347,6 @@ class DPPromptTrainer(PromptTrainer):
                 "accumulating several Poisson batches changes the sampling the accountant analyses. To save memory, "
                 "set DPConfig(max_physical_batch_size=...), which splits each Poisson batch exactly."
             )
-        require_single_process(
-            args, "DPPromptTrainer",
-            "each process would draw its own Poisson batches, clip and add its own noise, and count its own privacy "
-            "steps, so the reported epsilon would not describe the released prompt. Launch one process (plain "
-            "`python`); non-private PromptTrainer, TransferTrainer and DistillationTrainer do run on several.",
-        )
         _refuse_selection_on_private_data(args, kwargs.get("callbacks"))
         if train_dataset is None:
             raise ValueError("DP training needs `train_dataset`: N sets the sampling rate and δ.")
@@ -362,8 +364,11 @@ class DPPromptTrainer(PromptTrainer):
         )
         n = len(train_dataset)
         self.noise_source = privacy.NoiseSource(dp_config.insecure_noise_seed)
+        # Under several processes all must draw the same global batches: they share the main process's key.
+        self.noise_source.share_across_processes()
         self.noise_draws = 0
-        self.sample_rate = privacy.sample_rate_for(self.args.per_device_train_batch_size, n)
+        # The expected global batch is the per-process batch times the processes, as under DDP.
+        self.sample_rate = privacy.sample_rate_for(self.global_batch_size, n)
         self.expected_batch_size = self.sample_rate * n
         # σ is calibrated for the steps the Trainer will really run: int(1/q) Poisson batches per epoch, or
         # ceil(N/B) fixed-size ones.
@@ -412,12 +417,18 @@ class DPPromptTrainer(PromptTrainer):
                                        "(DPConfig.public_initial_prompt)")
         return ledger, notes
 
+    @property
+    def global_batch_size(self) -> int:
+        """The expected batch of one DP step over all processes: ``per_device_train_batch_size × world_size``."""
+        return self.args.per_device_train_batch_size * self.args.world_size
+
     def _batch_sampler(self):
         n = len(self.train_dataset)
+        shard = dict(rank=self.args.process_index, world_size=self.args.world_size)
         if self.dp_config.poisson_sampling:
             return privacy.PoissonBatchSampler(n, self.sample_rate, privacy.steps_per_epoch(self.sample_rate),
-                                               self.noise_source)
-        return privacy.ShuffledBatchSampler(n, self.args.per_device_train_batch_size, self.noise_source)
+                                               self.noise_source, **shard)
+        return privacy.ShuffledBatchSampler(n, self.global_batch_size, self.noise_source, **shard)
 
     def _update_privacy_claim(self) -> None:
         # This trainer continues the starting ledger's history instead of clearing it (see `_starting_ledger`).
@@ -436,7 +447,8 @@ class DPPromptTrainer(PromptTrainer):
     # ---- data ----
 
     def get_train_dataloader(self):
-        # Not passed through accelerate (single process): it would re-batch or shard the secret batches.
+        # Not passed through accelerate: it would re-batch or re-shard the secret batches, which `_batch_sampler`
+        # already splits into this process's shard.
         return privacy.secret_dataloader(self.train_dataset, self._batch_sampler(), self.data_collator,
                                          num_workers=self.args.dataloader_num_workers)
 
@@ -452,6 +464,9 @@ class DPPromptTrainer(PromptTrainer):
                 "it, or resume from an earlier checkpoint.")
         self._frozen_train_mode(model)
         inputs = self._prepare_inputs(inputs)
+        # The bare model, not the DDP wrapper: the gradients are taken w.r.t. per-example copies of the prompt, which
+        # DDP's hooks never see; the clipped sums are all-reduced by `distributed_privatize` instead.
+        bare = unwrap_model(model)
         prompt = prompt_parameter(self.model)
         summed = torch.zeros_like(prompt, dtype=torch.float32)
         loss_total = torch.zeros((), device=self.args.device)
@@ -462,19 +477,21 @@ class DPPromptTrainer(PromptTrainer):
                     # The forward under the trainer's autocast (bf16 when `args.bf16`); the gradients come back in
                     # fp32, and the norms, clipping, sum and noise below are fp32.
                     grads, losses = privacy.per_example_gradients(
-                        model, chunk, prompt, self.verbalizer.index, self.verbalizer.weight,
+                        bare, chunk, prompt, self.verbalizer.index, self.verbalizer.weight,
                         autocast=self.accelerator.autocast,
                     )
                     summed += privacy.clipped_sum(grads.float(), self.dp_config.max_grad_norm)
                     loss_total = loss_total + losses.sum().float().to(loss_total.device)
-        # An empty Poisson batch still releases noise and counts as a step: skipping it would change the mechanism.
-        # Draw t comes from its own secret generator, t = the optimizer step (so a resumed run draws what an
-        # uninterrupted one would) and never a t already drawn (a step called twice gets fresh noise).
+        # An empty Poisson batch still releases noise and counts as a step: skipping it would change the mechanism
+        # (and under several processes, a process whose shard is empty still joins the sum). Draw t comes from its own
+        # secret generator, t = the optimizer step (so a resumed run draws what an uninterrupted one would) and never
+        # a t already drawn (a step called twice gets fresh noise); only the main process draws it.
         draw = max(self.noise_draws, self.state.global_step)
         self.noise_draws = draw + 1
-        generator = self.noise_source.generator("noise", draw, device=summed.device)
-        grad = privacy.privatize(
-            summed, self.noise_multiplier, self.dp_config.max_grad_norm, self.expected_batch_size, generator
+        grad = privacy.distributed_privatize(
+            summed, self.noise_multiplier, self.dp_config.max_grad_norm, self.expected_batch_size,
+            lambda: self.noise_source.generator("noise", draw, device=summed.device),
+            is_noise_process=self.args.process_index == 0,
         )
         prompt.grad = grad.to(prompt.dtype)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
