@@ -23,6 +23,7 @@ from transformers import HfArgumentParser
 from .audit import AuditConfig
 from .dp_audit import DPAuditConfig
 from .pipeline import STAGES, PipelineConfig, rename_legacy_fields, rename_legacy_flags, run_pipeline
+from .pipeline.processes import is_main_process
 
 COMMANDS = ("run",) + STAGES + ("audit", "audit-dp", "push")
 HELP = {
@@ -155,13 +156,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         _check_run_dir(cfg.run_dir)
         results = run_pipeline(cfg, only=None if command == "run" else command,
                                command=_command_line(command, rest))
+        prints_report = is_main_process()  # one report on the terminal, not one per process
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    if results is not None:
+    finally:
+        _leave_process_group()
+    if results is not None and prints_report:
         with open(os.path.join(cfg.run_dir, "report.md"), encoding="utf-8") as f:
             print(f.read())
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, leave the job's process group before exit: left to interpreter teardown, gloo's
+    threads can abort a finished process (exit -6), failing a launch whose work is all done."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _quiet_progress_bars() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 from typing import Optional, Union
 
@@ -146,19 +147,35 @@ def soft_cap_logits(logits: torch.Tensor, config) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def require_data_parallel(trainer) -> None:
-    """Refuse a distributed backend other than DistributedDataParallel (call after `Trainer.__init__`).
+def require_data_parallel(trainer, allow_fsdp2: bool = False) -> None:
+    """Refuse a distributed backend the trainer was not checked against (call after `Trainer.__init__`).
 
-    One process and DDP (``accelerate launch`` / ``torchrun``, CPU or GPU) are supported: `forward_through` routes
-    the trainable forward through DDP's wrapper. FSDP, DeepSpeed and the like shard or own the parameters, and the
-    label-slot forward was never checked against them.
+    One process and DDP (``accelerate launch`` / ``torchrun``, CPU or GPU) are supported by every trainer:
+    `forward_through` routes the trainable forward through DDP's wrapper. ``allow_fsdp2`` also admits FSDP2
+    (``accelerate launch --use_fsdp --fsdp_version 2``): `DistillationTrainer`, whose student is called through its
+    own forward, the one FSDP2 gathers parameters in. FSDP1 and DeepSpeed are refused with the supported command.
+
+    accelerate runs FSDP on accelerator devices only: a CPU launch asked for FSDP runs DDP instead (every process
+    holds the whole model), which is said in a warning rather than left silent.
     """
     kind = trainer.accelerator.distributed_type
-    if kind.name != "NO" and not kind.name.startswith("MULTI_"):
-        raise ValueError(
-            f"{type(trainer).__name__} runs on one process or with DistributedDataParallel (`accelerate launch "
-            f"--num_processes N`, torchrun), not with {kind.name}: launch it without an FSDP/DeepSpeed config."
-        )
+    name = type(trainer).__name__
+    if kind.name == "MULTI_CPU" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        warnings.warn(f"{name}: FSDP was asked for, but accelerate runs FSDP on GPUs (and other accelerators) only, "
+                      "so these CPU processes run DistributedDataParallel: each holds the whole model.")
+    if kind.name == "NO" or kind.name.startswith("MULTI_"):
+        return
+    if kind.name == "FSDP" and allow_fsdp2 and getattr(trainer.accelerator, "is_fsdp2", False):
+        return
+    fsdp = ("FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP`) "
+            "or DDP") if allow_fsdp2 else "DDP (`accelerate launch --num_processes N`, torchrun)"
+    what = kind.name
+    if kind.name == "FSDP":
+        what = "FSDP2" if getattr(trainer.accelerator, "is_fsdp2", False) else "FSDP1"
+    raise ValueError(
+        f"{name} runs on one process or with {fsdp}, not with {what}: its forwards were checked against those only "
+        "(docs/scaling.md)."
+    )
 
 
 def unwrap_model(model) -> torch.nn.Module:

@@ -128,6 +128,10 @@ class POSTResults:
         default=None,
         metadata={"help": "Where and in which precision the stages ran (`Precision.record()`: device, dtype, "
                   "device_map, quantization, and why 'auto' chose them)."})
+    num_processes: int = field(
+        default=1,
+        metadata={"help": "Processes the run was launched with (`accelerate launch`, torchrun). Its batch sizes are "
+                  "global, so the results do not depend on it."})
     command: Optional[str] = field(default=None, metadata={"help": "The command line that produced the run."})
     notes: list = field(default_factory=list, metadata={"help": "Free-text remarks printed under the table."})
     not_applicable: dict = field(
@@ -503,6 +507,8 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
         p = r.precision
         placed = "".join(f", {k} {p[k]}" for k in ("device_map", "quantization") if p.get(k))
         lines.append(f"- precision: {p.get('dtype')} on {p.get('device')}{placed} ({p.get('reason')})")
+    if r.num_processes > 1:
+        lines.append(f"- processes: {r.num_processes} (global batches split among them)")
     lines += ["", "## Headline", "", _gap_closed_line(r, d), _zero_shot_line(r, d)]
     lines += ["", "## Accuracy", "", "| Method | Accuracy (%) | Δ vs zero-shot (pp) |", "|---|---:|---:|"]
     for m in METHODS:

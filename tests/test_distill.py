@@ -500,3 +500,18 @@ def test_trainer_label_slot_loss_equals_formula(tokenizer, tmp_path):
     slot_kl = distillation_kl_loss(s_logits[slots][:, None], t_logits[slots][:, None], 2.0)
     lm = lm_loss(s_logits, labels, True)
     assert loss.item() == pytest.approx((5 * kl + 2 * lm + 4 * slot_kl).item(), rel=1e-4)
+
+
+def test_a_teacher_spread_over_devices_is_never_moved_whole(load_tiny):
+    from peft_post.distill import place_teacher
+
+    teacher = load_tiny("llama")
+    # `to(meta)` stands for the move to the training device: visible on CPU-only machines too.
+    assert all(p.device.type == "meta" for p in place_teacher(teacher, torch.device("meta")).parameters())
+    spread = load_tiny("llama")
+    spread.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": 1}
+    assert place_teacher(spread, torch.device("meta")) is spread
+    assert all(p.device.type == "cpu" for p in spread.parameters())
+    one = load_tiny("llama")
+    one.hf_device_map = {"": "cpu"}  # one device: moved like a plain model
+    assert all(p.device.type == "meta" for p in place_teacher(one, torch.device("meta")).parameters())

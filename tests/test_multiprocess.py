@@ -1,5 +1,6 @@
 """Multi-process (DDP, gloo on CPU) training gives one process's result, DP prompt tuning included."""
 
+import json
 import os
 import socket
 import subprocess
@@ -147,8 +148,60 @@ def test_dp_sampler_shards_are_a_global_poisson_batch():
 
 @pytest.mark.parametrize("backend", [DistributedType.FSDP, DistributedType.DEEPSPEED])
 def test_backends_other_than_ddp_are_refused(backend):
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=backend))
-    with pytest.raises(ValueError, match=f"DistributedDataParallel.*not with {backend.name}"):
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=backend, is_fsdp2=True))
+    with pytest.raises(ValueError, match=r"with DDP \(`accelerate launch.*not with (FSDP2|DEEPSPEED)"):
         require_data_parallel(trainer)
     for fine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         require_data_parallel(SimpleNamespace(accelerator=SimpleNamespace(distributed_type=fine)))
+
+
+def test_fsdp2_is_admitted_where_allowed_and_fsdp1_and_deepspeed_are_refused_naming_fsdp2():
+    fsdp2 = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))
+    require_data_parallel(fsdp2, allow_fsdp2=True)
+    for backend, is_fsdp2, shown in ((DistributedType.FSDP, False, "FSDP1"), (DistributedType.DEEPSPEED, False,
+                                                                             "DEEPSPEED")):
+        trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=backend, is_fsdp2=is_fsdp2))
+        with pytest.raises(ValueError, match=f"FSDP2 .*--fsdp_version 2.*not with {shown}"):
+            require_data_parallel(trainer, allow_fsdp2=True)
+
+
+def test_a_cpu_launch_that_asked_for_fsdp_is_told_it_runs_ddp(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    with pytest.warns(UserWarning, match="FSDP on GPUs .* only.*DistributedDataParallel"):
+        require_data_parallel(trainer, allow_fsdp2=True)
+
+
+FSDP_WORKER = os.path.join(os.path.dirname(__file__), "_fsdp_worker.py")
+
+
+def test_distillation_under_fsdp2_with_two_processes_equals_one_process(workdir, tmp_path):
+    """The student sharded by FSDP2 over 2 gloo processes (the teacher left whole), saved by gathering its shards,
+    ends where one process's student does."""
+    out = str(tmp_path / "fsdp")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+           "--fsdp_cpu_ram_efficient_loading", "false", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+           FSDP_WORKER, workdir, out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    infos = []
+    for rank in (0, 1):
+        with open(os.path.join(out, f"info-{rank}.json"), encoding="utf-8") as f:
+            infos.append(json.load(f))
+    assert all(i["distributed_type"] == "FSDP" and i["is_fsdp2"] and i["sharded"] for i in infos), infos
+
+    single = _mp_worker.train_distillation(workdir, str(tmp_path / "one"), batch=4)
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(out, "saved", "model.safetensors"))
+    moved = 0.0
+    for name, value in single["weights"].items():
+        torch.testing.assert_close(saved[name], value, **TOL, msg=name)
+        moved = max(moved, float((value - single["start"][name]).abs().max()))
+    assert moved > 1000 * TOL["atol"]
+    for rank in (0, 1):
+        for key, value in single["log"].items():
+            assert infos[rank]["log"][key] == pytest.approx(value, rel=1e-5), key

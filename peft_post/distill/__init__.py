@@ -3,8 +3,8 @@
 from .cache import TeacherCache
 from .config import DistillationConfig
 from .student import find_layers, make_student
-from .trainer import (DistillationCollator, DistillationTrainer, evaluate_distillation, prepare_distillation_dataset,
-                      with_task_template)
+from .trainer import (DistillationCollator, DistillationTrainer, evaluate_distillation, place_teacher,
+                      prepare_distillation_dataset, with_task_template)
 
 __all__ = [
     "DistillationCollator",
@@ -14,6 +14,7 @@ __all__ = [
     "evaluate_distillation",
     "find_layers",
     "make_student",
+    "place_teacher",
     "prepare_distillation_dataset",
     "with_task_template",
 ]

@@ -18,6 +18,16 @@ INDEX_COLUMN = "teacher_index"
 LABEL_SLOT_COLUMN = "label_slot"
 
 
+def place_teacher(teacher: torch.nn.Module, device) -> torch.nn.Module:
+    """The frozen teacher on the trainer's `device`, unless it was loaded spread over several devices (or partly
+    offloaded) with a ``device_map``: a teacher too large for one device is then left where it is, never moved whole;
+    accelerate's hooks move each layer's inputs, and the trainer moves the outputs to the student's device."""
+    placed = {str(d) for d in (getattr(teacher, "hf_device_map", None) or {}).values()}
+    if len(placed) > 1 or any(p.device.type == "meta" for p in teacher.parameters()):
+        return teacher
+    return teacher.to(device)
+
+
 def prepare_distillation_dataset(dataset, tokenizer, block_size: int, text_field: str = "text",
                                  masked_lm: bool = False):
     """Tokenize a text dataset, concatenate it and cut it into blocks of ``block_size`` tokens.
@@ -179,11 +189,13 @@ class DistillationTrainer(Trainer):
 
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, **kwargs)
-        require_data_parallel(self)
+        # FSDP2 too: the student is called through its own forward (the one FSDP2 gathers parameters in), and nothing
+        # below reads its parameters' shapes after Trainer has wrapped it.
+        require_data_parallel(self, allow_fsdp2=True)
         # The loss is a per-batch mean (scaled for accumulation by training_step); Trainer need not count the tokens
         # of every batch, a collective under multi-process training.
         self.model_accepts_loss_kwargs = False
-        self.teacher = teacher_base.to(self.args.device).eval().requires_grad_(False)
+        self.teacher = place_teacher(teacher_base, self.args.device).eval().requires_grad_(False)
         self.teacher_cache = teacher_cache
         self.eval_teacher_cache = eval_teacher_cache
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -226,6 +238,8 @@ class DistillationTrainer(Trainer):
             else:
                 t_hidden, t_logits = hidden_and_logits(self.teacher, input_ids, attention_mask,
                                                        need_logits=bool(args.alpha_ce or args.alpha_label_slot))
+                # A teacher spread over devices (`place_teacher`) returns them on its last device.
+                t_hidden, t_logits = (None if t is None else t.to(s_logits.device) for t in (t_hidden, t_logits))
         loss, parts = distillation_loss(
             s_logits, t_logits, labels, mask, causal=not self.masked_lm, alpha_ce=args.alpha_ce,
             alpha_lm=args.alpha_lm, alpha_cos=args.alpha_cos, temperature=args.temperature,

@@ -28,7 +28,9 @@ The package, by job; a module imports only modules after it in this list (docs/a
 - `store`: the run folder, the private workspace, the cache keys, the settings keys and output digests, the public
   splits and the private-data check;
 - `data`: the private splits, read the same way by every stage (`private_split`);
-- `config`: `PipelineConfig` (which builds every stage config) and its `PRESETS`.
+- `config`: `PipelineConfig` (which builds every stage config) and its `PRESETS`;
+- `processes`: the processes of one job under `accelerate launch`: the main one writes (`on_main_process`), the
+  batch sizes are global (`per_process_batch`).
 """
 
 from .config import (CONFIG_FILE, PRESETS, PUBLIC_SPLITS_OF_PRIVATE_DATASETS, RENAMED_FIELDS, PipelineConfig,
@@ -40,6 +42,7 @@ from .runner import STAGES, StageMissing, run_pipeline
 from .checkpoints import check_checkpoints, checkpoint_step, resumable_checkpoint, resume_checkpoint
 from .stages import (distill_stage, distill_student, evaluate_stage, score_methods, transfer_prompt,
                      transfer_stage, tune_prompt, tune_stage)
+from .processes import is_main_process, launched_world_size, on_main_process, per_process_batch
 from .store import (ADAPTER_WEIGHTS, DISTILL_OVERLAP_SAMPLE, LOCK_FILE, NO_PROMPT, PRIVATE_DIR, RELEASED_FILES,
                     SCORES_FILE, STAGE_FILE, STAGE_FOLDERS, USER_STAGES, adapter_fingerprint,
                     check_private_data_separation, copy_stage, private_record_path, private_stage_done,
@@ -104,4 +107,8 @@ __all__ = [
     "transfer_stage",
     "tune_stage",
     "USER_STAGES",
+    "is_main_process",
+    "launched_world_size",
+    "on_main_process",
+    "per_process_batch",
 ]

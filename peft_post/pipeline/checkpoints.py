@@ -22,6 +22,8 @@ import re
 import shutil
 from typing import Optional
 
+from .processes import on_main_process
+
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME, written last in a checkpoint
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -56,13 +58,19 @@ def resumable_checkpoint(folder: str, max_steps: int) -> Optional[str]:
 
 def resume_checkpoint(folder: str, max_steps: int) -> Optional[str]:
     """`resumable_checkpoint`, after removing the checkpoints newer than it (incomplete or finished), so that the
-    Trainer saves them again from the resumed state."""
-    chosen = resumable_checkpoint(folder, max_steps)
-    for checkpoint in checkpoints_newest_first(folder):
-        if checkpoint == chosen:
-            break
-        shutil.rmtree(checkpoint)
-    return chosen
+    Trainer saves them again from the resumed state. Under several processes the main one chooses and removes, and
+    every process resumes from its choice."""
+    def choose() -> Optional[str]:
+        chosen = resumable_checkpoint(folder, max_steps)
+        for checkpoint in checkpoints_newest_first(folder):
+            if checkpoint == chosen:
+                break
+            shutil.rmtree(checkpoint)
+        if chosen is not None:
+            print(f"Resuming from {chosen}", flush=True)
+        return chosen
+
+    return on_main_process(choose)
 
 
 def check_checkpoints(folder: str, max_steps: int, stage: str, fix: str) -> None:

@@ -129,7 +129,7 @@ class PipelineConfig:
     )
     distill_max_steps: Optional[int] = field(default=None, metadata={"help": "Distillation optimizer steps."})
     distill_learning_rate: Optional[float] = field(default=None, metadata={"help": "Distillation learning rate."})
-    distill_batch_size: int = field(default=8, metadata={"help": "Distillation blocks per step."})
+    distill_batch_size: int = field(default=8, metadata={"help": "Distillation blocks per step (global: each of N launched processes takes 1/N)."})
     distill_templated_fraction: Optional[float] = field(
         default=None,
         metadata={"help": "Share of the distillation texts wrapped in the task template (without a label), so the "
@@ -192,7 +192,7 @@ class PipelineConfig:
     tune_batch_size: Optional[int] = field(
         default=None,
         metadata={"help": "Prompt-tuning batch size (the expected batch under DP, where larger batches drown less "
-                  "of the signal in noise)."},
+                  "of the signal in noise). Global: each of N launched processes takes 1/N."},
     )
     dp: bool = field(default=True, metadata={"help": "Tune p_s with differential privacy (DP-SGD on the prompt)."})
     dp_target_epsilon: float = field(default=8.0, metadata={"help": "DP budget ε (the paper uses 8)."})
@@ -204,7 +204,7 @@ class PipelineConfig:
     )
     transfer_max_steps: Optional[int] = field(default=None, metadata={"help": "Fixed number of transfer steps."})
     transfer_learning_rate: Optional[float] = field(default=None, metadata={"help": "Transfer Adam learning rate."})
-    transfer_batch_size: int = field(default=8, metadata={"help": "Public examples per transfer step."})
+    transfer_batch_size: int = field(default=8, metadata={"help": "Public examples per transfer step (global: each of N launched processes takes 1/N)."})
     transfer_alpha: Optional[float] = field(
         default=None,
         metadata={"help": "POST α in [0, 1], used as given; None picks it on PUBLIC data by `transfer_alpha_method`."},
@@ -387,7 +387,14 @@ class PipelineConfig:
             {**COMMON_TRAINER_FIELDS, **TRANSFER_FIELDS})
 
     def _stage_values(self, fields: Mapping[str, str]) -> dict:
-        return {arg: getattr(self, name) for arg, name in fields.items()}
+        from .processes import per_process_batch
+
+        values = {arg: getattr(self, name) for arg, name in fields.items()}
+        if "per_device_train_batch_size" in values:
+            # The config's batch sizes are global: each process of an `accelerate launch` takes its share.
+            values["per_device_train_batch_size"] = per_process_batch(values["per_device_train_batch_size"],
+                                                                      fields["per_device_train_batch_size"])
+        return values
 
     # ---------------------------------------------------------------------------------------- building and saving
     @classmethod

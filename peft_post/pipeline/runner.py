@@ -15,6 +15,7 @@ from .config import STAGE_INPUTS, STAGE_NAMES, PipelineConfig
 from .data import private_examples
 from .stages import check_student_tokenizer, distill_stage, evaluate_stage, transfer_stage, tune_stage
 from .preflight import preflight
+from .processes import held_by_main_process, num_processes, on_main_process, start_processes, wait_for_everyone
 from .store import (PRIVATE_DIR, STAGE_FOLDERS, USER_STAGES, SettingsChanged, adapter_fingerprint,
                     check_partial_settings, complete_release, check_settings, discard_stage, labelled_data_digest,
                     migrate_legacy_user_stage, overwrite_hint, private_record_path, private_stage_done,
@@ -38,6 +39,10 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
     Before any stage runs, every finished (or interrupted) stage is checked against this run's settings and its
     outputs against their digests (`_check_reuse`); a mismatch is refused with a ValueError naming the differing
     fields or the damaged file, unless ``cfg.overwrite`` names the stage.
+
+    Under ``accelerate launch`` (or torchrun) every process runs this function: the training stages train together,
+    and the main process alone checks, writes the run folder and the student cache, evaluates and reports
+    (`processes`); every process returns the results.
     """
     if only is not None and only not in STAGES:
         raise ValueError(f"`only` must be one of {STAGES}, got {only!r}.")
@@ -51,8 +56,9 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        overlap = preflight(cfg, only)["data_overlap"]
-        with run_folder_lock(cfg.run_dir):
+        start_processes(cpu=cfg.precision().device == "cpu")
+        overlap = on_main_process(lambda: preflight(cfg, only)["data_overlap"])
+        with held_by_main_process(lambda: run_folder_lock(cfg.run_dir)):
             return _run_stages(cfg, only, command, overlap)
     finally:
         torch.set_num_threads(threads)
@@ -67,12 +73,7 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
     masked = cfg.masked
     target_path = resolve_model(cfg.target_model)
     folders = {name: os.path.join(cfg.run_dir, folder) for name, folder in STAGE_FOLDERS.items()}
-    for name in USER_STAGES:
-        migrate_legacy_user_stage(folders[name], name)
-    # Older runs also cached private test scores inside the provider's transferred_prompt/ (rescored on demand now).
-    legacy_scores = os.path.join(folders["transfer"], "test_evaluation.json")
-    if os.path.isfile(legacy_scores):
-        os.remove(legacy_scores)
+    on_main_process(lambda: _migrate_legacy_run(folders))
     stages: list = []
     records: dict = {}
     student = {"path": None if cfg.student_model is None else resolve_model(cfg.student_model)}
@@ -88,15 +89,8 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
     # Refused before anything is written: a stage made with other settings, a damaged output or checkpoint. A stage
     # subcommand answers only for the stage it runs and those it reads.
     checked = planned if only is None else [s for s in planned if s == only or s in STAGE_INPUTS[only]]
-    settings = _check_reuse(cfg, checked, folders, target_path)
-    for name in cfg.discarded_stages():
-        if name == "tune":
-            _keep_discarded_ledger(cfg.run_dir)
-        discard_stage(cfg.run_dir, name, student_folder(cfg, target_path) if cfg.student_model is None else None,
-                      scores=name in cfg.overwrite_stages())
-    # Saved once the settings are accepted; `overwrite` is this command's, not the run's.
-    dataclasses.replace(cfg, overwrite=None).save(cfg.run_dir)
-    atomic_write_json(os.path.join(cfg.run_dir, PRIVATE_DIR, "data_overlap.json"), overlap)
+    settings = on_main_process(lambda: _check_reuse(cfg, checked, folders, target_path))
+    on_main_process(lambda: _start_run_folder(cfg, target_path, overlap))
 
     def transfer_settings():
         return stage_settings(cfg, "transfer", source_prompt_sha256=adapter_fingerprint(folders["tune"]))
@@ -139,7 +133,8 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
             continue
         fresh: list = []
         with track_stage(name, fresh):
-            record = steps[name]()
+            # The evaluation is the main process's alone (the others wait); the training stages run on every one.
+            record = on_main_process(steps[name]) if name == "evaluate" else steps[name]()
         records[name] = record
         if record.get("reused"):
             stages.append(_stage_stats(name, record, reused=True))
@@ -149,9 +144,10 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
                 record["wall_time_s"] = fresh[0].wall_time_s
                 record["peak_memory_mb"] = fresh[0].peak_memory_mb
                 record.update(settings_record(settings["evaluate"]))
-                atomic_write_json(evaluation_path, record)
+                on_main_process(lambda record=record: atomic_write_json(evaluation_path, record))
             stages.append(_stage_stats(name, record, reused=False))
     if "evaluate" not in records:
+        wait_for_everyone()
         return None
     evaluation, tune, transfer = records["evaluate"], records["tune"], records["transfer"]
     notes = []
@@ -174,10 +170,33 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
         public_dataset=cfg.public_dataset, num_public_examples=cfg.num_public_examples,
         privacy=_ledger(tune.get("privacy")), stages=stages,
         transfer_curve=curve_from_log_history(transfer.get("log_history", [])), transfer_alpha=transfer["alpha"],
-        preset=cfg.preset, seed=cfg.seed, precision=cfg.precision().record(), command=command or " ".join(shlex.quote(a) for a in sys.argv), notes=notes,
+        preset=cfg.preset, seed=cfg.seed, precision=cfg.precision().record(), num_processes=num_processes(),
+        command=command or " ".join(shlex.quote(a) for a in sys.argv), notes=notes,
     )
-    write_report(results, cfg.run_dir)
+    on_main_process(lambda: write_report(results, cfg.run_dir))
     return results
+
+
+def _migrate_legacy_run(folders: dict) -> None:
+    """Bring a run folder written by an older version to today's layout."""
+    for name in USER_STAGES:
+        migrate_legacy_user_stage(folders[name], name)
+    # Older runs also cached private test scores inside the provider's transferred_prompt/ (rescored on demand now).
+    legacy_scores = os.path.join(folders["transfer"], "test_evaluation.json")
+    if os.path.isfile(legacy_scores):
+        os.remove(legacy_scores)
+
+
+def _start_run_folder(cfg: PipelineConfig, target_path: str, overlap: dict) -> None:
+    """Once the settings are accepted: discard the stages `cfg.overwrite` names, save the config and the overlap."""
+    for name in cfg.discarded_stages():
+        if name == "tune":
+            _keep_discarded_ledger(cfg.run_dir)
+        discard_stage(cfg.run_dir, name, student_folder(cfg, target_path) if cfg.student_model is None else None,
+                      scores=name in cfg.overwrite_stages())
+    # `overwrite` is this command's, not the run's.
+    dataclasses.replace(cfg, overwrite=None).save(cfg.run_dir)
+    atomic_write_json(os.path.join(cfg.run_dir, PRIVATE_DIR, "data_overlap.json"), overlap)
 
 
 def _has_per_example_results(results: dict) -> bool:

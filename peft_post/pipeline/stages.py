@@ -30,6 +30,7 @@ from .checkpoints import resume_checkpoint
 from .config import PipelineConfig
 from .data import private_examples
 from .loading import load_model, load_prompted_model, load_tokenizer, model_sizes, new_prompted_model
+from .processes import held_by_main_process, on_main_process
 from .store import (cached_evaluation, check_partial_settings, evaluation_key, finish_stage, labelled_data_digest,
                     private_stage_done, public_splits, release_user_stage, settings_record, user_stage_workspace,
                     stage_done, stage_settings, student_cache_lock, student_folder, verify_outputs)
@@ -41,19 +42,26 @@ METHOD_DESCRIPTIONS = {"zero_shot": "zero-shot", "student_prompt": "student p_s"
 
 def distill_stage(cfg: PipelineConfig, target_path: str, masked: bool) -> tuple[str, dict]:
     """Distil (or reuse) the student; returns its folder and its stage record. One job distils a given student at a
-    time; another that needs it waits, then reuses it."""
+    time; another that needs it waits, then reuses it. Under several processes they distil it together; the main
+    process holds the lock and writes."""
     final = student_folder(cfg, target_path)
+    record = on_main_process(lambda: _finished_student(final))
+    if record is not None:
+        return final, {**record, "reused": True}
+    with held_by_main_process(lambda: student_cache_lock(final)):
+        # Checked again under the lock: a job that waited for another one reuses the student it distilled.
+        record = on_main_process(lambda: _finished_student(final))
+        if record is not None:
+            return final, {**record, "reused": True}
+        return final, _distill_student(cfg, target_path, masked, final)
+
+
+def _finished_student(final: str) -> Optional[dict]:
+    """The record of the student in `final` once its outputs are checked, or None when it is not finished."""
     record = stage_done(final)
     if record is not None:
         verify_outputs(final, record, "distill")
-        return final, {**record, "reused": True}
-    with student_cache_lock(final):
-        # Checked again under the lock: a job that waited for another one reuses the student it distilled.
-        record = stage_done(final)
-        if record is not None:
-            verify_outputs(final, record, "distill")
-            return final, {**record, "reused": True}
-        return final, _distill_student(cfg, target_path, masked, final)
+    return record
 
 
 def _distill_student(cfg: PipelineConfig, target_path: str, masked: bool, final: str) -> dict:
@@ -64,19 +72,26 @@ def _distill_student(cfg: PipelineConfig, target_path: str, masked: bool, final:
     os.makedirs(partial, exist_ok=True)
     tokenizer = load_tokenizer(target_path)
     _, public_eval = public_splits(cfg)
-    student, record = distill_student(cfg, load_model(target_path, masked, cfg.precision()), tokenizer,
+    trainer, record = distill_student(cfg, load_model(target_path, masked, cfg.precision()), tokenizer,
                                       load_text_dataset(cfg.distill_dataset, split=cfg.distill_split),
                                       os.path.join(partial, "checkpoints"), public_eval=public_eval)
-    student.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(os.path.join(partial, "checkpoints"), ignore_errors=True)
-    return finish_stage(partial, final, {"stage": "distill", "teacher": target_path, **record,
-                                         **settings_record(stage_settings(cfg, "distill"))})
+    record = {"stage": "distill", "teacher": target_path, **record, **settings_record(stage_settings(cfg, "distill"))}
+    # On every process, as Trainer expects: under FSDP2 saving gathers the student's shards (a collective); the main
+    # process writes the weights, the config and the tokenizer.
+    trainer.save_model(partial)
+
+    def publish() -> dict:
+        tokenizer.save_pretrained(partial)
+        drop_training_arguments(partial)  # the run's seed; the student goes to anyone
+        shutil.rmtree(os.path.join(partial, "checkpoints"), ignore_errors=True)
+        return finish_stage(partial, final, record)
+
+    return on_main_process(publish)
 
 
 def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: str, public_eval=None):
     """Distil a student of `teacher` (the layers `cfg.student_layers`) on the public `text` dataset; returns the
-    student (eval mode) and the record.
+    trainer (its `model` is the student, in eval mode; its `save_model` writes it, on every process) and the record.
 
     Checkpoints go to `output_dir`, and a run that finds one there resumes from it. With `public_eval` (public
     labelled data), the record holds the student's zero-shot accuracy on it: the provider's check before handing the
@@ -108,21 +123,28 @@ def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: s
                                       "accuracy": student_zs["accuracy"], "num_examples": student_zs["num_examples"],
                                       "per_class": student_zs["per_class"]}
     record["log_history"] = trainer.state.log_history
-    return student, record
+    return trainer, record
 
 
 def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, stage: str, dp: bool,
                settings: Optional[dict] = None) -> dict:
     """Tune a prompt on `model_path` with the private training split (the user's stage). Returns the record, which
     holds `settings` (`store.stage_settings`) when given; checkpoints made with other settings are refused."""
-    record = private_stage_done(folder, stage)
     # Checkpoints (optimizer and RNG state, computed from private data) and the trainer's full output stay in the
     # private workspace; only `release_user_stage`'s allow-list reaches `folder`.
     workspace = user_stage_workspace(folder, stage)
+
+    def finished() -> Optional[dict]:
+        record = private_stage_done(folder, stage)
+        if record is not None:
+            shutil.rmtree(workspace, ignore_errors=True)  # left by a crash after the record was written
+        else:
+            check_partial_settings(os.path.join(workspace, "checkpoints"), stage, settings, claim=True)
+        return record
+
+    record = on_main_process(finished)
     if record is not None:
-        shutil.rmtree(workspace, ignore_errors=True)  # left by a crash after the record was written
         return {**record, "reused": True}
-    check_partial_settings(os.path.join(workspace, "checkpoints"), stage, settings, claim=True)
     start = time.perf_counter()
     train = private_examples(cfg, "train")
     tokenizer = load_tokenizer(model_path)
@@ -131,13 +153,13 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     model = new_prompted_model(model_path, cfg.post_config(model_path), masked, cfg.seed, cfg.precision(), role)
     trainer, record = tune_prompt(cfg, model, tokenizer, train, os.path.join(workspace, "checkpoints"), dp)
     saved = os.path.join(workspace, "saved")
-    shutil.rmtree(saved, ignore_errors=True)
-    trainer.save_model(saved)
+    on_main_process(lambda: shutil.rmtree(saved, ignore_errors=True))
+    trainer.save_model(saved)  # on every process, as Trainer expects; the main one writes
     # Everything in the record is computed from private data without noise (losses, N) or describes the user's run:
     # it is the user's record, never released.
     record = {"stage": stage, "model": model_path, **record, "wall_time_s": time.perf_counter() - start,
               **settings_record(settings)}
-    return release_user_stage(saved, folder, stage, record, workspace)
+    return on_main_process(lambda: release_user_stage(saved, folder, stage, record, workspace))
 
 
 def tune_prompt(cfg: PipelineConfig, model, tokenizer, train_dataset, output_dir: str, dp: bool):
@@ -171,11 +193,17 @@ def tune_prompt(cfg: PipelineConfig, model, tokenizer, train_dataset, output_dir
 def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, source_prompt: str, masked: bool,
                    folder: str, settings: Optional[dict] = None) -> dict:
     """Transfer p_s to the target with public data only (the provider's stage). Returns the record."""
-    record = stage_done(folder)
+    partial = folder + ".partial"
+
+    def finished() -> Optional[dict]:
+        record = stage_done(folder)
+        if record is None:
+            check_partial_settings(os.path.join(partial, "checkpoints"), "transfer", settings, claim=True)
+        return record
+
+    record = on_main_process(finished)
     if record is not None:
         return {**record, "reused": True}
-    partial = folder + ".partial"
-    check_partial_settings(os.path.join(partial, "checkpoints"), "transfer", settings, claim=True)
     start = time.perf_counter()
     public_train, public_eval = public_splits(cfg)
     tokenizer = check_student_tokenizer(target_path, student_path)
@@ -183,13 +211,17 @@ def transfer_stage(cfg: PipelineConfig, target_path: str, student_path: str, sou
     target = new_prompted_model(target_path, cfg.post_config(target_path), masked, cfg.seed, cfg.precision(), "target")
     trainer, record = transfer_prompt(cfg, target, source, tokenizer, public_train, public_eval,
                                       os.path.join(partial, "checkpoints"))
-    trainer.save_model(partial)
-    shutil.rmtree(os.path.join(partial, "checkpoints"), ignore_errors=True)
-    # Trainer pickles its arguments beside the adapter; they hold the run's seed, which the user's stages share, and
-    # the provider publishes this folder.
-    drop_training_arguments(partial)
+    trainer.save_model(partial)  # on every process, as Trainer expects; the main one writes
     record = {"stage": "transfer", **record, "wall_time_s": time.perf_counter() - start, **settings_record(settings)}
-    return finish_stage(partial, folder, record)
+
+    def publish() -> dict:
+        shutil.rmtree(os.path.join(partial, "checkpoints"), ignore_errors=True)
+        # Trainer pickles its arguments beside the adapter; they hold the run's seed, which the user's stages share,
+        # and the provider publishes this folder.
+        drop_training_arguments(partial)
+        return finish_stage(partial, folder, record)
+
+    return on_main_process(publish)
 
 
 def check_student_tokenizer(target_path: str, student_path: str):

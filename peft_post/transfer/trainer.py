@@ -362,7 +362,8 @@ class TransferTrainer(Trainer):
 
         Logs the projected size first, and keeps it with the storage dtype and place in ``self.cache_plan``. A cache
         above ``cache_memory_budget_mb`` goes to a memory-mapped safetensors file in ``cache_dir``, named by the
-        digest of its inputs: built by one process, opened by the others, and reused by a later run.
+        digest of its inputs: built by one process, opened by the others, and reused by a later run. Under several
+        processes the cache always goes to that file, so it is built once for the whole job.
         """
         args = self.args
         loader = DataLoader(
@@ -374,7 +375,8 @@ class TransferTrainer(Trainer):
         vocab = _vocab_size(self.model)
         size = projected_cache_bytes(num_examples, vocab, args.cache_top_k, len(label_ids), dtype)
         path = digest = None
-        if size > args.cache_memory_budget_mb * 2**20:
+        # Several processes share one file, built once by the main process, whatever its size.
+        if size > args.cache_memory_budget_mb * 2**20 or args.world_size > 1:
             # The autocast state changes the logits computed (not only how they are stored).
             digest = transfer_cache_digest(self.source_model, self.model, loader, label_ids, args.cache_top_k, dtype,
                                            extra={"bf16": bool(args.bf16), "fp16": bool(args.fp16)})

@@ -1,0 +1,111 @@
+"""The processes of one `peft-post` job launched with ``accelerate launch`` (or torchrun): who writes, who waits.
+
+Every process of the job runs the whole pipeline, so the training stages train together (DDP, and DP-SGD's global
+step). Everything that touches the run folder or the student cache (stage records, released folders, the report,
+the locks) is done by the main process alone through `on_main_process`, which hands its result, or its error, to the
+others: a refusal on the main process stops every process with the same message instead of leaving them waiting.
+Under one process all of this is a plain call.
+
+The waits use the process group's timeout (30 minutes, transformers' ``ddp_timeout``): a non-main process waits that
+long at most for the main one to finish a step it runs alone, such as the evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, ContextManager, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def launched_world_size() -> int:
+    """The number of processes of this job, as its launcher set it (``WORLD_SIZE``; 1 for a plain ``python``)."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer; launch with accelerate launch "
+                         "or torchrun, which set it.") from None
+
+
+def per_process_batch(batch_size: int, name: str, world_size: int | None = None) -> int:
+    """The per-process share of a global batch: ``batch_size / world_size``, so a run's batches, and hence its
+    results, settings keys and DP ledger, do not depend on how many processes run it. `name` is the field, for the
+    error when it does not divide."""
+    world = launched_world_size() if world_size is None else world_size
+    if batch_size % world:
+        raise ValueError(f"`{name}` ({batch_size}) is the global batch and must be divisible by the {world} processes "
+                         f"of this launch: pick a multiple of {world}, or launch a number of processes that divides it.")
+    return batch_size // world
+
+
+def start_processes(cpu: bool) -> None:
+    """Join the job's process group now (accelerate's `PartialState`), before the pipeline's first wait; a no-op under
+    one process. On GPUs this also makes each process's ``"cuda"`` its own device (``LOCAL_RANK``)."""
+    if launched_world_size() == 1:
+        return
+    from accelerate import PartialState
+
+    PartialState(cpu=cpu)
+
+
+def num_processes() -> int:
+    """The processes of the job's process group once joined (1 under one process)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes: rank 0 of the job, or the only process."""
+    return num_processes() == 1 or torch.distributed.get_rank() == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the job's processes (nothing under one)."""
+    if num_processes() > 1:
+        torch.distributed.barrier()
+
+
+def on_main_process(fn: Callable[[], T]) -> T:
+    """``fn()`` run by the main process only; every process returns its result (which must pickle).
+
+    An exception on the main process is re-raised there and raised on the others with its message, as a `ValueError`
+    when it was one (a refusal: bad settings, a busy run folder) and as a `RuntimeError` otherwise, so no process is
+    left waiting for a step that will not come.
+    """
+    if num_processes() == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    payload: list[Any] = [None]
+    error = None
+    if is_main_process():
+        try:
+            payload = [("ok", fn())]
+        except BaseException as err:  # every process must hear of it before it is raised
+            error = err
+            payload = [("refused" if isinstance(err, ValueError) else "error", f"{type(err).__name__}: {err}")]
+    (outcome,) = broadcast_object_list(payload, from_process=0)
+    if error is not None:
+        raise error
+    kind, value = outcome
+    if kind == "refused":
+        raise ValueError(f"The main process of this job refused: {value}")
+    if kind == "error":
+        raise RuntimeError(f"The main process of this job stopped: {value}")
+    return value
+
+
+@contextlib.contextmanager
+def held_by_main_process(lock: Callable[[], ContextManager]):
+    """Enter the context ``lock()`` (a file lock) on the main process only, for the whole job: the other processes
+    are part of the job that holds it. Failing to take it stops every process (`on_main_process`)."""
+    with contextlib.ExitStack() as stack:
+
+        def take() -> None:
+            stack.enter_context(lock())
+
+        on_main_process(take)
+        yield
