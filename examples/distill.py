@@ -3,6 +3,9 @@
 Usage:
     python examples/distill.py --teacher embedded:smollm2-135m-instruct --keep_layers 0,1,2,3,-4,-3,-2,-1 \
         --dataset embedded:distillation_text --output_dir runs/student --max_steps 300 --learning_rate 1e-3
+
+On several GPUs, with the student sharded by FSDP2 (docs/scaling.md):
+    accelerate launch --config_file examples/accelerate/fsdp2_distill.yaml examples/distill.py ...
 """
 
 from dataclasses import dataclass, field
@@ -29,8 +32,9 @@ def main():
     text = load_text_dataset(script.dataset, split="train")
     trainer = DistillationTrainer(student, teacher, args, train_dataset=text, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
+    trainer.save_model(args.output_dir)  # on every process: under FSDP2 it gathers the student's shards
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from transformers import HfArgumentParser
 
 from .audit import AuditConfig
 from .dp_audit import DPAuditConfig
-from .pipeline import STAGES, PipelineConfig, rename_legacy_fields, rename_legacy_flags, run_pipeline
-from .pipeline.processes import is_main_process
+from .pipeline import (STAGES, PipelineConfig, is_main_process, launched_world_size, rename_legacy_fields,
+                       rename_legacy_flags, run_pipeline)
 
 COMMANDS = ("run",) + STAGES + ("audit", "audit-dp", "push")
 HELP = {
@@ -145,6 +145,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     prog = f"peft-post {command}"
     _quiet_progress_bars()
     try:
+        if command in ("push", "audit", "audit-dp") and launched_world_size() > 1:
+            raise ValueError(f"`peft-post {command}` runs on one process: launch it with plain `python` or "
+                             f"`peft-post`, not under `accelerate launch` or torchrun ({launched_world_size()} "
+                             "processes); only `run` and the stage subcommands run as one job on several.")
         if command == "push":
             return _push(_parse(PushArguments, rest, prog))
         if command == "audit":

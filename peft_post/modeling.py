@@ -197,7 +197,7 @@ def forward_through(model: torch.nn.Module, fn, *args, **kwargs):
     bare = unwrap_model(model)
     ddp = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: route through the DDP module it compiled
     if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-        if torch.is_grad_enabled() and _world_size() > 1:
+        if torch.is_grad_enabled() and process_rank_and_count()[1] > 1:
             raise ValueError(
                 f"A multi-process training forward reached {type(ddp).__name__}, not a DistributedDataParallel "
                 "wrapper: its gradients would not be synchronised. Launch with plain DDP (`accelerate launch`, torchrun)."
@@ -216,9 +216,23 @@ def forward_through(model: torch.nn.Module, fn, *args, **kwargs):
             inner.forward = saved
 
 
-def _world_size() -> int:
+def process_rank_and_count() -> tuple[int, int]:
+    """(rank, number of processes) of the job's `torch.distributed` process group; (0, 1) outside one."""
     dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast_from_main(value):
+    """`value` as the main process (rank 0) holds it, on every process (itself outside a process group); it must
+    pickle. torch's own collective, so it cannot silently do nothing the way a helper keyed on accelerate's state can
+    when that state is not the process group's."""
+    if process_rank_and_count()[1] == 1:
+        return value
+    payload = [value]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    return payload[0]
 
 
 _NOTHING = object()

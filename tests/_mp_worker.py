@@ -7,6 +7,7 @@ reference with batch 4. WORKDIR holds the tokenizer and models that `test_multip
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 
@@ -31,26 +32,26 @@ COMMON = dict(max_steps=STEPS, optim="sgd", seed=0, use_cpu=True, report_to=[], 
               logging_steps=STEPS, dataloader_drop_last=True)
 
 
-def _tokenizer(workdir):
+def tokenizer_in(workdir):
     return tf.AutoTokenizer.from_pretrained(os.path.join(workdir, "tokenizer"))
 
 
-def _causal(workdir, name):
+def causal_lm_in(workdir, name):
     return tf.AutoModelForCausalLM.from_pretrained(os.path.join(workdir, name)).eval()
 
 
-def _prompted(workdir, name, tokenizer):
+def prompted_lm_in(workdir, name, tokenizer):
     config = POSTConfig(tokenizer_name_or_path=os.path.join(workdir, "tokenizer"), **TASK)
-    return get_peft_model(_causal(workdir, name), config)
+    return get_peft_model(causal_lm_in(workdir, name), config)
 
 
 def train_transfer(workdir, out, batch, accumulation=1):
     """p_t after transferring the source's p_s (a perturbed prompt saved by the test) into the target."""
-    tokenizer = _tokenizer(workdir)
-    source = _prompted(workdir, "source", tokenizer)
+    tokenizer = tokenizer_in(workdir)
+    source = prompted_lm_in(workdir, "source", tokenizer)
     with torch.no_grad():
         prompt_parameter(source).copy_(torch.load(os.path.join(workdir, "source_prompt.pt")))
-    target = _prompted(workdir, "target", tokenizer)
+    target = prompted_lm_in(workdir, "target", tokenizer)
     args = TransferConfig(os.path.join(out, "transfer"), alpha=0.5, learning_rate=1.0,
                           per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, **COMMON)
     trainer = TransferTrainer(target, source, args, public_dataset=tiny_sentiment_dataset(8), processing_class=tokenizer)
@@ -62,8 +63,8 @@ def train_transfer(workdir, out, batch, accumulation=1):
 
 def train_prompt(workdir, out, batch):
     """The prompt after non-private prompt tuning."""
-    tokenizer = _tokenizer(workdir)
-    model = _prompted(workdir, "target", tokenizer)
+    tokenizer = tokenizer_in(workdir)
+    model = prompted_lm_in(workdir, "target", tokenizer)
     args = PromptTrainingConfig(os.path.join(out, "prompt"), learning_rate=10.0, per_device_train_batch_size=batch,
                                 **COMMON)
     trainer = PromptTrainer(model, args, train_dataset=tiny_sentiment_dataset(8), eval_dataset=tiny_sentiment_dataset(6, 1),
@@ -85,8 +86,8 @@ def train_prompt(workdir, out, batch):
 def train_dp_prompt(workdir, out, batch):
     """The prompt and the ledger after DP prompt tuning with the reproducible (test-only) noise seed, and the examples
     each process's Poisson batches held."""
-    tokenizer = _tokenizer(workdir)
-    model = _prompted(workdir, "target", tokenizer)
+    tokenizer = tokenizer_in(workdir)
+    model = prompted_lm_in(workdir, "target", tokenizer)
     args = PromptTrainingConfig(os.path.join(out, "dp"), learning_rate=10.0, per_device_train_batch_size=batch,
                                 max_grad_norm=0.0, **{**COMMON, "max_steps": 4, "dataloader_drop_last": False})
     # Clipping binds for some examples and not others (C between their norms), and σ is small enough for the update
@@ -97,14 +98,20 @@ def train_dp_prompt(workdir, out, batch):
     batches = [list(b) for b in trainer.get_train_dataloader().batch_sampler]
     trainer.train()
     ledger = trainer.privacy_report()
+    # A secret key (no seed): each process draws its own from the OS, and the trainer must replace it with the main
+    # process's. Compared by digest only.
+    secret = DPPromptTrainer(prompted_lm_in(workdir, "target", tokenizer), args, DPConfig(noise_multiplier=0.3),
+                             train_dataset=tiny_sentiment_dataset(12), processing_class=tokenizer)
+    key = hashlib.sha256(bytes.fromhex(secret.noise_source.state_dict()["key"])).hexdigest()
     return {"start": start, "prompt": prompt_parameter(model).detach().clone(), "ledger": ledger, "batches": batches,
-            "sample_rate": trainer.sample_rate}
+            "sample_rate": trainer.sample_rate, "secret_key_sha256": key,
+            "secret_batches": [list(b) for b in secret.get_train_dataloader().batch_sampler]}
 
 
 def train_distillation(workdir, out, batch):
     """The student's trainable weights and the logged loss terms after distillation."""
-    tokenizer = _tokenizer(workdir)
-    teacher = _causal(workdir, "teacher")
+    tokenizer = tokenizer_in(workdir)
+    teacher = causal_lm_in(workdir, "teacher")
     student = make_student(teacher, [0, 3])
     # Full blocks only: each process's loss is a mean over its tokens, and the mean of two equal-sized shards' means
     # is the mean over the whole batch only when every row holds the same number of tokens.

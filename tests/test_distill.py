@@ -515,3 +515,48 @@ def test_a_teacher_spread_over_devices_is_never_moved_whole(load_tiny):
     one = load_tiny("llama")
     one.hf_device_map = {"": "cpu"}  # one device: moved like a plain model
     assert all(p.device.type == "meta" for p in place_teacher(one, torch.device("meta")).parameters())
+
+
+def test_a_top_k_cache_distils_without_the_teacher_in_memory(tokenizer, tmp_path):
+    """The path for a teacher too large for the training processes: build a top-k cache once (the teacher may be
+    spread by a device_map there), then distil from the cache with the teacher only on the meta device: it is never
+    moved, and its weights are never read. The student equals one distilled from the same cache with the real teacher."""
+    from accelerate import init_empty_weights
+
+    teacher = tiny_model("llama", tokenizer, init_range=0.3)
+    data = prepare_distillation_dataset(texts(0, 40), tokenizer, 16)
+    cache = TeacherCache.build(teacher, data, kind="topk", top_k=8, store_hidden=False, disable_progress=True)
+    with init_empty_weights():
+        shell = tf.AutoModelForCausalLM.from_config(teacher.config)
+    assert all(p.device.type == "meta" for p in shell.parameters())
+    start = make_student(teacher, [0, 3])
+    results = []
+    for frozen in (teacher, shell):
+        student = copy.deepcopy(start)
+        args = DistillationConfig(str(tmp_path), max_steps=3, learning_rate=0.5, optim="sgd", per_device_train_batch_size=4,
+                                  block_size=16, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+                                  seed=0, alpha_cos=0.0)
+        trainer = DistillationTrainer(student, frozen, args, train_dataset=data, processing_class=tokenizer,
+                                      teacher_cache=cache)
+        trainer.train()
+        results.append({k: v.detach().clone() for k, v in student.named_parameters()})
+    assert all(p.device.type == "meta" for p in shell.parameters())
+    moved = max((results[0][k] - v).abs().max() for k, v in start.named_parameters())
+    assert moved > 1e-3
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_teacher_without_weights_needs_a_top_k_cache(tokenizer, tmp_path):
+    from accelerate import init_empty_weights
+
+    teacher = tiny_model("llama", tokenizer)
+    data = prepare_distillation_dataset(texts(0, 20), tokenizer, 16)
+    with init_empty_weights():
+        shell = tf.AutoModelForCausalLM.from_config(teacher.config)
+    args = DistillationConfig(str(tmp_path), max_steps=1, use_cpu=True, report_to=[], save_strategy="no")
+    hidden = TeacherCache.build(teacher, data, disable_progress=True)
+    for cache in (None, hidden):
+        with pytest.raises(ValueError, match="meta device.*`teacher_cache` must be a top-k TeacherCache"):
+            DistillationTrainer(make_student(teacher, [0, 3]), shell, args, train_dataset=data,
+                                processing_class=tokenizer, teacher_cache=cache)

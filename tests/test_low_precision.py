@@ -340,7 +340,7 @@ def test_clipping_summing_and_noise_of_bf16_gradients_run_in_fp32():
     assert (privacy.per_example_norms(clipped) <= clip * (1 + 4 * 2**-24)).all()
     in_bf16 = grads * privacy.clip_factors(norms, clip).to(torch.bfloat16).view(-1, 1, 1)
     assert (in_bf16.float().flatten(1).norm(dim=1) > clip * (1 + 1e-3)).any()  # the check above can fail
-    noisy = privacy.privatize(summed.to(torch.bfloat16), 1.0, clip, 8.0, torch.Generator().manual_seed(0))
+    noisy = privacy.privatize(summed.to(torch.bfloat16), 1.0, clip, 8.0, lambda: torch.Generator().manual_seed(0))
     assert noisy.dtype == torch.float32
 
 

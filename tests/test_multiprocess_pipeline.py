@@ -4,7 +4,8 @@ The tiny pipeline (tests/conftest.py) is launched with 2 processes, DP on. It mu
 and report once, as one job: every stage folder finished and none left half-written, the report recording the 2
 processes, the DP ledger of the global batch (q = tune_batch_size / N, not twice it), and the student cached under
 the key one process computes (the batch sizes are global, so the world size is not part of any key). A second launch
-reuses every stage, and a launch whose settings differ is refused on both processes before any work.
+reuses every stage, so does one process, and a launch whose settings differ is refused on both processes before any
+work. A launch killed inside DP tuning resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def test_two_processes_run_the_pipeline_as_one_job(launched, monkeypatch):
                                                                    os.path.basename(student) + ".lock"])
 
 
-def test_a_second_launch_reuses_every_stage_and_a_changed_one_is_refused_on_both_processes(launched):
+def test_a_second_launch_reuses_every_stage_and_a_changed_one_is_refused_on_both_processes(launched, monkeypatch):
     run_dir = launched["run_dir"]
     with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
         before = json.load(f)
@@ -97,6 +98,16 @@ def test_a_second_launch_reuses_every_stage_and_a_changed_one_is_refused_on_both
         after = json.load(f)
     assert all(s["reused"] for s in after["stages"])
     assert after["accuracy"] == before["accuracy"] and after["privacy"] == before["privacy"]
+
+    # The world size is in no key: one process reuses every stage the two made.
+    from peft_post.cli import main
+
+    monkeypatch.setenv("PEFT_POST_CACHE", launched["cache"])
+    assert main(launched["argv"]) == 0
+    with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+        alone = json.load(f)
+    assert all(s["reused"] for s in alone["stages"]) and alone["num_processes"] == 1
+    assert alone["accuracy"] == before["accuracy"]
 
     changed = _launch([*launched["argv"], "--tune_learning_rate", "0.5"], launched["cache"])
     assert changed.returncode != 0
@@ -145,3 +156,22 @@ def test_a_killed_two_process_launch_resumes_dp_tuning_from_its_checkpoint(launc
         ledger = json.load(f)["privacy"]
     # The accountant resumed with the checkpoint's history: 40 steps in all, not 40 more.
     assert ledger["steps"] == 40 and sum(n for _, _, n in ledger["history"]) == 40 and ledger["guarantee_holds"]
+
+
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused_before_any_work(tiny_run, monkeypatch):
+    from peft_post.cli import main
+
+    run_dir, flags = tiny_run
+    # What a 3-process launch sets: the config is refused as it is parsed, before the process group is joined.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["run", *flags, "--tune_batch_size", "8"]) == 2
+    assert not os.path.exists(os.path.join(run_dir, "config.json"))
+
+
+@pytest.mark.parametrize("command", ["push", "audit", "audit-dp"])
+def test_the_single_process_commands_are_refused_under_a_launch(command, monkeypatch, capsys):
+    from peft_post.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([command, "--run_dir", "nowhere"]) == 2
+    assert f"`peft-post {command}` runs on one process" in capsys.readouterr().err

@@ -132,7 +132,8 @@ def test_noiseless_step_is_mean_of_clipped_brute_force_gradients(load_tiny, toke
 def test_noise_has_std_sigma_c_over_expected_batch():
     gen = torch.Generator().manual_seed(1234)
     summed = torch.zeros(400, 500)
-    out = privacy.privatize(summed, noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4.0, generator=gen)
+    out = privacy.privatize(summed, noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4.0,
+                            generator=lambda: gen)
     std = 2.0 * 0.5 / 4.0
     n = out.numel()
     # Sample mean and std of 200k Gaussians: 4 standard errors is far outside chance at a fixed seed.
@@ -140,7 +141,7 @@ def test_noise_has_std_sigma_c_over_expected_batch():
     assert abs(float(out.std()) - std) < 4 * std / math.sqrt(2 * n)
     # The noise is added to the clipped sum before dividing.
     gen = torch.Generator().manual_seed(1234)
-    shifted = privacy.privatize(summed + 8.0, 2.0, 0.5, 4.0, generator=gen)
+    shifted = privacy.privatize(summed + 8.0, 2.0, 0.5, 4.0, generator=lambda: gen)
     torch.testing.assert_close(shifted, out + 2.0)
 
 

@@ -21,7 +21,9 @@ LABEL_SLOT_COLUMN = "label_slot"
 def place_teacher(teacher: torch.nn.Module, device) -> torch.nn.Module:
     """The frozen teacher on the trainer's `device`, unless it was loaded spread over several devices (or partly
     offloaded) with a ``device_map``: a teacher too large for one device is then left where it is, never moved whole;
-    accelerate's hooks move each layer's inputs, and the trainer moves the outputs to the student's device."""
+    accelerate's hooks move each layer's inputs, and the trainer moves the outputs to the student's device. A teacher
+    on the meta device (built with ``accelerate.init_empty_weights()``, no weights loaded) stays there:
+    `DistillationTrainer` accepts one only with a top-k `TeacherCache`, which gives all the loss needs of it."""
     placed = {str(d) for d in (getattr(teacher, "hf_device_map", None) or {}).values()}
     if len(placed) > 1 or any(p.device.type == "meta" for p in teacher.parameters()):
         return teacher
@@ -158,6 +160,16 @@ class DistillationTrainer(Trainer):
         if args.alpha_cos and teacher_base.config.hidden_size != student_base.config.hidden_size:
             raise ValueError("alpha_cos > 0 needs equal hidden sizes (teacher "
                              f"{teacher_base.config.hidden_size}, student {student_base.config.hidden_size}).")
+        if any(p.device.type == "meta" for p in teacher_base.parameters()):
+            # A teacher too large for the training processes (docs/scaling.md): its config gives the shapes, a top-k
+            # cache gives everything its weights would, and nothing reads them.
+            for name, data, cache in (("teacher_cache", train_dataset, teacher_cache),
+                                      ("eval_teacher_cache", eval_dataset, eval_teacher_cache)):
+                if data is not None and (cache is None or cache.kind != "topk"):
+                    raise ValueError(
+                        f"The teacher is on the meta device (its weights are not loaded), so `{name}` must be a top-k "
+                        "TeacherCache built with the real teacher (TeacherCache.build(teacher, blocks, kind='topk')); "
+                        "or load the teacher's weights, spread with a device_map if it does not fit one device.")
         if (teacher_cache is not None or eval_teacher_cache is not None) and self.masked_lm:
             raise ValueError("A teacher cache works for causal LMs only: masked-LM inputs are re-masked every step.")
 

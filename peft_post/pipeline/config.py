@@ -48,7 +48,8 @@ RENAMED_FIELDS = {
 
 # Stage config argument -> PipelineConfig field, per stage: how the builders below fill each stage config, and how a
 # stage config's error is reported under the field name the user gave.
-COMMON_TRAINER_FIELDS = {"seed": "seed", "save_steps": "save_steps", "per_device_eval_batch_size": "eval_batch_size"}
+COMMON_TRAINER_FIELDS = {"seed": "seed", "save_steps": "save_steps", "per_device_eval_batch_size": "eval_batch_size",
+                         "ddp_timeout": "ddp_timeout"}
 DISTILL_FIELDS = {
     "max_steps": "distill_max_steps", "learning_rate": "distill_learning_rate",
     "per_device_train_batch_size": "distill_batch_size", "block_size": "distill_block_size",
@@ -240,6 +241,11 @@ class PipelineConfig:
     threads: Optional[int] = field(
         default=None, metadata={"help": "CPU threads torch uses (torch.set_num_threads); None keeps torch's default."}
     )
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={"help": "Under `accelerate launch` on GPUs: seconds a process waits for the others (the process "
+                  "group's timeout), e.g. for the main process's evaluation. CPU processes (gloo) keep 30 minutes."},
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations in the backward pass instead of keeping them (every trainer): less "
@@ -303,6 +309,8 @@ class PipelineConfig:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"`threads` must be a positive int (or None for torch's default), got {self.threads!r}.")
+        if isinstance(self.ddp_timeout, bool) or not isinstance(self.ddp_timeout, int) or self.ddp_timeout < 1:
+            raise ValueError(f"`ddp_timeout` must be a positive int (seconds), got {self.ddp_timeout!r}.")
         self._check_private_data_names()
         if self.dp and self.dtype == "float16":
             raise ValueError("`dtype` float16 cannot train with `dp`: its loss scaler would rescale the gradient after "

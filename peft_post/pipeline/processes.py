@@ -6,17 +6,20 @@ the locks) is done by the main process alone through `on_main_process`, which ha
 others: a refusal on the main process stops every process with the same message instead of leaving them waiting.
 Under one process all of this is a plain call.
 
-The waits use the process group's timeout (30 minutes, transformers' ``ddp_timeout``): a non-main process waits that
-long at most for the main one to finish a step it runs alone, such as the evaluation.
+The waits use the process group's timeout (`PipelineConfig.ddp_timeout` on GPUs, 30 minutes by default; gloo's 30
+minutes on CPU processes): a non-main process waits that long at most for the main one to finish a step it runs
+alone, such as the evaluation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, ContextManager, TypeVar
+from typing import Callable, ContextManager, TypeVar
 
 import torch
+
+from ..modeling import broadcast_from_main, process_rank_and_count
 
 T = TypeVar("T")
 
@@ -41,25 +44,30 @@ def per_process_batch(batch_size: int, name: str, world_size: int | None = None)
     return batch_size // world
 
 
-def start_processes(cpu: bool) -> None:
-    """Join the job's process group now (accelerate's `PartialState`), before the pipeline's first wait; a no-op under
-    one process. On GPUs this also makes each process's ``"cuda"`` its own device (``LOCAL_RANK``)."""
-    if launched_world_size() == 1:
+def start_processes(cpu: bool, timeout_s: float) -> None:
+    """Join the job's process group (accelerate's `PartialState`) with `timeout_s` as its timeout, if nothing has yet;
+    a no-op under one process. On GPUs this also makes each process's ``"cuda"`` its own device (``LOCAL_RANK``).
+
+    Building a `PipelineConfig` usually joins it first: its stage configs are `TrainingArguments`, which join with
+    ``ddp_timeout`` on GPUs and with gloo's default (30 minutes) on CPU processes.
+    """
+    if launched_world_size() == 1 or process_rank_and_count()[1] > 1:
         return
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    PartialState(cpu=cpu)
+    PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
 
 
 def num_processes() -> int:
     """The processes of the job's process group once joined (1 under one process)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return process_rank_and_count()[1]
 
 
 def is_main_process() -> bool:
     """Whether this process writes: rank 0 of the job, or the only process."""
-    return num_processes() == 1 or torch.distributed.get_rank() == 0
+    return process_rank_and_count()[0] == 0
 
 
 def wait_for_everyone() -> None:
@@ -77,20 +85,16 @@ def on_main_process(fn: Callable[[], T]) -> T:
     """
     if num_processes() == 1:
         return fn()
-    from accelerate.utils import broadcast_object_list
-
-    payload: list[Any] = [None]
-    error = None
+    outcome, error = None, None
     if is_main_process():
         try:
-            payload = [("ok", fn())]
+            outcome = ("ok", fn())
         except BaseException as err:  # every process must hear of it before it is raised
             error = err
-            payload = [("refused" if isinstance(err, ValueError) else "error", f"{type(err).__name__}: {err}")]
-    (outcome,) = broadcast_object_list(payload, from_process=0)
+            outcome = ("refused" if isinstance(err, ValueError) else "error", f"{type(err).__name__}: {err}")
+    kind, value = broadcast_from_main(outcome)
     if error is not None:
         raise error
-    kind, value = outcome
     if kind == "refused":
         raise ValueError(f"The main process of this job refused: {value}")
     if kind == "error":

@@ -56,7 +56,7 @@ def run_pipeline(cfg: PipelineConfig, only: Optional[str] = None, command: Optio
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        start_processes(cpu=cfg.precision().device == "cpu")
+        start_processes(cpu=cfg.precision().device == "cpu", timeout_s=cfg.ddp_timeout)
         overlap = on_main_process(lambda: preflight(cfg, only)["data_overlap"])
         with held_by_main_process(lambda: run_folder_lock(cfg.run_dir)):
             return _run_stages(cfg, only, command, overlap)

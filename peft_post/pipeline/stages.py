@@ -117,8 +117,11 @@ def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: s
               "precision": cfg.precision().record()}
     student.eval()
     if public_eval is not None:
-        student_zs = evaluate_prompt(student, tokenizer, public_eval, cfg.post_config(), text_column=cfg.text_column, label_column=cfg.label_column,
-                                     batch_size=cfg.eval_batch_size, desc="student: public zero-shot")
+        # On every process: under FSDP2 the label-slot forward of the sharded student is the whole student's
+        # (tests/test_multiprocess.py), and its gathers are collectives every process must join.
+        student_zs = evaluate_prompt(student, tokenizer, public_eval, cfg.post_config(), text_column=cfg.text_column,
+                                     label_column=cfg.label_column, batch_size=cfg.eval_batch_size,
+                                     desc="student: public zero-shot")
         record["public_zero_shot"] = {"dataset": cfg.public_dataset, "split": cfg.public_split,
                                       "accuracy": student_zs["accuracy"], "num_examples": student_zs["num_examples"],
                                       "per_class": student_zs["per_class"]}
@@ -264,9 +267,7 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
     """
     from transformers.trainer_utils import IntervalStrategy
 
-    from ..evaluation import evaluate_prompt
-    from ..transfer import TransferTrainer, require_shared_vocabulary, suggest_alpha
-    from ..transfer.alpha import heuristic_note, label_space_mismatch
+    from ..transfer import TransferTrainer, require_shared_vocabulary
 
     require_shared_vocabulary(target, source, tokenizer)  # before the α step feeds the source the target's ids
     given = cfg.transfer_alpha if alpha is None else alpha
@@ -274,33 +275,10 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
               "alpha_note": None if given is None else f"alpha={given:g} given (transfer_alpha)."}
     problem = None
     if given is None and cfg.transfer_alpha_method == "heuristic":
-        task = source.active_peft_config
-        labels = public_eval[cfg.label_column] if cfg.label_column in public_eval.column_names else None
-        problem = (f"the public held-out split has no label column {cfg.label_column!r}" if labels is None
-                   else label_space_mismatch(task.num_classes, labels=labels))
-        check = {"num_classes": task.num_classes, "num_examples": len(public_eval)}
-        if problem is None:
-            kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, batch_size=cfg.eval_batch_size)
-            zs = evaluate_prompt(target, tokenizer, public_eval, task, use_prompt=False, desc="alpha: zero-shot", **kw)
-            src = evaluate_prompt(source, tokenizer, public_eval, task, desc="alpha: source", **kw)
-            check.update(public_zero_shot=zs["accuracy"], public_source=src["accuracy"])
-            problem = label_space_mismatch(task.num_classes, zero_shot_acc=zs["accuracy"],
-                                           source_acc=src["accuracy"], num_examples=zs["num_examples"])
-        choice["alpha_check"] = {**check, "label_space_mismatch": problem}
-        if problem is None:
-            given = suggest_alpha(zs["accuracy"], src["accuracy"], task.num_classes)
-            choice.update(alpha_method="heuristic", alpha_note=heuristic_note(given, zs["accuracy"], src["accuracy"]),
-                          alpha_inputs={"public_zero_shot": zs["accuracy"], "public_source": src["accuracy"]})
-        else:
-            # Not agreement: measured on the quick preset it picked α = 0 and POST fell from 79.0% (heuristic, α = 1)
-            # to 55.0% (benchmarks/results/alpha_choice.json). α = 0.5 weighs both terms equally and was the better
-            # of the two on the held-out topic task whose mismatch this rule catches (gap closed 0.81 vs 0.42).
-            given = FALLBACK_ALPHA
-            choice.update(alpha_method="fallback", alpha_note=f"alpha={given:g}: the paper's heuristic was refused "
-                          f"({problem}), so both loss terms are weighted equally.")
-            warnings.warn(f"The alpha heuristic is refused: {problem}. Alpha = {given:g} (both terms weighted "
-                          "equally) is used instead. Set `transfer_alpha` to choose it yourself, or give a public set "
-                          "of the private task's family.")
+        # Chosen by the main process alone and handed to the others: every process must train with the same α.
+        given, found, problem = on_main_process(
+            lambda: _alpha_by_heuristic(cfg, target, source, tokenizer, public_eval))
+        choice.update(found)
     if given is None:  # "agreement", asked for
         trainer, agreement = transfer_by_agreement(cfg, target, source, tokenizer, public_train, public_eval,
                                                    output_dir)
@@ -330,6 +308,41 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
 FALLBACK_ALPHA = 0.5
 
 
+def _alpha_by_heuristic(cfg: PipelineConfig, target, source, tokenizer, public_eval) -> tuple:
+    """`transfer_prompt`'s heuristic α: (α, the record's alpha_* fields, the label-space problem or None)."""
+    from ..evaluation import evaluate_prompt
+    from ..transfer import suggest_alpha
+    from ..transfer.alpha import heuristic_note, label_space_mismatch
+
+    task = source.active_peft_config
+    labels = public_eval[cfg.label_column] if cfg.label_column in public_eval.column_names else None
+    problem = (f"the public held-out split has no label column {cfg.label_column!r}" if labels is None
+               else label_space_mismatch(task.num_classes, labels=labels))
+    check = {"num_classes": task.num_classes, "num_examples": len(public_eval)}
+    if problem is None:
+        kw = dict(text_column=cfg.text_column, label_column=cfg.label_column, batch_size=cfg.eval_batch_size)
+        zs = evaluate_prompt(target, tokenizer, public_eval, task, use_prompt=False, desc="alpha: zero-shot", **kw)
+        src = evaluate_prompt(source, tokenizer, public_eval, task, desc="alpha: source", **kw)
+        check.update(public_zero_shot=zs["accuracy"], public_source=src["accuracy"])
+        problem = label_space_mismatch(task.num_classes, zero_shot_acc=zs["accuracy"], source_acc=src["accuracy"],
+                                       num_examples=zs["num_examples"])
+    found = {"alpha_check": {**check, "label_space_mismatch": problem}}
+    if problem is None:
+        alpha = suggest_alpha(zs["accuracy"], src["accuracy"], task.num_classes)
+        found.update(alpha_method="heuristic", alpha_note=heuristic_note(alpha, zs["accuracy"], src["accuracy"]),
+                     alpha_inputs={"public_zero_shot": zs["accuracy"], "public_source": src["accuracy"]})
+        return alpha, found, None
+    # Not agreement: measured on the quick preset it picked α = 0 and POST fell from 79.0% (heuristic, α = 1) to
+    # 55.0% (benchmarks/results/alpha_choice.json). α = 0.5 weighs both terms equally and was the better of the two
+    # on the held-out topic task whose mismatch this rule catches (gap closed 0.81 vs 0.42).
+    found.update(alpha_method="fallback", alpha_note=f"alpha={FALLBACK_ALPHA:g}: the paper's heuristic was refused "
+                 f"({problem}), so both loss terms are weighted equally.")
+    warnings.warn(f"The alpha heuristic is refused: {problem}. Alpha = {FALLBACK_ALPHA:g} (both terms weighted "
+                  "equally) is used instead. Set `transfer_alpha` to choose it yourself, or give a public set of the "
+                  "private task's family.")
+    return FALLBACK_ALPHA, found, problem
+
+
 def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public_train, public_eval, output_dir: str):
     """Choose α without public labels: one transfer per α of `transfer.alpha.ALPHA_GRID`, each the full
     `transfer_max_steps` from the same start, seed and data order, scored by the share of the public held-out texts
@@ -344,7 +357,7 @@ def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public
     """
     from ..prompts import get_prompt, set_prompt
     from ..transfer import TransferTrainer
-    from ..transfer.alpha import ALPHA_GRID, agreement, agreement_note, pick_alpha_by_agreement, predict_classes
+    from ..transfer.alpha import ALPHA_GRID, agreement, agreement_note, pick_alpha_by_agreement
 
     task = source.active_peft_config
     texts = list(public_eval[cfg.text_column])
@@ -362,11 +375,12 @@ def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public
         trainer.train(resume_from_checkpoint=resume_checkpoint(folder, trainer.args.max_steps))
         cache = trainer.cache
         plan = getattr(trainer, "cache_plan", plan)  # set by the transfer that built the cache
-        with trainer.accelerator.autocast():  # the transfer's precision, as its own evaluation
-            if source_predictions is None:
-                source_predictions = predict_classes(source, tokenizer, texts, task, cfg.eval_batch_size)
-            agreements[value] = agreement(predict_classes(target, tokenizer, texts, task, cfg.eval_batch_size),
-                                          source_predictions)
+        if source_predictions is None:
+            source_predictions = on_main_process(lambda trainer=trainer: _predictions(trainer, source, tokenizer,
+                                                                                      texts, task, cfg))
+        # Scored by the main process alone, which then picks α for every process (all keep the same prompt).
+        agreements[value] = on_main_process(lambda trainer=trainer: agreement(
+            _predictions(trainer, target, tokenizer, texts, task, cfg), source_predictions))
         prompts[value], trainers[value] = get_prompt(target), trainer
     alpha = pick_alpha_by_agreement(agreements)
     set_prompt(target, prompts[alpha])
@@ -376,6 +390,14 @@ def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public
         "alpha": alpha, "agreement": {f"{a:g}": agreements[a] for a in ALPHA_GRID}, "num_examples": len(texts),
         "total_steps": sum(t.state.global_step for t in trainers.values()),
         "note": agreement_note(alpha, agreements, len(texts))}
+
+
+def _predictions(trainer, model, tokenizer, texts: list, task, cfg: PipelineConfig):
+    """`transfer.alpha.predict_classes` under the transfer's precision, as its own evaluation runs."""
+    from ..transfer.alpha import predict_classes
+
+    with trainer.accelerator.autocast():
+        return predict_classes(model, tokenizer, texts, task, cfg.eval_batch_size)
 
 
 def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, folders: dict, masked: bool) -> dict:

@@ -32,7 +32,7 @@ import torch
 from peft import PeftModel
 from transformers.utils import logging
 
-from ..modeling import base_model_of, label_logits, prompt_parameter
+from ..modeling import base_model_of, broadcast_from_main, label_logits, process_rank_and_count, prompt_parameter
 
 CACHE_TENSORS = ("source_logits", "source_base_logits", "target_base_logits")
 # Written into the file's safetensors metadata: a file without it (or with another version) is not reused.
@@ -497,12 +497,6 @@ def transfer_cache_digest(source_model, target_model, dataloader, label_token_id
     return hasher.hexdigest()
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def shared_transfer_cache(path: str, digest: str, build: Callable[[], TransferCache]) -> tuple[TransferCache, bool]:
     """The cache in ``path``: opened when a valid file for ``digest`` is there, else built by ``build()`` (which
     must write ``path``, e.g. `build_transfer_cache(path=path, digest=digest)`); returns (cache, built).
@@ -510,7 +504,7 @@ def shared_transfer_cache(path: str, digest: str, build: Callable[[], TransferCa
     Under `torch.distributed`, only rank 0 opens-or-builds; the others wait for it (a collective), then open the
     file it left. A file that exists but is unusable (truncated, corrupt, other inputs) is rebuilt with a warning.
     """
-    rank, world = _distributed()
+    rank, world = process_rank_and_count()
     cache, built, error = None, False, None
     if rank == 0:
         try:
@@ -524,11 +518,10 @@ def shared_transfer_cache(path: str, digest: str, build: Callable[[], TransferCa
         except BaseException as err:  # tell the waiting ranks before failing, or they would wait forever
             error = err
     if world > 1:
-        message = [None if error is None else f"{type(error).__name__}: {error}"]
-        torch.distributed.broadcast_object_list(message, src=0)
+        message = broadcast_from_main(None if error is None else f"{type(error).__name__}: {error}")
         if rank != 0:
-            if message[0] is not None:
-                raise RuntimeError(f"Rank 0 failed to build the transfer cache {path}: {message[0]}")
+            if message is not None:
+                raise RuntimeError(f"Rank 0 failed to build the transfer cache {path}: {message}")
             try:
                 cache = open_transfer_cache(path, digest=digest)
             except (OSError, ValueError) as err:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..config import validate_privacy_ledger
 from ..losses import verbalizer_loss
-from ..modeling import label_logits
+from ..modeling import broadcast_from_main, label_logits, process_rank_and_count
 from .accountant import ADD_OR_REMOVE_ONE, REPLACE_ONE, calibrate_noise_multiplier
 
 if TYPE_CHECKING:
@@ -127,11 +127,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     DP training bypasses DistributedDataParallel's gradient hooks (the per-example gradients are taken with respect
     to per-example copies of the prompt, not the parameter DDP watches), so the clipped sums are reduced here.
     """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if process_rank_and_count()[1] == 1:
         return tensor
     reduced = tensor.clone()
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
     return reduced
 
 
@@ -140,33 +139,20 @@ def privatize(
     noise_multiplier: float,
     max_grad_norm: float,
     expected_batch_size: float,
-    generator: Optional[torch.Generator] = None,
+    generator: Callable[[], torch.Generator],
     secure_mode: bool = False,
 ) -> torch.Tensor:
-    """(Σ clipped + N(0, σ²C²I)) / expected batch size: the noisy mean gradient released by one DP-SGD step of one
-    process (`add_noise`, then `scale_to_mean`)."""
-    return scale_to_mean(add_noise(summed, noise_multiplier, max_grad_norm, generator, secure_mode),
-                         expected_batch_size)
+    """(Σ clipped + N(0, σ²C²I)) / q·N: the noisy mean gradient of one DP-SGD step, from each process's clipped sum
+    of its own shard (`summed`: the whole batch's under one process).
 
-
-def distributed_privatize(
-    summed: torch.Tensor,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    expected_batch_size: float,
-    generator_factory: Callable[[], torch.Generator],
-    is_noise_process: bool,
-    secure_mode: bool = False,
-) -> torch.Tensor:
-    """The noisy mean gradient of one global DP-SGD step from each process's clipped sum of its own shard.
-
-    The noise is drawn once per global step, by the process `is_noise_process` marks (the main one), and added to
-    its partial sum before the sums are all-reduced: the total is Σ over the whole global batch + one N(0, σ²C²I),
-    the same mechanism as one process computes (Opacus's `DistributedDPOptimizer` does the same). Every process then
-    holds the same gradient, divided by the global expected batch size. Under one process this is `privatize`.
+    The noise is drawn once per global step, by the main process of the process group (rank 0; the only process
+    outside one), from ``generator()`` (called there only), and added to its partial sum before the sums are
+    all-reduced (`all_reduce_sum`): the total is Σ over the whole global batch + one N(0, σ²C²I), the mechanism
+    one process computes (Opacus's `DistributedDPOptimizer` does the same). Every process then holds the same
+    gradient, divided by the global expected batch size q·N (`scale_to_mean`).
     """
-    if is_noise_process:
-        summed = add_noise(summed, noise_multiplier, max_grad_norm, generator_factory(), secure_mode)
+    if process_rank_and_count()[0] == 0:
+        summed = add_noise(summed, noise_multiplier, max_grad_norm, generator(), secure_mode)
     else:
         summed = _at_least_float32(summed)
     return scale_to_mean(all_reduce_sum(summed), expected_batch_size)
@@ -327,13 +313,9 @@ class NoiseSource:
         stream. The key travels only over the job's own process group; it is never written anywhere but the user's
         checkpoints.
         """
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        from accelerate.utils import broadcast_object_list  # picks the right device for gloo and NCCL
-
-        (state,) = broadcast_object_list([self.state_dict() if dist.get_rank() == 0 else None], from_process=0)
-        self.load_state_dict(state)
+        rank, count = process_rank_and_count()
+        if count > 1:
+            self.load_state_dict(broadcast_from_main(self.state_dict() if rank == 0 else None))
 
 
 class EmptyBatchCollator:

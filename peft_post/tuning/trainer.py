@@ -465,7 +465,7 @@ class DPPromptTrainer(PromptTrainer):
         self._frozen_train_mode(model)
         inputs = self._prepare_inputs(inputs)
         # The bare model, not the DDP wrapper: the gradients are taken w.r.t. per-example copies of the prompt, which
-        # DDP's hooks never see; the clipped sums are all-reduced by `distributed_privatize` instead.
+        # DDP's hooks never see; the clipped sums are all-reduced by `privacy.privatize` instead.
         bare = unwrap_model(model)
         prompt = prompt_parameter(self.model)
         summed = torch.zeros_like(prompt, dtype=torch.float32)
@@ -488,14 +488,16 @@ class DPPromptTrainer(PromptTrainer):
         # a t already drawn (a step called twice gets fresh noise); only the main process draws it.
         draw = max(self.noise_draws, self.state.global_step)
         self.noise_draws = draw + 1
-        grad = privacy.distributed_privatize(
+        grad = privacy.privatize(
             summed, self.noise_multiplier, self.dp_config.max_grad_norm, self.expected_batch_size,
             lambda: self.noise_source.generator("noise", draw, device=summed.device),
-            is_noise_process=self.args.process_index == 0,
         )
         prompt.grad = grad.to(prompt.dtype)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        return (loss_total / max(count, 1)).detach()
+        # The logged loss is the mean over the global batch (a local log, computed from private data without noise).
+        totals = privacy.all_reduce_sum(torch.stack([loss_total.detach().float(),
+                                                     torch.tensor(float(count), device=loss_total.device)]))
+        return totals[0] / totals[1].clamp(min=1.0)
 
     # ---- ledger ----
 
@@ -593,6 +595,8 @@ class DPPromptTrainer(PromptTrainer):
         else:
             warnings.warn(f"{checkpoint} has no {privacy.NOISE_KEY_NAME}: the resumed steps draw fresh secret noise "
                           "(still private, but not the stream an uninterrupted run would have drawn).")
+        # Every process continues with the main process's key, whatever its own copy of the checkpoint held.
+        self.noise_source.share_across_processes()
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
