@@ -168,3 +168,45 @@ def test_the_stage_functions_train_exactly_what_the_pipeline_publishes(tiny_run,
     assert scores["post"]["accuracy"] == evaluation["post"]["accuracy"]
     assert scores["zero_shot"]["accuracy"] == evaluation["zero_shot"]["accuracy"]
     assert scores["post"]["num_examples"] == len(test)
+
+
+def test_the_transfer_stopping_rule_keeps_the_best_public_step_and_reports_it(tiny_run):
+    """`--transfer_early_stopping_patience`: Trainer's stopping rule on the public held-out split (public data only).
+    The prompt released is the one whose public held-out accuracy was best, and the report says where it stopped."""
+    from peft_post.evaluation import evaluate_prompt
+
+    run_dir, args = tiny_run
+    cfg = HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(args=[
+        *args, "--dp", "false", "--transfer_max_steps", "12", "--transfer_eval_steps", "2",
+        "--transfer_early_stopping_patience", "1", "--transfer_learning_rate", "0.5", "--transfer_alpha", "0.5"])[0]
+    results = run_pipeline(cfg, command="test")
+    published = json.loads(open(os.path.join(run_dir, STAGE_FOLDERS["transfer"], "stage.json")).read())
+    stop = published["stopping"]
+    curve = {h["step"]: h["eval_accuracy"] for h in published["log_history"] if "eval_accuracy" in h}
+    assert stop["stopped_at_step"] == max(curve) <= 12 and stop["patience"] == 1
+    # The kept step is the first with the best public accuracy; the curve never beat it after.
+    assert stop["public_accuracy"] == max(curve.values()) == curve[stop["kept_step"]]
+    assert all(curve[s] < stop["public_accuracy"] for s in curve if s < stop["kept_step"])
+    # The released prompt is that step's: it scores the best public accuracy again.
+    target = cfg.target_model
+    model = load_prompted_model(target, os.path.join(run_dir, STAGE_FOLDERS["transfer"]), False)
+    _, public_eval = public_splits(cfg)
+    again = evaluate_prompt(model, load_tokenizer(target), public_eval, cfg.post_config(), batch_size=8)
+    assert again["accuracy"] == stop["public_accuracy"]
+    assert any(f"kept the prompt of step {stop['kept_step']}" in note for note in results.notes)
+
+
+def test_the_stopping_rule_fields_stay_out_of_old_settings_keys():
+    from peft_post.pipeline.store import settings_key, stage_settings
+
+    base = PipelineConfig(preset="quick")
+    key = settings_key(stage_settings(base, "transfer", source_prompt_sha256="x"))
+    assert settings_key(stage_settings(dataclasses.replace(base, transfer_eval_steps=None), "transfer",
+                                       source_prompt_sha256="x")) == key
+    stopping = base.with_overrides({"transfer_early_stopping_patience": 3})
+    assert settings_key(stage_settings(stopping, "transfer", source_prompt_sha256="x")) != key
+    args = stopping.transfer_args("out")
+    assert args.load_best_model_at_end and args.metric_for_best_model == "accuracy" and args.save_steps == args.eval_steps
+    assert [type(c).__name__ for c in stopping.transfer_callbacks()] == ["EarlyStoppingCallback"]
+    with pytest.raises(ValueError, match="transfer_early_stopping_patience"):
+        base.with_overrides({"transfer_early_stopping_patience": 0})

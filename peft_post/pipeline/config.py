@@ -220,6 +220,18 @@ class PipelineConfig:
                   "which on the quick preset cost POST 24 points: see docs/transfer.md)."},
     )
     transfer_temperature: float = field(default=2.0, metadata={"help": "Transfer temperature T."})
+    transfer_eval_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Score the transferred prompt on the public held-out split every this many transfer steps "
+                  "(the public curve); None: transfer_max_steps / 5."},
+    )
+    transfer_early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={"help": "The transfer's stopping rule, on public data only: stop when the public held-out accuracy "
+                  "has not improved for this many evaluations, and keep the prompt of the best one (Trainer's "
+                  "EarlyStoppingCallback and load_best_model_at_end). Then transfer_max_steps is a cap. None: train "
+                  "transfer_max_steps and keep the last prompt. Needs public labels of the private task's classes."},
+    )
     transfer_cache_top_k: Optional[int] = field(
         default=None,
         metadata={"help": "Compare the transfer distributions on a small token set (the label words and the "
@@ -287,6 +299,10 @@ class PipelineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        for name in ("transfer_eval_steps", "transfer_early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
         # Checked here because `distill_args` passes the weight on only when templated texts are used.
         if not (isinstance(self.distill_label_slot_weight, (int, float))
                 and 0 <= self.distill_label_slot_weight < float("inf")):
@@ -389,10 +405,24 @@ class PipelineConfig:
             values["alpha"] = alpha
         elif values["alpha"] is None:
             values["alpha"] = ALPHA_PLACEHOLDER
+        eval_steps = self.transfer_eval_steps or max(self.transfer_max_steps // 5, 1)
+        common = self.trainer_arguments()
+        if self.transfer_early_stopping_patience is not None:
+            # Trainer's own best-model rule: a checkpoint at every evaluation, the best reloaded at the end.
+            common.update(save_steps=eval_steps, load_best_model_at_end=True, metric_for_best_model="accuracy",
+                          greater_is_better=True)
         return _named_errors(
-            lambda: TransferConfig(output_dir=output_dir, **self.trainer_arguments(), **values, eval_strategy="steps",
-                                   eval_steps=max(self.transfer_max_steps // 5, 1)),
+            lambda: TransferConfig(output_dir=output_dir, **common, **values, eval_strategy="steps",
+                                   eval_steps=eval_steps),
             {**COMMON_TRAINER_FIELDS, **TRANSFER_FIELDS})
+
+    def transfer_callbacks(self) -> list:
+        """The transfer trainer's callbacks: the stopping rule when `transfer_early_stopping_patience` is set."""
+        from transformers import EarlyStoppingCallback
+
+        if self.transfer_early_stopping_patience is None:
+            return []
+        return [EarlyStoppingCallback(early_stopping_patience=self.transfer_early_stopping_patience)]
 
     def _stage_values(self, fields: Mapping[str, str]) -> dict:
         from .processes import per_process_batch

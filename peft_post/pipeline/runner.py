@@ -159,6 +159,11 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
         notes.append(f"alpha={transfer['alpha']:.3f} from the paper's heuristic on the public held-out split "
                      f"(zero-shot {transfer['alpha_inputs']['public_zero_shot']:.3f}, "
                      f"source {transfer['alpha_inputs']['public_source']:.3f}).")
+    if transfer.get("stopping"):
+        stop = transfer["stopping"]
+        notes.append(f"Transfer stopping rule (public held-out accuracy, patience {stop['patience']}): stopped at "
+                     f"step {stop['stopped_at_step']}, kept the prompt of step {stop['kept_step']} (public held-out "
+                     f"accuracy {stop['public_accuracy']:.3f}).")
     results = POSTResults(
         target_model=cfg.target_model, private_dataset=cfg.private_dataset,
         num_test_examples=evaluation["num_test_examples"],

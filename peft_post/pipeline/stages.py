@@ -286,15 +286,26 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
         choice.update(alpha_method="agreement", alpha_note=agreement.pop("note"), alpha_agreement=agreement)
     else:
         args = cfg.transfer_args(output_dir, alpha=given)
+        callbacks = cfg.transfer_callbacks()
         if problem is not None:  # labels of another task score nothing: no public accuracy curve
             args.eval_strategy = IntervalStrategy.NO
+            if callbacks:
+                warnings.warn("The transfer's stopping rule needs public held-out labels of the private task's "
+                              f"classes ({problem}): the transfer runs transfer_max_steps and keeps its last prompt.")
+                args.load_best_model_at_end, args.metric_for_best_model, callbacks = False, None, []
         trainer = TransferTrainer(target, source, args, public_dataset=public_train,
                                   public_eval_dataset=None if problem is not None else public_eval,
-                                  processing_class=tokenizer)
+                                  processing_class=tokenizer, callbacks=callbacks)
         trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, trainer.args.max_steps))
     record = {"alpha": given, **choice, "steps": trainer.state.global_step,
               "num_public_examples": len(public_train), "precision": cfg.precision().record(),
               "log_history": trainer.state.log_history}
+    if trainer.args.load_best_model_at_end and trainer.state.best_global_step:
+        # The stopping rule's choice, made on the public held-out split: the prompt kept is the best step's.
+        record["stopping"] = {"kept_step": int(trainer.state.best_global_step),
+                              "public_accuracy": float(trainer.state.best_metric),
+                              "stopped_at_step": int(trainer.state.global_step),
+                              "patience": cfg.transfer_early_stopping_patience}
     plan = getattr(trainer, "cache_plan", None)
     if plan is not None:  # its size, dtype and whether it went to disk (not its path: a machine path)
         message = plan["message"] if plan["path"] is None else \
@@ -370,7 +381,8 @@ def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public
         set_prompt(target, start)
         folder = os.path.join(output_dir, f"alpha_{value:g}")
         trainer = TransferTrainer(target, source, cfg.transfer_args(folder, alpha=value), public_dataset=public_train,
-                                  public_eval_dataset=public_eval, processing_class=tokenizer)
+                                  public_eval_dataset=public_eval, processing_class=tokenizer,
+                                  callbacks=cfg.transfer_callbacks())
         trainer.cache = cache  # a_s, b_s, b_t do not depend on α: built by the first transfer, read by the others
         trainer.train(resume_from_checkpoint=resume_checkpoint(folder, trainer.args.max_steps))
         cache = trainer.cache

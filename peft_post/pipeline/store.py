@@ -534,7 +534,8 @@ UNKEYED_FIELDS = frozenset({"run_dir", "preset", "full_baseline", "max_private_o
 # `device`, `dtype`, `device_map` and `quantization` are keyed as resolved (`precision_settings`), not as given:
 # "auto" means another dtype on another machine. Settings added after records were first keyed are left out at their
 # default (the value every older record was made with), so those records keep their keys.
-OMITTED_AT_DEFAULT = {"dtype": "float32", "quantization": None, "transfer_alpha_method": "heuristic"}
+OMITTED_AT_DEFAULT = {"dtype": "float32", "quantization": None, "transfer_alpha_method": "heuristic",
+                      "transfer_eval_steps": None, "transfer_early_stopping_patience": None}
 _TASK = ("template", "label_words", "num_virtual_tokens", "prompt_init_text", "text_column", "label_column")
 _STUDENT = ("target_model", "student_layers", "distill_dataset", "distill_split", "distill_max_steps",
             "distill_learning_rate", "distill_batch_size", "distill_block_size", "distill_templated_fraction",
@@ -544,7 +545,8 @@ _TUNE = ("private_dataset", "private_train_split", "private_test_size", "max_tra
 _DP = ("dp_target_epsilon", "dp_target_delta", "dp_max_grad_norm", "dp_accountant")
 _TRANSFER = ("public_dataset", "public_split", "num_public_examples", "num_public_eval_examples", "transfer_max_steps",
              "transfer_learning_rate", "transfer_batch_size", "transfer_alpha", "transfer_temperature",
-             "transfer_cache_top_k", "transfer_alpha_method", "target_model", "seed")
+             "transfer_cache_top_k", "transfer_alpha_method", "transfer_eval_steps",
+             "transfer_early_stopping_patience", "target_model", "seed")
 _EVALUATE = ("private_dataset", "private_test_split", "private_test_size", "max_test_examples", "target_model", "seed")
 # Settings entries that are digests, not fields, and what they digest (for the refusal's wording).
 DIGESTS = {"private_train_data_sha256": "the private training data (its texts and labels)",
