@@ -137,6 +137,7 @@ NUMERIC = [
     ("transfer_temperature", "0"), ("transfer_temperature", "inf"), ("transfer_cache_top_k", "0"),
     ("eval_batch_size", "0"), ("save_steps", "0"), ("seed", "-1"), ("seed", "4294967296"),
     ("private_test_size", "0"), ("private_test_size", "1.5"), ("private_test_size", "-2"), ("threads", "0"),
+    ("ddp_timeout", "0"), ("transfer_eval_steps", "0"), ("transfer_early_stopping_patience", "-1"),
 ]
 # Values argparse refuses: not a number, not a bool.
 BAD_TYPES = [("tune_max_steps", "abc"), ("transfer_alpha", "half"), ("dp", "maybe"), ("seed", "1.5"),
