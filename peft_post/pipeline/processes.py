@@ -33,11 +33,11 @@ def launched_world_size() -> int:
                          "or torchrun, which set it.") from None
 
 
-def per_process_batch(batch_size: int, name: str, world_size: int | None = None) -> int:
-    """The per-process share of a global batch: ``batch_size / world_size``, so a run's batches, and hence its
-    results, settings keys and DP ledger, do not depend on how many processes run it. `name` is the field, for the
-    error when it does not divide."""
-    world = launched_world_size() if world_size is None else world_size
+def per_process_batch(batch_size: int, name: str) -> int:
+    """The per-process share of a global batch: ``batch_size / launched_world_size()``, so a run's batches, and hence
+    its results, settings keys and DP ledger, do not depend on how many processes run it. `name` is the field, for
+    the error when it does not divide."""
+    world = launched_world_size()
     if batch_size % world:
         raise ValueError(f"`{name}` ({batch_size}) is the global batch and must be divisible by the {world} processes "
                          f"of this launch: pick a multiple of {world}, or launch a number of processes that divides it.")
