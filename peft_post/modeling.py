@@ -165,13 +165,13 @@ def require_data_parallel(trainer, allow_fsdp2: bool = False) -> None:
                       "so these CPU processes run DistributedDataParallel: each holds the whole model.")
     if kind.name == "NO" or kind.name.startswith("MULTI_"):
         return
-    if kind.name == "FSDP" and allow_fsdp2 and getattr(trainer.accelerator, "is_fsdp2", False):
-        return
-    fsdp = ("FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP`) "
-            "or DDP") if allow_fsdp2 else "DDP (`accelerate launch --num_processes N`, torchrun)"
     what = kind.name
     if kind.name == "FSDP":
         what = "FSDP2" if getattr(trainer.accelerator, "is_fsdp2", False) else "FSDP1"
+    if what == "FSDP2" and allow_fsdp2:
+        return
+    fsdp = ("FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP`) "
+            "or DDP") if allow_fsdp2 else "DDP (`accelerate launch --num_processes N`, torchrun)"
     raise ValueError(
         f"{name} runs on one process or with {fsdp}, not with {what}: its forwards were checked against those only "
         "(docs/scaling.md)."

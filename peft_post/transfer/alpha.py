@@ -33,7 +33,8 @@ ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Level of the below-chance test: a label-compatible public set whose two accuracies are on average at or above chance
 # is refused by noise alone with probability at most this (the bound is loose: simulated at exactly chance, with
 # both point estimates also required below chance, the rate is <= 1.1% for 2-4 classes and 8-128 examples, even when
-# the two models err on the same examples). A refusal costs little (α falls back to 0.5, said in a warning and the record); a miss is the silent α = 1 of a public set of another family. 0.05 catches that case on
+# the two models err on the same examples). A refusal costs little (α falls back to 0.5, said in a warning and the
+# record); a miss is the silent α = 1 of a public set of another family. 0.05 catches that case on
 # 64 examples already (zero-shot 3/64, source 12/64: bound 0.029).
 MISMATCH_LEVEL = 0.05
 
