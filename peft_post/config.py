@@ -99,7 +99,7 @@ class POSTConfig(PromptTuningConfig):
         default_factory=lambda: [list(w) for w in DEFAULT_LABEL_WORDS],
         metadata={
             "help": "One list of label words per class, in label-id order, written without the leading space "
-            "(the verbalizer scores the first token of ' word')."
+            "(the verbalizer scores ' word'; a word of several tokens by its mean token log-probability)."
         },
     )
     max_length: int = field(

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import POSTConfig
-from .modeling import base_model_of, label_logits
+from .modeling import base_model_of
+from .scoring import class_scores_of
 from .tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
 
 METRICS_DIR = os.path.join(os.path.dirname(__file__), "metrics")
@@ -106,8 +107,7 @@ def predict_class_scores(
         for batch in tqdm(dataloader, desc=desc, disable=disable_progress, leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(device, autocast_dtype):
-                logits = label_logits(model, **batch, prompt=prompt)
-            scores.append(verbalizer.class_scores(logits).float().cpu())
+                scores.append(class_scores_of(model, **batch, verbalizer=verbalizer, prompt=prompt).float().cpu())
             labels.append(batch["labels"].cpu())
     finally:
         model.train(was_training)

@@ -32,6 +32,25 @@ def verbalizer_loss(logits: torch.Tensor, labels: torch.Tensor, index: torch.Ten
     return F.cross_entropy(class_scores(logits, index, weight).float(), labels, reduction=reduction)
 
 
+def continuation_log_probs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Length-normalised log-probability of each row's continuation under teacher forcing.
+
+    logits: (N, K, V) vocabulary logits at the K positions that predict the continuation's tokens; targets: (N, K)
+    the tokens; mask: (N, K) True on real tokens (at least one per row). Returns (N,) the mean over real tokens of
+    log softmax(logits)[target], in float32 at least. A one-token continuation gives that token's log-probability.
+    """
+    if logits.dim() != 3 or targets.shape != logits.shape[:2] or mask.shape != targets.shape:
+        raise ValueError(f"continuation_log_probs needs (N, K, V) logits with (N, K) targets and mask, got "
+                         f"{tuple(logits.shape)}, {tuple(targets.shape)} and {tuple(mask.shape)}.")
+    mask = mask.to(torch.bool)
+    if not mask.any(-1).all():
+        raise ValueError("Every continuation needs at least one real token in `mask`.")
+    token_log_probs = F.log_softmax(_at_least_float32(logits), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # Masked positions may hold anything (padding predicted from padding): zeroed, not multiplied, so -inf stays out.
+    token_log_probs = torch.where(mask, token_log_probs, torch.zeros_like(token_log_probs))
+    return token_log_probs.sum(-1) / mask.sum(-1).to(token_log_probs.dtype)
+
+
 # ---- Stage 1: distillation (DistilBERT recipe). `mask` is (B, L) bool: the non-padding positions to average over.
 
 

@@ -264,7 +264,9 @@ def label_logits(
     """Vocabulary logits (B, V) at each row's label slot, in float32 (float64 for a float64 model) whatever the
     model's dtype or autocast: every loss and score downstream is a softmax over them.
 
-    ``label_positions`` index the unprompted sequence (as `VerbalizerCollator` returns them). ``prompt``:
+    ``label_positions`` index the unprompted sequence (as `VerbalizerCollator` returns them): (B,) gives (B, V)
+    logits; (B, K) gives the (B, K, V) logits at K positions of each row (the teacher-forced scoring of multi-token
+    label words, `peft_post.scoring`). ``prompt``:
     ``"auto"`` uses the active adapter's prompt of a `PeftModel` (none for a plain model); ``None`` runs the base
     model unprompted (the zero-shot logits); a tensor of shape (n, d) or (B, n, d) is prepended as given.
 
@@ -316,8 +318,13 @@ def label_logits(
 
 
 def _label_slots(device, batch: int, label_positions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, positions) index tensors on `device` that pick each row's label slot, after `n` prompt tokens."""
-    return torch.arange(batch, device=device), label_positions.to(device) + n
+    """(rows, positions) index tensors on `device` that pick each row's label slot (or its K slots, for (B, K)
+    positions), after `n` prompt tokens."""
+    positions = label_positions.to(device) + n
+    rows = torch.arange(batch, device=device)
+    if positions.dim() == 2:
+        rows = rows.unsqueeze(1).expand_as(positions)
+    return rows, positions
 
 
 def _parameter_device(module: torch.nn.Module) -> Optional[torch.device]:

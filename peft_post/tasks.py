@@ -11,19 +11,28 @@ import torch
 
 from .config import POSTConfig
 
-MULTI_TOKEN_POLICIES = ("error", "first")
+MULTI_TOKEN_POLICIES = ("sequence", "first", "error")
 
 
 class Verbalizer:
-    """Maps each class to label-word token ids and scores classes from vocabulary logits.
+    """Maps each class to label words and scores classes.
 
-    A word's token is the first token of ``" word"`` (with a leading space, as it follows the template's last
-    token). Empty words, words that map to the unknown or a special token, and one token shared by two classes
-    raise `ValueError`. A word that is more than one token raises under ``multi_token="error"`` (the default,
-    because the class score then silently measures only a word prefix) and warns under ``multi_token="first"``.
+    A word's tokens are those of ``" word"`` (with a leading space, as it follows the template's last token).
+
+    - **Single-token verbalizer** (every word is one token): a class score is the mean logit of its words' tokens
+      at the label slot (`class_scores`), from one forward whose head runs at that slot only.
+    - **Multi-token words** (``multi_token="sequence"``, the default): a word's score is its length-normalised
+      log-probability, the mean over its tokens of log p(token | text, earlier tokens of the word), scored with
+      teacher forcing (`peft_post.scoring.class_scores_of`), and a class score is the mean over its words. A
+      verbalizer that holds one multi-token word scores every word that way (log-probabilities, not logits, so
+      that words of different lengths compare).
+    - ``multi_token="first"`` keeps only a word's first token (with a warning); ``"error"`` refuses such words.
+
+    Empty words, words that map to the unknown or a special token, and one token sequence shared by two classes
+    raise `ValueError`. Two classes may share a first token only under ``"sequence"``.
     """
 
-    def __init__(self, tokenizer, label_words: Sequence[Sequence[str]], multi_token: str = "error"):
+    def __init__(self, tokenizer, label_words: Sequence[Sequence[str]], multi_token: str = "sequence"):
         if multi_token not in MULTI_TOKEN_POLICIES:
             raise ValueError(f"`multi_token` must be one of {MULTI_TOKEN_POLICIES}, got {multi_token!r}.")
         if len(label_words) < 2:
@@ -31,21 +40,28 @@ class Verbalizer:
         special = set(tokenizer.all_special_ids)
         self.label_words = [list(ws) for ws in label_words]
         self.token_ids: list[list[int]] = []
-        owner: dict[int, int] = {}
+        # One entry per distinct word of each class: its tokens and its class.
+        self.word_token_ids: list[list[int]] = []
+        self.word_classes: list[int] = []
+        owner: dict[tuple, int] = {}
         for c, words in enumerate(self.label_words):
             if not words:
                 raise ValueError(f"`label_words[{c}]` is empty: every class needs at least one label word.")
-            ids = []
-            for word in words:
-                ids.append(self._word_token(tokenizer, word, c, special, multi_token))
-            for i, w in zip(ids, words):
-                if i in owner and owner[i] != c:
+            sequences = [self._word_tokens(tokenizer, word, c, special, multi_token) for word in words]
+            for seq, w in zip(sequences, words):
+                # Single-token verbalizers compare first tokens (their class score reads one slot); multi-token ones
+                # compare whole sequences.
+                key = tuple(seq) if multi_token == "sequence" else (seq[0],)
+                if key in owner and owner[key] != c:
                     raise ValueError(
-                        f"Label word {w!r} of class {c} maps to token {i}, already used by class {owner[i]}; "
-                        "classes need distinct label tokens."
+                        f"Label word {w!r} of class {c} maps to token(s) {list(key)}, already used by class "
+                        f"{owner[key]}; classes need distinct label tokens."
                     )
-                owner[i] = c
-            self.token_ids.append(list(dict.fromkeys(ids)))
+                owner[key] = c
+            for seq in dict.fromkeys(tuple(s) for s in sequences):
+                self.word_token_ids.append(list(seq))
+                self.word_classes.append(c)
+            self.token_ids.append(list(dict.fromkeys(seq[0] for seq in sequences)))
         width = max(len(ids) for ids in self.token_ids)
         index = torch.zeros(len(self.token_ids), width, dtype=torch.long)
         weight = torch.zeros(len(self.token_ids), width)
@@ -53,31 +69,42 @@ class Verbalizer:
             index[c, : len(ids)] = torch.tensor(ids)
             weight[c, : len(ids)] = 1.0 / len(ids)
         self.index, self.weight = index, weight
+        longest = max(len(seq) for seq in self.word_token_ids)
+        # (W, K) continuations padded with 0 and their mask, and the (W, C) averaging of word scores into classes.
+        self.continuations = torch.zeros(len(self.word_token_ids), longest, dtype=torch.long)
+        self.continuation_mask = torch.zeros(len(self.word_token_ids), longest, dtype=torch.bool)
+        self.word_to_class = torch.zeros(len(self.word_token_ids), len(self.token_ids))
+        for w, (seq, c) in enumerate(zip(self.word_token_ids, self.word_classes)):
+            self.continuations[w, : len(seq)] = torch.tensor(seq)
+            self.continuation_mask[w, : len(seq)] = True
+            self.word_to_class[w, c] = 1.0 / self.word_classes.count(c)
 
     @staticmethod
-    def _word_token(tokenizer, word: str, c: int, special: set, multi_token: str) -> int:
+    def _word_tokens(tokenizer, word: str, c: int, special: set, multi_token: str) -> list[int]:
         if not isinstance(word, str) or not word.strip():
             raise ValueError(f"`label_words[{c}]` holds an empty word {word!r}.")
         ids = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError(f"Label word {word!r} (class {c}) encodes to no token.")
-        if ids[0] == tokenizer.unk_token_id and tokenizer.unk_token_id is not None:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
             raise ValueError(f"Label word {word!r} (class {c}) maps to the unknown token; choose a word in the vocabulary.")
         if any(i in special for i in ids):
             raise ValueError(f"Label word {word!r} (class {c}) maps to a special token ({ids}); choose another word.")
-        if len(ids) > 1:
+        if len(ids) > 1 and multi_token != "sequence":
             pieces = tokenizer.convert_ids_to_tokens(ids)
             msg = (
                 f"Label word {word!r} (class {c}) is {len(ids)} tokens {pieces}, not one; its class score would use "
                 f"only the first piece {pieces[0]!r}."
             )
             if multi_token == "error":
-                raise ValueError(msg + " Choose a single-token word, or pass multi_token='first' to accept this.")
+                raise ValueError(msg + " Choose a single-token word, or pass multi_token='sequence' to score all its "
+                                 "tokens.")
             warnings.warn(msg)
-        return ids[0]
+            return ids[:1]
+        return ids
 
     @classmethod
-    def from_config(cls, config: POSTConfig, tokenizer, multi_token: str = "error") -> "Verbalizer":
+    def from_config(cls, config: POSTConfig, tokenizer, multi_token: str = "sequence") -> "Verbalizer":
         return cls(tokenizer, config.label_words, multi_token=multi_token)
 
     @property
@@ -85,12 +112,23 @@ class Verbalizer:
         return len(self.token_ids)
 
     @property
+    def is_single_token(self) -> bool:
+        """Whether every label word is one token: then one label slot scores every class (`class_scores`)."""
+        return self.continuations.shape[1] == 1
+
+    @property
     def all_token_ids(self) -> list[int]:
+        """The first tokens of every label word (what the label slot's distribution says about the classes)."""
         return sorted({i for ids in self.token_ids for i in ids})
 
     def class_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C) class scores from (B, V) label-slot logits; single-token verbalizers only (for multi-token words
+        use `peft_post.scoring.class_scores_of`, which runs the teacher-forced forward)."""
         from .losses import class_scores
 
+        if not self.is_single_token:
+            raise ValueError("This verbalizer has multi-token label words: one label slot's logits cannot score them. "
+                             "Use peft_post.scoring.class_scores_of(model, batch, verbalizer).")
         return class_scores(logits, self.index.to(logits.device), self.weight.to(logits.device))
 
 

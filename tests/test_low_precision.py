@@ -309,10 +309,9 @@ def test_bf16_per_example_gradients_match_fp32_brute_force_within_the_measured_t
         bf16_model = copy.deepcopy(model).to(torch.bfloat16)
         upcast_trainable_parameters(bf16_model)
         candidates = [
-            privacy.per_example_gradients(model, batch, prompt_parameter(model), verbalizer.index, verbalizer.weight,
+            privacy.per_example_gradients(model, batch, prompt_parameter(model), verbalizer,
                                           autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))[0],
-            privacy.per_example_gradients(bf16_model, batch, prompt_parameter(bf16_model), verbalizer.index,
-                                          verbalizer.weight)[0],
+            privacy.per_example_gradients(bf16_model, batch, prompt_parameter(bf16_model), verbalizer)[0],
         ]
         for grads in candidates:
             assert grads.dtype == torch.float32 and grads.shape == reference.shape

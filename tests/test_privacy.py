@@ -82,7 +82,7 @@ def test_per_example_gradients_equal_brute_force(load_tiny, tokenizer, kind, pad
     batch = batch_of(tokenizer, config, rows, padding_side)
     lengths = batch["attention_mask"].sum(-1)
     assert lengths.min() < lengths.max(), "the batch must mix lengths so that padding is exercised"
-    grads, losses = privacy.per_example_gradients(model, batch, prompt_parameter(model), verbalizer.index, verbalizer.weight)
+    grads, losses = privacy.per_example_gradients(model, batch, prompt_parameter(model), verbalizer)
     expected = brute_force_grads(model, verbalizer, batch)
     assert grads.shape == (6, 3, model.config.hidden_size if hasattr(model.config, "hidden_size") else 32)
     torch.testing.assert_close(grads, expected, atol=1e-5, rtol=1e-5)
@@ -197,7 +197,7 @@ def test_naive_opacus_hooks_give_wrong_per_sample_gradients_for_a_peft_prompt(lo
     config = model.peft_config["default"]
     verbalizer = Verbalizer.from_config(config, tokenizer)
     batch = batch_of(tokenizer, config, tiny_sentiment_rows(4, seed=5))
-    ours, _ = privacy.per_example_gradients(model, batch, prompt_parameter(model), verbalizer.index, verbalizer.weight)
+    ours, _ = privacy.per_example_gradients(model, batch, prompt_parameter(model), verbalizer)
 
     wrapped = GradSampleModule(model)
     out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -30,7 +30,7 @@ def test_verbalizer_errors(tokenizer):
     with pytest.raises(ValueError, match="already used by class 0"):
         Verbalizer(tokenizer, [["good"], ["good"]])
     with pytest.raises(ValueError, match="not one"):
-        Verbalizer(tokenizer, [["good"], ["supercalifragilistic"]])
+        Verbalizer(tokenizer, [["good"], ["supercalifragilistic"]], multi_token="error")
     with pytest.warns(UserWarning, match="not one"):
         v = Verbalizer(tokenizer, [["good"], ["supercalifragilistic"]], multi_token="first")
     assert v.token_ids[1] == [tokenizer(" supercalifragilistic", add_special_tokens=False).input_ids[0]]

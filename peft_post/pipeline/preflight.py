@@ -6,7 +6,7 @@ reads only what is cheap to read: the datasets, the target's (and a ready studen
 
 - the models: `--target_model` and `--student_model` are folders holding a saved model or Hub ids, the target has
   the layers `--student_layers` names, and it has the head the template needs (a masked LM for ``{mask}``);
-- the task: each label word is one token of the tokenizer, no word or token belongs to two classes, the template
+- the task: each label word encodes to ordinary tokens of the tokenizer, no word belongs to two classes, the template
   has one ``{text}`` and a label slot, and the prompt's init text is not empty (it warns, once, when the template or
   label words are yours but the init text is still the sentiment default);
 - the private train and test splits (`data.private_splits`): present, non-empty, with their text and label columns,
@@ -212,10 +212,9 @@ def check_task(cfg: PipelineConfig, tokenizer, flag: str) -> None:
     try:
         Verbalizer(tokenizer, words)
     except ValueError as err:
-        reason = str(err).split(" Choose a single-token word")[0]
         raise ValueError(
-            f"`--label_words` {cfg.label_words!r} with the tokenizer of `--{flag}`: {reason} Each label word must be "
-            "one token (with a leading space) of the model's vocabulary, and no token may serve two classes: pick "
+            f"`--label_words` {cfg.label_words!r} with the tokenizer of `--{flag}`: {err} Each label word must be "
+            "made of the model's vocabulary (with a leading space), and no word may serve two classes: pick "
             "another word or a synonym.") from None
     try:
         template = TaskTemplate.from_config(cfg.post_config(), tokenizer)

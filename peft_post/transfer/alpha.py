@@ -23,7 +23,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from ..modeling import base_model_of, label_logits
+from ..modeling import base_model_of
+from ..scoring import class_scores_of
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, label_problem
 
 ALPHA_METHODS = ("heuristic", "agreement")
@@ -125,7 +126,7 @@ def predict_classes(model, tokenizer, texts: Sequence[str], config, batch_size: 
     try:
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            predictions.append(verbalizer.class_scores(label_logits(model, **batch, prompt=prompt)).argmax(-1).cpu())
+            predictions.append(class_scores_of(model, **batch, verbalizer=verbalizer, prompt=prompt).argmax(-1).cpu())
     finally:
         model.train(was_training)
     return torch.cat(predictions)

@@ -24,6 +24,7 @@ from ..modeling import (base_model_of, forward_through, is_masked_lm, label_logi
                         quiet_checkpointing_deprecation, require_data_parallel, require_only_prompt_trainable,
                         require_prompt_model, train_without_dropout, unwrap_model, upcast_trainable_parameters)
 from ..prompts import get_prompt, prompt_from_text, set_prompt
+from ..scoring import require_scorable
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset, dataset_fingerprint
 from .cache import (TransferCache, build_transfer_cache, frozen_logits, log_cache_plan, projected_cache_bytes,
                     resolve_cache_dtype, select_support, shared_transfer_cache, transfer_cache_digest,
@@ -119,6 +120,21 @@ def _name_of(model) -> Optional[str]:
 
 def _privacy_of(config) -> Optional[dict]:
     return copy.deepcopy(config.privacy) if isinstance(config, POSTConfig) else None
+
+
+def warn_on_shared_first_tokens(verbalizer: Verbalizer) -> None:
+    """Warn when label words of different classes begin with the same token: the transfer loss reads the label slot
+    (the distribution of a word's first token), which cannot tell such classes apart."""
+    first: dict[int, set] = {}
+    for seq, c in zip(verbalizer.word_token_ids, verbalizer.word_classes):
+        first.setdefault(seq[0], set()).add(c)
+    shared = {t: sorted(cs) for t, cs in first.items() if len(cs) > 1}
+    if shared:
+        warnings.warn(
+            f"Label words of classes {sorted(shared.values())} begin with the same token: the POST loss matches the "
+            "label slot's distribution (the first token of a label word), so it cannot separate those classes. "
+            "Choose label words whose first tokens differ."
+        )
 
 
 def direct_transfer(source_peft_model, target_model, adapter_name: str = "default") -> PeftModel:
@@ -239,7 +255,9 @@ class TransferTrainer(Trainer):
         self._check_task(target_cfg, source_cfg, model, source_model)
         tokenizer = processing_class
         source_tokenizer = tokenizer if source_tokenizer is None else source_tokenizer
-        self.verbalizer = Verbalizer.from_config(target_cfg, tokenizer, multi_token="error")
+        self.verbalizer = Verbalizer.from_config(target_cfg, tokenizer)
+        require_scorable(self.verbalizer, model)
+        warn_on_shared_first_tokens(self.verbalizer)
         self._check_vocabulary(model, source_model, tokenizer, source_tokenizer, target_cfg)
         check_classification_dataset(public_dataset, args.text_column, None, self.verbalizer.num_classes,
                                      "public_dataset")
@@ -328,11 +346,11 @@ class TransferTrainer(Trainer):
         if mismatch is not None:
             raise ValueError(f"Source and target {mismatch}; POST needs one shared tokenizer.")
         if source_tokenizer is not tokenizer:
-            source_verbalizer = Verbalizer.from_config(cfg, source_tokenizer, multi_token="error")
-            if source_verbalizer.token_ids != self.verbalizer.token_ids:
+            source_verbalizer = Verbalizer.from_config(cfg, source_tokenizer)
+            if source_verbalizer.word_token_ids != self.verbalizer.word_token_ids:
                 raise ValueError(
-                    f"Label words map to different ids in the source ({source_verbalizer.token_ids}) and target "
-                    f"({self.verbalizer.token_ids}) tokenizers; POST needs one shared tokenizer."
+                    f"Label words map to different ids in the source ({source_verbalizer.word_token_ids}) and target "
+                    f"({self.verbalizer.word_token_ids}) tokenizers; POST needs one shared tokenizer."
                 )
 
     @staticmethod

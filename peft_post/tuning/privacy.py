@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..config import validate_privacy_ledger
-from ..losses import verbalizer_loss
-from ..modeling import broadcast_from_main, label_logits, process_rank_and_count
+from ..modeling import broadcast_from_main, process_rank_and_count
+from ..scoring import classification_losses
+from ..tasks import Verbalizer
 from .accountant import ADD_OR_REMOVE_ONE, REPLACE_ONE, calibrate_noise_multiplier
 
 if TYPE_CHECKING:
@@ -49,8 +50,7 @@ def per_example_gradients(
     model,
     batch: dict,
     prompt: torch.Tensor,
-    index: torch.Tensor,
-    weight: torch.Tensor,
+    verbalizer: Verbalizer,
     autocast: Optional[Callable[[], ContextManager]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact per-example gradients (B, n, d) of the verbalizer loss w.r.t. the prompt, and the (B,) losses.
@@ -64,10 +64,8 @@ def per_example_gradients(
     """
     copies = per_example_prompts(prompt, batch["input_ids"].shape[0])
     with autocast() if autocast is not None else contextlib.nullcontext():
-        logits = label_logits(
-            model, batch["input_ids"], batch["attention_mask"], batch["label_positions"], prompt=copies
-        )
-    losses = verbalizer_loss(logits, batch["labels"], index.to(logits.device), weight.to(logits.device), reduction="none")
+        # The loss of example i reads copy i only, also for multi-token words (its rows per label word share it).
+        losses = classification_losses(model, batch, verbalizer, prompt=copies)
     (grads,) = torch.autograd.grad(losses.sum(), copies)
     return _at_least_float32(grads), losses.detach()
 

@@ -19,11 +19,11 @@ from transformers.trainer_utils import speed_metrics
 from ..config import POSTConfig, validate_privacy_ledger
 from ..evaluation import accuracy_report, predict_class_scores
 from ..io import atomic_write_json, drop_training_arguments
-from ..losses import verbalizer_loss
-from ..modeling import (base_model_of, forward_through, label_logits, prompt_parameter, require_data_parallel,
+from ..modeling import (base_model_of, forward_through, prompt_parameter, require_data_parallel,
                         require_only_prompt_trainable, require_prompt_model, train_without_dropout, unwrap_model,
                         upcast_trainable_parameters)
 from ..prompts import prompt_norms
+from ..scoring import classification_losses, require_scorable
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
 from . import privacy
 from .config import DPConfig, PromptTrainingConfig
@@ -88,6 +88,7 @@ class PromptTrainer(Trainer):
         self.text_column = getattr(args, "text_column", "text")
         self.label_column = getattr(args, "label_column", "label")
         self.verbalizer = Verbalizer.from_config(self.post_config, processing_class)
+        require_scorable(self.verbalizer, model)
         for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             sets = data.values() if isinstance(data, dict) else [data]
             for d in sets:
@@ -135,15 +136,12 @@ class PromptTrainer(Trainer):
         # Under the trainer's autocast (`args.bf16` / `fp16`): `forward_through` calls the bare model's parts, which
         # bypasses the autocast forward accelerate puts on the model. `label_logits` returns fp32 logits.
         # Through `model`, which is the DDP wrapper under multi-process training, so the prompt's gradient is all-reduced.
+        # The losses lie on the logits' device: under a device map the head may lie on another GPU than the inputs.
         with self.accelerator.autocast():
-            logits = forward_through(model, label_logits, inputs["input_ids"], inputs["attention_mask"],
-                                     inputs["label_positions"])
-        index, weight = self.verbalizer.index.to(logits.device), self.verbalizer.weight.to(logits.device)
-        # On the logits' device: under a device map the head (hence the logits) may lie on another GPU than the inputs.
-        total = verbalizer_loss(logits, inputs["labels"].to(logits.device), index, weight, reduction="sum")
+            losses = forward_through(model, classification_losses, inputs, self.verbalizer)
         divisor = num_items_in_batch if num_items_in_batch else inputs["labels"].shape[0]
-        loss = total / divisor
-        return (loss, logits) if return_outputs else loss
+        loss = losses.sum() / divisor
+        return (loss, {"losses": losses}) if return_outputs else loss
 
     # ---- evaluation ----
 
@@ -477,7 +475,7 @@ class DPPromptTrainer(PromptTrainer):
                     # The forward under the trainer's autocast (bf16 when `args.bf16`); the gradients come back in
                     # fp32, and the norms, clipping, sum and noise below are fp32.
                     grads, losses = privacy.per_example_gradients(
-                        bare, chunk, prompt, self.verbalizer.index, self.verbalizer.weight,
+                        bare, chunk, prompt, self.verbalizer,
                         autocast=self.accelerator.autocast,
                     )
                     summed += privacy.clipped_sum(grads.float(), self.dp_config.max_grad_norm)
