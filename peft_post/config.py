@@ -25,6 +25,7 @@ ACCOUNTANTS = ("pld", "prv", "rdp", "gdp")
 ADJACENCIES = ("replace_one", "add_or_remove_one")
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
 DEFAULT_LABEL_WORDS = (("negative",), ("positive",))
+TASK_KINDS = ("classification", "generation")
 
 
 def validate_privacy_ledger(ledger: dict, name: str = "privacy") -> None:
@@ -88,6 +89,18 @@ class POSTConfig(PromptTuningConfig):
             "real token embeddings) or 'RANDOM' (not recommended: ~50x larger than real embeddings)."
         },
     )
+    task_kind: str = field(
+        default="classification",
+        metadata={
+            "help": "'classification' (the template ends at a label slot scored by `label_words`) or 'generation' "
+            "(the template ends where a free-form answer begins; causal LMs only)."
+        },
+    )
+    max_answer_tokens: int = field(
+        default=16,
+        metadata={"help": "Generation: the most tokens of an answer, EOS included (training cuts longer answers; "
+                          "evaluation generates at most this many)."},
+    )
     template: str = field(
         default=DEFAULT_TEMPLATE,
         metadata={
@@ -148,6 +161,13 @@ class POSTConfig(PromptTuningConfig):
         if self.task_type == "CAUSAL_LM" and "{mask}" in self.template:
             raise ValueError("`template` of a causal LM must not contain '{mask}': it ends at the label slot.")
         self._validate_label_words()
+        if self.task_kind not in TASK_KINDS:
+            raise ValueError(f"`task_kind` must be one of {TASK_KINDS}, got {self.task_kind!r}.")
+        if self.task_kind == "generation" and self.task_type != "CAUSAL_LM":
+            raise ValueError("`task_kind='generation'` needs `task_type='CAUSAL_LM'`: a masked LM does not generate.")
+        if isinstance(self.max_answer_tokens, bool) or not isinstance(self.max_answer_tokens, int) or \
+                self.max_answer_tokens < 1:
+            raise ValueError(f"`max_answer_tokens` must be an int >= 1, got {self.max_answer_tokens!r}.")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"`max_length` must be an int >= 2, got {self.max_length!r}.")
         if self.transfer_alpha is not None and not (0.0 <= float(self.transfer_alpha) <= 1.0):

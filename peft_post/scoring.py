@@ -9,12 +9,14 @@ positions that predict them.
 
 from __future__ import annotations
 
-from typing import Union
+import functools
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from .generation import answer_losses, append_answers
 from .losses import continuation_log_probs, verbalizer_loss
 from .modeling import is_masked_lm, label_logits, prompt_parameter
 from .tasks import Verbalizer
@@ -46,23 +48,11 @@ def append_continuations(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     whose next-token logits predict the continuation's tokens (the label slot, then each token but the last), and
     ``targets`` / ``target_mask`` (B·W, K).
     """
-    batch, length = input_ids.shape
-    words, k = continuations.shape
-    device = input_ids.device
-    continuations, continuation_mask = continuations.to(device), continuation_mask.to(device=device, dtype=torch.bool)
-    ids = torch.cat([input_ids, input_ids.new_zeros(batch, k)], dim=1).repeat_interleave(words, dim=0)
-    mask = torch.cat([attention_mask, attention_mask.new_zeros(batch, k)], dim=1).repeat_interleave(words, dim=0)
-    slots = label_positions.to(device).repeat_interleave(words)                      # (B·W,)
-    positions = slots.unsqueeze(1) + torch.arange(k, device=device)                  # (B·W, K): predict token j
-    targets = continuations.repeat(batch, 1)
-    target_mask = continuation_mask.repeat(batch, 1)
-    rows = torch.arange(batch * words, device=device).unsqueeze(1).expand_as(positions)
-    # Token j sits at slot + 1 + j; a padded continuation position keeps what was there, masked out.
-    written = positions + 1
-    ids[rows[target_mask], written[target_mask]] = targets[target_mask]
-    mask[rows[target_mask], written[target_mask]] = 1
-    return {"input_ids": ids, "attention_mask": mask, "label_positions": positions, "targets": targets,
-            "target_mask": target_mask}
+    batch = input_ids.shape[0]
+    words = continuations.shape[0]
+    return append_answers(input_ids.repeat_interleave(words, dim=0), attention_mask.repeat_interleave(words, dim=0),
+                          label_positions.repeat_interleave(words), continuations.repeat(batch, 1),
+                          continuation_mask.repeat(batch, 1))
 
 
 def _expand_prompt(model, prompt, repeats: int):
@@ -115,3 +105,12 @@ def classification_losses(model, batch: dict, verbalizer: Verbalizer,
         return verbalizer_loss(logits, batch["labels"].to(logits.device), index, weight, reduction="none")
     scores = class_scores_of(model, *keys, verbalizer, prompt=prompt)
     return F.cross_entropy(scores.float(), batch["labels"].to(scores.device), reduction="none")
+
+
+def example_losses(config, tokenizer) -> Callable:
+    """The per-example training loss of `config`'s task, as ``losses(model, batch, prompt="auto") -> (B,)``: the
+    class cross-entropy (`classification_losses`, with the task's verbalizer) or, for ``task_kind="generation"``, the
+    answer tokens' mean cross-entropy (`peft_post.generation.answer_losses`)."""
+    if config.task_kind == "generation":
+        return answer_losses
+    return functools.partial(classification_losses, verbalizer=Verbalizer.from_config(config, tokenizer))

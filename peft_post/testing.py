@@ -139,6 +139,21 @@ def tiny_sentiment_dataset(n: int = 32, seed: int = 0):
     return Dataset.from_list(tiny_sentiment_rows(n, seed))
 
 
+# The answer a tiny generation example asks for: the sentiment as a two-word phrase (multi-token answers).
+TINY_ANSWERS = ("very bad", "very good")
+
+
+def tiny_generation_rows(n: int = 32, seed: int = 0) -> list[dict]:
+    """`tiny_sentiment_rows` with an ``answer`` column (`TINY_ANSWERS` of the label): a tiny generation task."""
+    return [{**row, "answer": TINY_ANSWERS[row["label"]]} for row in tiny_sentiment_rows(n, seed)]
+
+
+def tiny_generation_dataset(n: int = 32, seed: int = 0):
+    from datasets import Dataset
+
+    return Dataset.from_list(tiny_generation_rows(n, seed))
+
+
 TINY_LEDGER = {"epsilon": 8.0, "delta": 1e-5, "accountant": "prv", "noise_multiplier": 0.73, "max_grad_norm": 1.0,
                "sample_rate": 0.0125, "steps": 320}
 

@@ -9,6 +9,7 @@
 bf16 matmuls are slow on a CPU without AMX, so the models here are tiny (hidden 32, 2 layers) and batches small.
 """
 
+import functools
 import copy
 import math
 import warnings
@@ -28,8 +29,13 @@ from peft_post.modeling import (label_logits, prompt_parameter, train_without_dr
 from peft_post.tasks import TaskTemplate, Verbalizer, VerbalizerCollator
 from peft_post.testing import sharpen_model, tiny_corpus, tiny_sentiment_dataset, tiny_sentiment_rows
 from peft_post.tuning import DPConfig, DPPromptTrainer, PromptTrainer, PromptTrainingConfig, privacy
+from peft_post.scoring import classification_losses
 
 TASK = dict(task_type="CAUSAL_LM", template="{text} It was", label_words=[["bad"], ["good"]])
+
+
+def losses_of(verbalizer):
+    return functools.partial(classification_losses, verbalizer=verbalizer)
 
 
 def llama(tokenizer, seed=0, dtype=torch.float32, **config):
@@ -309,9 +315,9 @@ def test_bf16_per_example_gradients_match_fp32_brute_force_within_the_measured_t
         bf16_model = copy.deepcopy(model).to(torch.bfloat16)
         upcast_trainable_parameters(bf16_model)
         candidates = [
-            privacy.per_example_gradients(model, batch, prompt_parameter(model), verbalizer,
+            privacy.per_example_gradients(model, batch, prompt_parameter(model), losses_of(verbalizer),
                                           autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))[0],
-            privacy.per_example_gradients(bf16_model, batch, prompt_parameter(bf16_model), verbalizer)[0],
+            privacy.per_example_gradients(bf16_model, batch, prompt_parameter(bf16_model), losses_of(verbalizer))[0],
         ]
         for grads in candidates:
             assert grads.dtype == torch.float32 and grads.shape == reference.shape

@@ -1,6 +1,7 @@
 """Multi-token label words: teacher-forced, length-normalised scores, exact against one forward per word; the
 single-token path unchanged; DP per-example gradients exact; trainers that train and transfer with them."""
 
+import functools
 import warnings
 
 import pytest
@@ -17,6 +18,10 @@ from peft_post.tuning import privacy
 
 # Words of 2, 1, 9 and 1 tokens in the tiny tokenizer (" very bad", " awful", " excellent", " good").
 MULTI_WORDS = [["very bad", "awful"], ["excellent", "good"]]
+
+
+def losses_of(verbalizer):
+    return functools.partial(classification_losses, verbalizer=verbalizer)
 
 
 def prompted(load_tiny, kind="llama", words=MULTI_WORDS, n=3, seed=0, task_type="CAUSAL_LM", template=None):
@@ -162,7 +167,7 @@ def test_dp_per_example_gradients_with_multi_token_words_equal_brute_force(load_
     verbalizer = Verbalizer(tokenizer, MULTI_WORDS)
     rows = tiny_sentiment_rows(5, seed=4)
     batch = batch_of(tokenizer, model, rows, padding_side)
-    grads, losses = privacy.per_example_gradients(model, batch, prompt_parameter(model), verbalizer)
+    grads, losses = privacy.per_example_gradients(model, batch, prompt_parameter(model), losses_of(verbalizer))
     expected = brute_force_grads(model, tokenizer, rows, verbalizer)
     torch.testing.assert_close(grads, expected, atol=1e-9, rtol=1e-7)
     assert (grads[0] - grads[1]).abs().max() > 1e-6, "examples must differ: a shared gradient would pass otherwise"

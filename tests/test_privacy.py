@@ -1,5 +1,6 @@
 """DP prompt tuning: exact per-example gradients, clipping, noise, Poisson sampling, accounting, ledger, resume."""
 
+import functools
 import json
 import math
 import os
@@ -19,9 +20,14 @@ from peft_post.tuning import DPConfig, DPPromptTrainer, PromptTrainingConfig
 from peft_post.tuning import privacy
 from peft_post.tuning.accountant import ADD_OR_REMOVE_ONE, history_epsilon
 from peft_post.tuning.pld_accountant import PLDAccountant
+from peft_post.scoring import classification_losses
 
 CAUSAL = dict(task_type="CAUSAL_LM", template="{text} It was", label_words=[["bad"], ["good"]])
 MASKED = dict(task_type="FEATURE_EXTRACTION", template="{text} It was {mask}.", label_words=[["bad"], ["good"]])
+
+
+def losses_of(verbalizer):
+    return functools.partial(classification_losses, verbalizer=verbalizer)
 
 
 def post_config(kind, n=3):
@@ -82,7 +88,7 @@ def test_per_example_gradients_equal_brute_force(load_tiny, tokenizer, kind, pad
     batch = batch_of(tokenizer, config, rows, padding_side)
     lengths = batch["attention_mask"].sum(-1)
     assert lengths.min() < lengths.max(), "the batch must mix lengths so that padding is exercised"
-    grads, losses = privacy.per_example_gradients(model, batch, prompt_parameter(model), verbalizer)
+    grads, losses = privacy.per_example_gradients(model, batch, prompt_parameter(model), losses_of(verbalizer))
     expected = brute_force_grads(model, verbalizer, batch)
     assert grads.shape == (6, 3, model.config.hidden_size if hasattr(model.config, "hidden_size") else 32)
     torch.testing.assert_close(grads, expected, atol=1e-5, rtol=1e-5)
@@ -197,7 +203,7 @@ def test_naive_opacus_hooks_give_wrong_per_sample_gradients_for_a_peft_prompt(lo
     config = model.peft_config["default"]
     verbalizer = Verbalizer.from_config(config, tokenizer)
     batch = batch_of(tokenizer, config, tiny_sentiment_rows(4, seed=5))
-    ours, _ = privacy.per_example_gradients(model, batch, prompt_parameter(model), verbalizer)
+    ours, _ = privacy.per_example_gradients(model, batch, prompt_parameter(model), losses_of(verbalizer))
 
     wrapped = GradSampleModule(model)
     out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

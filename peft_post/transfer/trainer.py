@@ -31,7 +31,7 @@ from .cache import (TransferCache, build_transfer_cache, frozen_logits, log_cach
                     transfer_cache_path)
 from .config import TransferConfig
 
-TASK_FIELDS = ("task_type", "template", "label_words", "max_length")
+TASK_FIELDS = ("task_type", "task_kind", "template", "label_words", "max_length", "max_answer_tokens")
 
 
 def suggest_alpha(zero_shot_acc: float, source_acc: float, num_classes: int) -> float:

@@ -65,6 +65,8 @@ class PromptTrainingConfig(TrainingArguments):
     )
     text_column: str = field(default="text", metadata={"help": "Dataset column holding the input text."})
     label_column: str = field(default="label", metadata={"help": "Dataset column holding the integer class label."})
+    answer_column: str = field(
+        default="answer", metadata={"help": "Generation tasks: dataset column holding the answer text."})
     report_to: Optional[str] = field(
         default="none",
         metadata={"help": "Experiment trackers to report to; 'none' keeps private-data runs local by default."},
@@ -82,7 +84,7 @@ class PromptTrainingConfig(TrainingArguments):
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}.")
         if self.max_grad_norm is None or self.max_grad_norm < 0:
             raise ValueError(f"`max_grad_norm` must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}.")
-        for name in ("text_column", "label_column"):
+        for name in ("text_column", "label_column", "answer_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"`{name}` must be a non-empty column name, got {getattr(self, name)!r}.")
 

@@ -23,8 +23,6 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..config import validate_privacy_ledger
 from ..modeling import broadcast_from_main, process_rank_and_count
-from ..scoring import classification_losses
-from ..tasks import Verbalizer
 from .accountant import ADD_OR_REMOVE_ONE, REPLACE_ONE, calibrate_noise_multiplier
 
 if TYPE_CHECKING:
@@ -50,10 +48,13 @@ def per_example_gradients(
     model,
     batch: dict,
     prompt: torch.Tensor,
-    verbalizer: Verbalizer,
+    losses_of: Callable,
     autocast: Optional[Callable[[], ContextManager]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact per-example gradients (B, n, d) of the verbalizer loss w.r.t. the prompt, and the (B,) losses.
+    """Exact per-example gradients (B, n, d) of the task's per-example loss w.r.t. the prompt, and the (B,) losses.
+
+    ``losses_of(model, batch, prompt=copies)`` returns the (B,) losses (`peft_post.scoring.example_losses`: the class
+    cross-entropy, or a generated answer's mean token cross-entropy over its whole sequence).
 
     One forward and one backward: the loss is summed, so the gradient of example i lands only in its own copy. The
     forward may run in low precision (a bf16 model, or autocast); the copies are float32 like the prompt, so the
@@ -64,8 +65,9 @@ def per_example_gradients(
     """
     copies = per_example_prompts(prompt, batch["input_ids"].shape[0])
     with autocast() if autocast is not None else contextlib.nullcontext():
-        # The loss of example i reads copy i only, also for multi-token words (its rows per label word share it).
-        losses = classification_losses(model, batch, verbalizer, prompt=copies)
+        # The loss of example i reads copy i only, also for multi-token words (its rows per label word share it) and
+        # for a generated answer's tokens.
+        losses = losses_of(model, batch, prompt=copies)
     (grads,) = torch.autograd.grad(losses.sum(), copies)
     return _at_least_float32(grads), losses.detach()
 

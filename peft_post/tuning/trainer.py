@@ -23,7 +23,8 @@ from ..modeling import (base_model_of, forward_through, prompt_parameter, requir
                         require_only_prompt_trainable, require_prompt_model, train_without_dropout, unwrap_model,
                         upcast_trainable_parameters)
 from ..prompts import prompt_norms
-from ..scoring import classification_losses, require_scorable
+from ..generation import AnswerCollator, answer_losses, check_generation_dataset, evaluate_generation
+from ..scoring import example_losses, require_scorable
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
 from . import privacy
 from .config import DPConfig, PromptTrainingConfig
@@ -87,13 +88,18 @@ class PromptTrainer(Trainer):
             raise ValueError("Set `remove_unused_columns=False`: the collator needs the raw text and label columns.")
         self.text_column = getattr(args, "text_column", "text")
         self.label_column = getattr(args, "label_column", "label")
-        self.verbalizer = Verbalizer.from_config(self.post_config, processing_class)
-        require_scorable(self.verbalizer, model)
+        self.answer_column = getattr(args, "answer_column", "answer")
+        self.generation = self.post_config.task_kind == "generation"
+        # Generation has no verbalizer: its loss is the answer tokens' cross-entropy.
+        self.verbalizer = None if self.generation else Verbalizer.from_config(self.post_config, processing_class)
+        if self.verbalizer is not None:
+            require_scorable(self.verbalizer, model)
+        self.example_losses = example_losses(self.post_config, processing_class)
         for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             sets = data.values() if isinstance(data, dict) else [data]
             for d in sets:
                 if d is not None:
-                    check_classification_dataset(d, self.text_column, self.label_column, self.verbalizer.num_classes, name)
+                    self._check_dataset(d, name)
         require_only_prompt_trainable(model)
         # The prompt is an fp32 master copy even on a bf16/fp16 model; bf16 compute comes from `args.bf16` (autocast).
         upcast_trainable_parameters(model)
@@ -101,7 +107,9 @@ class PromptTrainer(Trainer):
             _disable_dropout(base_model_of(model))
         if data_collator is None:
             template = TaskTemplate.from_config(self.post_config, processing_class)
-            data_collator = VerbalizerCollator(template, self.text_column, self.label_column)
+            data_collator = (AnswerCollator(template, self.text_column, self.answer_column,
+                                            self.post_config.max_answer_tokens) if self.generation else
+                             VerbalizerCollator(template, self.text_column, self.label_column))
         super().__init__(
             model=model,
             args=args,
@@ -119,8 +127,15 @@ class PromptTrainer(Trainer):
 
     # ---- loss ----
 
+    def _check_dataset(self, dataset, name: str) -> None:
+        if self.generation:
+            check_generation_dataset(dataset, self.text_column, self.answer_column, name)
+        else:
+            check_classification_dataset(dataset, self.text_column, self.label_column, self.verbalizer.num_classes,
+                                         name)
+
     def _get_num_items_in_batch(self, batch_samples, device):
-        return sum(int(b["labels"].shape[0]) for b in batch_samples) or None
+        return sum(int(b["input_ids"].shape[0]) for b in batch_samples) or None
 
     def _frozen_train_mode(self, model) -> None:
         """Trainer put `model` in train mode; the frozen LM runs without dropout (`train_without_dropout`: eval-mode
@@ -138,8 +153,8 @@ class PromptTrainer(Trainer):
         # Through `model`, which is the DDP wrapper under multi-process training, so the prompt's gradient is all-reduced.
         # The losses lie on the logits' device: under a device map the head may lie on another GPU than the inputs.
         with self.accelerator.autocast():
-            losses = forward_through(model, classification_losses, inputs, self.verbalizer)
-        divisor = num_items_in_batch if num_items_in_batch else inputs["labels"].shape[0]
+            losses = forward_through(model, self.example_losses, inputs)
+        divisor = num_items_in_batch if num_items_in_batch else inputs["input_ids"].shape[0]
         loss = losses.sum() / divisor
         return (loss, {"losses": losses}) if return_outputs else loss
 
@@ -160,9 +175,7 @@ class PromptTrainer(Trainer):
         if eval_dataset is None:
             raise ValueError("Evaluation needs an `eval_dataset` (pass one here or to the trainer).")
         if override and not isinstance(eval_dataset, str):
-            check_classification_dataset(
-                eval_dataset, self.text_column, self.label_column, self.verbalizer.num_classes, "eval_dataset"
-            )
+            self._check_dataset(eval_dataset, "eval_dataset")
         self._memory_tracker.start()
         start = time.time()
         data = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
@@ -170,25 +183,51 @@ class PromptTrainer(Trainer):
         # set, so the metrics are the set's under any number of processes.
         loader = DataLoader(data, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers)
-        with self.accelerator.autocast():  # the training precision (`args.bf16` / `fp16`)
-            scores, labels = predict_class_scores(
-                self.model, loader, self.verbalizer, prompt="auto", disable_progress=self.args.disable_tqdm
-            )
-        report = accuracy_report(scores.argmax(-1).numpy(), labels.numpy(), self.verbalizer.num_classes)
         p = metric_key_prefix
-        metrics = {
+        with self.accelerator.autocast():  # the training precision (`args.bf16` / `fp16`)
+            metrics = self._generation_metrics(data, loader, p) if self.generation else \
+                self._classification_metrics(loader, p)
+        metrics.update(self._norm_metrics(p))
+        metrics.update(speed_metrics(p, start, num_samples=metrics[f"{p}_num_examples"]))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
+
+    def _classification_metrics(self, loader, p: str) -> dict:
+        scores, labels = predict_class_scores(
+            self.model, loader, self.verbalizer, prompt="auto", disable_progress=self.args.disable_tqdm
+        )
+        report = accuracy_report(scores.argmax(-1).numpy(), labels.numpy(), self.verbalizer.num_classes)
+        return {
             f"{p}_loss": float(F.cross_entropy(scores, labels)),
             f"{p}_accuracy": report["accuracy"],
             f"{p}_macro_f1": report["macro_f1"],
             f"{p}_num_examples": report["num_examples"],
             **{f"{p}_accuracy_class_{c}": v["correct"] / v["total"] for c, v in report["per_class"].items() if v["total"]},
-            **self._norm_metrics(p),
         }
-        metrics.update(speed_metrics(p, start, num_samples=report["num_examples"]))
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        self._memory_tracker.stop_and_update_metrics(metrics)
-        return metrics
+
+    def _generation_metrics(self, data, loader, p: str) -> dict:
+        """The answers' mean token cross-entropy under teacher forcing, and exact match and token F1 of greedy
+        answers."""
+        device = base_model_of(self.model).get_input_embeddings().weight.device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                losses = torch.cat([answer_losses(self.model, {k: v.to(device) for k, v in batch.items()}).cpu()
+                                    for batch in loader])
+        finally:
+            self.model.train(was_training)
+        report = evaluate_generation(self.model, self.processing_class, data, self.post_config,
+                                     text_column=self.text_column, answer_column=self.answer_column,
+                                     batch_size=self.args.eval_batch_size, disable_progress=self.args.disable_tqdm)
+        return {
+            f"{p}_loss": float(losses.mean()),
+            f"{p}_exact_match": report["exact_match"],
+            f"{p}_token_f1": report["token_f1"],
+            f"{p}_num_examples": report["num_examples"],
+        }
 
     def _norm_metrics(self, prefix: str) -> dict:
         norms = prompt_norms(prompt_parameter(self.model))
@@ -475,7 +514,7 @@ class DPPromptTrainer(PromptTrainer):
                     # The forward under the trainer's autocast (bf16 when `args.bf16`); the gradients come back in
                     # fp32, and the norms, clipping, sum and noise below are fp32.
                     grads, losses = privacy.per_example_gradients(
-                        bare, chunk, prompt, self.verbalizer,
+                        bare, chunk, prompt, self.example_losses,
                         autocast=self.accelerator.autocast,
                     )
                     summed += privacy.clipped_sum(grads.float(), self.dp_config.max_grad_norm)
