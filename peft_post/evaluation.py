@@ -23,7 +23,7 @@ ACCURACY_METRIC_PATH = os.path.join(METRICS_DIR, "accuracy", "accuracy.py")
 
 
 def load_metric(name: str):
-    """A fresh shipped `evaluate` module, "accuracy" or "f1", loaded from its file in this package.
+    """A fresh shipped `evaluate` module, "accuracy", "f1" or "answer_match" (exact match and token F1 of generated answers), loaded from its file in this package.
 
     ``evaluate.load("accuracy")`` would fetch the Hub's module; these load offline. Kept in memory: no cache files.
     """

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .losses import continuation_log_probs
 from .modeling import base_model_of, label_logits
-from .tasks import TaskTemplate, label_positions
+from .tasks import TaskTemplate, VerbalizerCollator, check_text_dataset
 
 
 
@@ -86,25 +86,11 @@ class AnswerCollator:
     max_answer_tokens: int = 16
 
     def __post_init__(self):
-        tok = self.template.tokenizer
-        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if self.pad_token_id is None:
-            raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first.")
+        self.prompts([{self.text_column: "x"}])  # the tokenizer pads (or says why not) before any work
 
     def prompts(self, rows: list[dict[str, Any]], padding_side: str = "right") -> dict[str, torch.Tensor]:
         """The rendered templates alone (no answer), padded: the inputs of generation (left) or of `append_answers`."""
-        if not rows:
-            raise ValueError("Cannot collate an empty batch.")
-        encoded = [self.template.encode(row[self.text_column]) for row in rows]
-        width = max(len(e) for e in encoded)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            sl = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
-            input_ids[i, sl] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, sl] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "label_positions": label_positions(input_ids, attention_mask)}
+        return VerbalizerCollator(self.template, self.text_column, None, padding_side)(rows)
 
     def answers_of(self, rows: list[dict[str, Any]]) -> list[list[int]]:
         tok = self.template.tokenizer
@@ -133,11 +119,7 @@ def answer_losses(model, batch: dict, prompt: Union[torch.Tensor, None, str] = "
 
 def check_generation_dataset(dataset, text_column: str, answer_column: Optional[str], name: str) -> None:
     """Raise `ValueError` before any work when a dataset is empty, lacks its columns, or holds empty answers."""
-    if dataset is None or len(dataset) == 0:
-        raise ValueError(f"`{name}` is empty; it needs at least one example.")
-    columns = getattr(dataset, "column_names", None) or list(dataset[0].keys())
-    if text_column not in columns:
-        raise ValueError(f"`{name}` has no text column {text_column!r} (columns: {columns}); set `text_column`.")
+    columns = check_text_dataset(dataset, text_column, name)
     if answer_column is None:
         return
     if answer_column not in columns:
@@ -228,7 +210,7 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def generation_report(predictions: Sequence[str], references: Sequence[str]) -> dict:
-    """Exact match and token F1 (the shipped `evaluate` modules, mean over examples), the per-example exact-match
+    """Exact match and token F1 (the shipped `evaluate` module ``answer_match``, means over examples), the per-example exact-match
     bits ("1011...", in the examples' order, for the paired bootstrap) and the predictions."""
     from .evaluation import load_metric
 
@@ -237,11 +219,10 @@ def generation_report(predictions: Sequence[str], references: Sequence[str]) -> 
     if not predictions:
         raise ValueError("No predictions to score.")
     predictions, references = [cut_answer(p) for p in predictions], [r.strip() for r in references]
-    exact = load_metric("exact_match").compute(predictions=predictions, references=references)
-    f1 = load_metric("token_f1").compute(predictions=predictions, references=references)
+    scores = load_metric("answer_match").compute(predictions=predictions, references=references)
     return {
-        "exact_match": exact["exact_match"],
-        "token_f1": f1["token_f1"],
+        "exact_match": scores["exact_match"],
+        "token_f1": scores["token_f1"],
         "num_examples": len(predictions),
         "per_example_correct": "".join("1" if normalize_answer(p) == normalize_answer(r) else "0"
                                        for p, r in zip(predictions, references)),

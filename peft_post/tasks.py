@@ -261,13 +261,19 @@ class VerbalizerCollator:
         return batch
 
 
-def check_classification_dataset(dataset, text_column: str, label_column: Optional[str], num_classes: int, name: str):
-    """Raise `ValueError` before any work when a dataset is empty, lacks its columns, or has out-of-range labels."""
+def check_text_dataset(dataset, text_column: str, name: str) -> list[str]:
+    """Raise `ValueError` when a dataset is empty or has no `text_column`; returns its column names."""
     if dataset is None or len(dataset) == 0:
         raise ValueError(f"`{name}` is empty; it needs at least one example.")
     columns = getattr(dataset, "column_names", None) or list(dataset[0].keys())
     if text_column not in columns:
         raise ValueError(f"`{name}` has no text column {text_column!r} (columns: {columns}); set `text_column`.")
+    return columns
+
+
+def check_classification_dataset(dataset, text_column: str, label_column: Optional[str], num_classes: int, name: str):
+    """Raise `ValueError` before any work when a dataset is empty, lacks its columns, or has out-of-range labels."""
+    columns = check_text_dataset(dataset, text_column, name)
     if label_column is None:
         return
     if label_column not in columns:
