@@ -136,7 +136,7 @@ def test_trainers_learn_a_generation_task(load_tiny, tokenizer, tmp_path, dp):
     train, test = tiny_generation_dataset(32, seed=0), tiny_generation_dataset(16, seed=1)
     args = PromptTrainingConfig(str(tmp_path), max_steps=30, per_device_train_batch_size=16, learning_rate=0.1,
                                 save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
-    trainer_cls, extra = (DPPromptTrainer, {"dp_config": DPConfig(noise_multiplier=0.3, max_grad_norm=10.0)}) if dp \
+    trainer_cls, extra = (DPPromptTrainer, {"dp_config": DPConfig(noise_multiplier=0.05, max_grad_norm=10.0)}) if dp \
         else (PromptTrainer, {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
