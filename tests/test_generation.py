@@ -1,6 +1,7 @@
 """The generation task kind: answers scored under teacher forcing exactly, exact per-example DP gradients over whole
 sequences, greedy generation consistent with the training forward, shipped metrics, and trainers that learn."""
 
+import copy
 import warnings
 
 import pytest
@@ -169,3 +170,88 @@ def test_generation_inputs_are_checked_before_any_work(load_tiny, tokenizer, tmp
         POSTConfig(task_kind="generation", task_type="FEATURE_EXTRACTION", template="{text} {mask}")
     with pytest.raises(ValueError, match="max_answer_tokens"):
         POSTConfig(task_kind="generation", max_answer_tokens=0)
+
+
+# ---- the POST transfer of a generation prompt ----
+
+
+def _generation_pair(tokenizer, tmp_path, seed=0):
+    """A sharpened tiny source with a 'tuned' prompt and a larger sharpened tiny target, one generation task."""
+    from peft_post.testing import build_tiny_model
+
+    def cfg():
+        return POSTConfig(task_kind="generation", num_virtual_tokens=3, template=TEMPLATE, max_length=64,
+                          max_answer_tokens=5, prompt_tuning_init="TEXT", prompt_tuning_init_text="say the mood",
+                          tokenizer_name_or_path=tokenizer.name_or_path)
+
+    with quiet_checkpointing_deprecation():
+        source = get_peft_model(sharpen_model(build_tiny_model("llama", tokenizer, str(tmp_path / "src"), seed=seed),
+                                              factor=5.0, gain=3.0), cfg())
+        target = get_peft_model(sharpen_model(build_tiny_model("llama", tokenizer, str(tmp_path / "tgt"), seed=1,
+                                                               num_layers=3, hidden_size=48), factor=5.0, gain=3.0),
+                                cfg())
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        prompt_parameter(source).add_(torch.randn_like(prompt_parameter(source)) * 3.0)
+    return source, target
+
+
+@pytest.mark.parametrize("continuation", ["source_greedy", "public_answers"])
+def test_generation_transfer_applies_the_post_loss_at_every_answer_position(tokenizer, tmp_path, continuation):
+    from peft_post import TransferConfig, TransferTrainer, transfer_loss
+
+    source, target = _generation_pair(tokenizer, tmp_path)
+    public, held_out = tiny_generation_dataset(12, seed=3), tiny_generation_dataset(8, seed=4)
+    args = TransferConfig(output_dir=str(tmp_path / "out"), alpha=0.4, max_steps=20, learning_rate=0.1,
+                          per_device_train_batch_size=4, continuation=continuation, disable_tqdm=True,
+                          logging_steps=1000)
+    trainer = TransferTrainer(target, source, args, public_dataset=public, public_eval_dataset=held_out,
+                              processing_class=tokenizer)
+    answers = trainer.prepare_continuations()
+    cfg = target.peft_config["default"]
+    if continuation == "public_answers":
+        assert answers == [answer_token_ids(tokenizer, a, 5) for a in public["answer"]]
+    else:
+        greedy = generate_answers(source, tokenizer, public["text"], TaskTemplate.from_config(cfg, tokenizer),
+                                  max_new_tokens=5)
+        assert answers == [(g + [tokenizer.eos_token_id])[:5] for g in greedy]
+    # The loss of a batch is the POST loss over its answer tokens, from the four models' teacher-forced logits.
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        loss = trainer.compute_loss(target, batch)
+        mask = batch["target_mask"]
+        a_t, b_t = answer_logits(target, batch)[mask], answer_logits(target, batch, prompt=None)[mask]
+        a_s, b_s = answer_logits(source, batch)[mask], answer_logits(source, batch, prompt=None)[mask]
+    assert a_t.shape[0] == int(mask.sum()) > 4
+    torch.testing.assert_close(loss, transfer_loss(a_t, b_t, a_s, b_s, alpha=0.4, temperature=2.0))
+    source_before = {k: v.clone() for k, v in source.state_dict().items()}
+    p_t0 = prompt_parameter(target).detach().clone()
+    trainer.train()
+    with torch.no_grad():
+        after = trainer.compute_loss(target, batch)
+    assert after < loss
+    assert not torch.equal(prompt_parameter(target).detach(), p_t0)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in source_before.items())
+    metrics = trainer.evaluate()
+    assert {"eval_exact_match", "eval_token_f1", "eval_num_examples"} <= set(metrics)
+    provenance = trainer.record_provenance()
+    assert provenance["continuation"] == continuation and provenance["cache"] == "off"
+
+
+def test_generation_transfer_checks_its_inputs(tokenizer, tmp_path):
+    from datasets import Dataset
+
+    from peft_post import TransferConfig, TransferTrainer
+
+    source, target = _generation_pair(tokenizer, tmp_path)
+    args = TransferConfig(output_dir=str(tmp_path / "out"), alpha=0.4, continuation="public_answers")
+    with pytest.raises(ValueError, match="no answer column 'answer'"):
+        TransferTrainer(target, source, args, public_dataset=Dataset.from_list([{"text": "a b"}]),
+                        processing_class=tokenizer)
+    with pytest.raises(ValueError, match="continuation"):
+        TransferConfig(output_dir=str(tmp_path / "out"), alpha=0.4, continuation="teacher")
+    classification = POSTConfig(num_virtual_tokens=3, template=TEMPLATE, max_length=64)
+    with quiet_checkpointing_deprecation():
+        other = get_peft_model(copy.deepcopy(target.get_base_model()), classification)
+    with pytest.raises(ValueError, match="different tasks"):
+        TransferTrainer(other, source, args, public_dataset=tiny_generation_dataset(4), processing_class=tokenizer)

@@ -8,6 +8,7 @@ from typing import Optional
 from transformers import TrainingArguments
 
 CACHE_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+CONTINUATIONS = ("source_greedy", "public_answers")
 
 
 @dataclass
@@ -86,6 +87,19 @@ class TransferConfig(TrainingArguments):
             "(the paper's choice). False keeps the target adapter's own initialisation."
         },
     )
+    continuation: str = field(
+        default="source_greedy",
+        metadata={
+            "help": "Generation tasks: the answer tokens the POST loss is applied at, under teacher forcing. "
+            "'source_greedy': the prompted source's own greedy answer to each public input (needs no public labels; "
+            "what the source prompt makes the small model say); 'public_answers': the public set's `answer_column`."
+        },
+    )
+    answer_column: str = field(
+        default="answer",
+        metadata={"help": "Generation tasks: answer column of the public held-out split (evaluation) and, with "
+                          "continuation='public_answers', of the public transfer set."},
+    )
     text_column: str = field(default="text", metadata={"help": "Text column of the public datasets."})
     label_column: str = field(
         default="label", metadata={"help": "Label column of the public held-out split (evaluation only)."}
@@ -115,6 +129,10 @@ class TransferConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.continuation not in CONTINUATIONS:
+            raise ValueError(f"`continuation` must be one of {CONTINUATIONS}, got {self.continuation!r}.")
+        if not isinstance(self.answer_column, str) or not self.answer_column:
+            raise ValueError(f"`answer_column` must be a non-empty column name, got {self.answer_column!r}.")
         if self.alpha is None:
             raise ValueError(
                 "`alpha` is required: set it in [0, 1], or compute it with "

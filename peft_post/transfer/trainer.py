@@ -24,6 +24,8 @@ from ..modeling import (base_model_of, forward_through, is_masked_lm, label_logi
                         quiet_checkpointing_deprecation, require_data_parallel, require_only_prompt_trainable,
                         require_prompt_model, train_without_dropout, unwrap_model, upcast_trainable_parameters)
 from ..prompts import get_prompt, prompt_from_text, set_prompt
+from ..generation import (AnswerCollator, answer_logits, answer_token_ids, check_generation_dataset,
+                          evaluate_generation, generate_answers)
 from ..scoring import require_scorable
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset, dataset_fingerprint
 from .cache import (TransferCache, build_transfer_cache, frozen_logits, log_cache_plan, projected_cache_bytes,
@@ -182,20 +184,25 @@ def direct_transfer(source_peft_model, target_model, adapter_name: str = "defaul
 
 
 class _PublicTexts(Dataset):
-    """Only the text of each public example (labels never reach training) and its position, the cache key."""
+    """Only the text of each public example (labels never reach training) and its position, the cache key; for a
+    generation task also the answer tokens the loss is applied at (``answers``, set before training)."""
 
     def __init__(self, texts: list[str]):
         self.texts = texts
+        self.answers: Optional[list[list[int]]] = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"text": self.texts[i], "example_index": i}
+        row = {"text": self.texts[i], "example_index": i}
+        if self.answers is not None:
+            row["answer_ids"] = self.answers[i]
+        return row
 
 
 class _IndexedCollator:
-    def __init__(self, collator: VerbalizerCollator):
+    def __init__(self, collator):
         self.collator = collator
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -255,17 +262,28 @@ class TransferTrainer(Trainer):
         self._check_task(target_cfg, source_cfg, model, source_model)
         tokenizer = processing_class
         source_tokenizer = tokenizer if source_tokenizer is None else source_tokenizer
-        self.verbalizer = Verbalizer.from_config(target_cfg, tokenizer)
-        require_scorable(self.verbalizer, model)
-        warn_on_shared_first_tokens(self.verbalizer)
+        self.generation = target_cfg.task_kind == "generation"
+        # A generation task has no verbalizer: the loss runs at the positions of each public example's answer.
+        self.verbalizer = None if self.generation else Verbalizer.from_config(target_cfg, tokenizer)
+        if self.verbalizer is not None:
+            require_scorable(self.verbalizer, model)
+            warn_on_shared_first_tokens(self.verbalizer)
         self._check_vocabulary(model, source_model, tokenizer, source_tokenizer, target_cfg)
-        check_classification_dataset(public_dataset, args.text_column, None, self.verbalizer.num_classes,
-                                     "public_dataset")
+        if self.generation:
+            train_answers = args.answer_column if args.continuation == "public_answers" else None
+            check_generation_dataset(public_dataset, args.text_column, train_answers, "public_dataset")
+        else:
+            check_classification_dataset(public_dataset, args.text_column, None, self.verbalizer.num_classes,
+                                         "public_dataset")
         texts = list(public_dataset[args.text_column])
         self._check_texts(texts, "public_dataset")
         if public_eval_dataset is not None:
-            check_classification_dataset(public_eval_dataset, args.text_column, args.label_column,
-                                         self.verbalizer.num_classes, "public_eval_dataset")
+            if self.generation:
+                check_generation_dataset(public_eval_dataset, args.text_column, args.answer_column,
+                                         "public_eval_dataset")
+            else:
+                check_classification_dataset(public_eval_dataset, args.text_column, args.label_column,
+                                             self.verbalizer.num_classes, "public_eval_dataset")
             self._check_texts(list(public_eval_dataset[args.text_column]), "public_eval_dataset")
             overlap = set(texts) & set(public_eval_dataset[args.text_column])
             if overlap:
@@ -306,7 +324,13 @@ class TransferTrainer(Trainer):
         source_model.requires_grad_(False)
         source_model.eval()
 
-        self.collator = VerbalizerCollator(target_template, text_column="text", label_column=None)
+        self.collator = (AnswerCollator(target_template, "text", args.answer_column, target_cfg.max_answer_tokens)
+                         if self.generation else
+                         VerbalizerCollator(target_template, text_column="text", label_column=None))
+        # For continuation='public_answers' the answers are known now; the source's greedy answers are generated
+        # when training starts (`prepare_continuations`), after every check.
+        self.public_answers = list(public_dataset[args.answer_column]) \
+            if self.generation and args.continuation == "public_answers" else None
         super().__init__(
             model=model,
             args=args,
@@ -345,7 +369,7 @@ class TransferTrainer(Trainer):
         mismatch = tokenizer_mismatch(tokenizer, source_tokenizer)
         if mismatch is not None:
             raise ValueError(f"Source and target {mismatch}; POST needs one shared tokenizer.")
-        if source_tokenizer is not tokenizer:
+        if source_tokenizer is not tokenizer and self.verbalizer is not None:
             source_verbalizer = Verbalizer.from_config(cfg, source_tokenizer)
             if source_verbalizer.word_token_ids != self.verbalizer.word_token_ids:
                 raise ValueError(
@@ -415,8 +439,31 @@ class TransferTrainer(Trainer):
             self.cache, self.cache_plan["built"] = shared_transfer_cache(path, digest, build)
         return self.cache
 
+    def prepare_continuations(self) -> list[list[int]]:
+        """The answer tokens of every public example that the generation loss is applied at (once): the public set's
+        answers, or the prompted source's greedy answers followed by EOS (where it stopped)."""
+        data = self.train_dataset
+        if data.answers is None:
+            cfg, tokenizer = self.task_config, self.processing_class
+            if self.public_answers is not None:
+                data.answers = [answer_token_ids(tokenizer, a, cfg.max_answer_tokens) for a in self.public_answers]
+            else:
+                with self.accelerator.autocast():
+                    greedy = generate_answers(self.source_model, self.source_tokenizer, self.public_texts,
+                                              self.collator.template, max_new_tokens=cfg.max_answer_tokens,
+                                              batch_size=self.args.cache_batch_size)
+                eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+                # An answer cut at the budget has no EOS to add; an empty one is just "stop here".
+                data.answers = [(a + eos)[: cfg.max_answer_tokens] or eos for a in greedy]
+                if not all(data.answers):
+                    raise ValueError("The tokenizer has no EOS token and the source answered some public inputs with "
+                                     "nothing: use continuation='public_answers'.")
+        return data.answers
+
     def train(self, *args, **kwargs):
-        if self.args.cache_source_outputs and self.cache is None:
+        if self.generation:
+            self.prepare_continuations()
+        elif self.args.cache_source_outputs and self.cache is None:
             self.build_cache()
         output = super().train(*args, **kwargs)
         self.record_provenance()
@@ -446,6 +493,8 @@ class TransferTrainer(Trainer):
         # on the model. `label_logits` returns fp32 logits, and `transfer_loss` runs in fp32.
         # `model` is the DDP wrapper under multi-process training: the frozen no-grad forwards use the bare model,
         # and only the trainable one goes through the wrapper so that p_t's gradient is all-reduced.
+        if self.generation:
+            return self._answer_transfer_loss(model, inputs, return_outputs)
         with self.accelerator.autocast():
             frozen = self.frozen_inputs(unwrap_model(model), inputs)
             a_t = forward_through(model, label_logits, inputs["input_ids"], inputs["attention_mask"],
@@ -460,6 +509,25 @@ class TransferTrainer(Trainer):
         )
         return (loss, {"target_logits": a_t}) if return_outputs else loss
 
+    def _answer_transfer_loss(self, model, inputs, return_outputs: bool):
+        """The POST loss at every answer position of a generation batch (teacher forcing on the continuation), a mean
+        over the batch's answer tokens. The frozen logits are computed each step: the cache holds label slots only."""
+        if model.training:
+            train_without_dropout(model)
+        with self.accelerator.autocast():
+            with torch.no_grad():
+                device = base_model_of(self.source_model).get_input_embeddings().weight.device
+                src = {k: v.to(device) for k, v in inputs.items()}
+                a_s = answer_logits(self.source_model, src, prompt="auto")
+                b_s = answer_logits(self.source_model, src, prompt=None)
+                b_t = answer_logits(unwrap_model(model), inputs, prompt=None)
+            a_t = forward_through(model, answer_logits, inputs)
+        mask = inputs["target_mask"].to(a_t.device).bool()
+        a_t = a_t[mask]
+        a_s, b_s, b_t = (x.to(a_t.device)[mask] for x in (a_s, b_s, b_t))
+        loss = transfer_loss(a_t, b_t, a_s, b_s, alpha=self.args.alpha, temperature=self.args.temperature)
+        return (loss, {"target_logits": a_t}) if return_outputs else loss
+
     # -- evaluation on the public held-out split ------------------------------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -471,6 +539,15 @@ class TransferTrainer(Trainer):
             )
         if self.eval_dataset is None:
             raise ValueError("No `public_eval_dataset` was given to this TransferTrainer.")
+        if self.generation:
+            with self.accelerator.autocast():
+                report = evaluate_generation(self.model, self.processing_class, self.eval_dataset, self.task_config,
+                                             text_column=self.args.text_column, answer_column=self.args.answer_column,
+                                             batch_size=self.args.per_device_eval_batch_size)
+            metrics = {f"{metric_key_prefix}_{k}": report[k] for k in ("exact_match", "token_f1", "num_examples")}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
         with self.accelerator.autocast():  # the training precision (`args.bf16`)
             report = evaluate_prompt(
                 self.model, self.processing_class, self.eval_dataset, self.task_config,
@@ -510,9 +587,11 @@ class TransferTrainer(Trainer):
             "learning_rate": float(args.learning_rate),
             # The global batch of one optimizer step: every process contributes its per-device batches.
             "batch_size": int(args.train_batch_size * args.gradient_accumulation_steps * args.world_size),
-            "cache": "off" if not args.cache_source_outputs else ("full" if args.cache_top_k is None else "top_k"),
+            "cache": "off" if not args.cache_source_outputs or self.generation else
+                     ("full" if args.cache_top_k is None else "top_k"),
             "top_k": args.cache_top_k,
             "init": self._init,
+            **({"continuation": args.continuation} if self.generation else {}),
             "source_provenance": copy.deepcopy(getattr(source_cfg, "provenance", None)),
         }
         if self.eval_dataset is not None:
