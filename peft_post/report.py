@@ -139,6 +139,14 @@ class POSTResults:
         metadata={"help": "Why a method could not run, by method, e.g. {'direct_transfer': 'hidden sizes differ: "
                   "64 vs 32'}; its accuracy is then None and the report prints 'n/a (reason)'. Never zero_shot or "
                   "post."})
+    task_kind: str = field(
+        default="classification",
+        metadata={"help": "'classification' (`accuracy` is the share of test examples classified right) or "
+                  "'generation' (`accuracy` is the exact-match rate of greedy answers, `token_f1` beside it, and the "
+                  "transfer curve's public score is token F1)."})
+    token_f1: dict = field(
+        default_factory=dict,
+        metadata={"help": "Generation: mean token F1 in [0, 1] of each method's answers, by method."})
     per_example_correct: dict = field(
         default_factory=dict,
         metadata={"help": "Which private test examples each method got right, by method: a string of '0'/'1' (a "
@@ -167,6 +175,11 @@ class POSTResults:
                 or self.num_test_examples < 1:
             raise ValueError(f"`num_test_examples` must be a positive int, got {self.num_test_examples!r}.")
         self._check_per_example_correct()
+        if self.task_kind not in ("classification", "generation"):
+            raise ValueError(f"`task_kind` must be 'classification' or 'generation', got {self.task_kind!r}.")
+        for m, v in self.token_f1.items():
+            if m not in METHODS or not _is_fraction(v):
+                raise ValueError(f"`token_f1[{m!r}]` must be a fraction in [0, 1] of a method in {METHODS}, got {v!r}.")
         if self.privacy is not None:
             validate_privacy_ledger(self.privacy, "privacy")
         alpha = self.transfer_alpha
@@ -462,6 +475,11 @@ def _gap_closed_line(r: POSTResults, d: dict) -> str:
     return f"{value}, {level} interval [{lo:.2f}, {hi:.2f}] ({_bootstrap_text(r, d)}{dropped})."
 
 
+def score_name(r: POSTResults) -> str:
+    """What `accuracy` measures in `r`, for the report's words: accuracy, or exact match for a generation task."""
+    return "exact match" if r.task_kind == "generation" else "accuracy"
+
+
 def _zero_shot_line(r: POSTResults, d: dict) -> str:
     """POST − zero-shot with its interval, and the verdict the interval allows (never one from the point estimate)."""
     gain = f"{100 * d['post_gain_over_zero_shot']:+.2f} percentage points"
@@ -472,9 +490,9 @@ def _zero_shot_line(r: POSTResults, d: dict) -> str:
     interval = (f"{d['bootstrap']['confidence']:.0%} interval {_pp_interval(d['post_gain_over_zero_shot_ci'])} "
                 f"({_bootstrap_text(r, d)})")
     if verdict == "beats":
-        return f"- **POST − zero-shot**: {gain}, {interval}: POST beats the target's zero-shot accuracy."
+        return f"- **POST − zero-shot**: {gain}, {interval}: POST beats the target's zero-shot {score_name(r)}."
     if verdict == "below":
-        return f"- **POST − zero-shot**: {gain}, {interval}: POST is below the target's zero-shot accuracy."
+        return f"- **POST − zero-shot**: {gain}, {interval}: POST is below the target's zero-shot {score_name(r)}."
     return (f"- **POST − zero-shot**: {gain}, {interval}: the difference is within noise (the interval includes 0), "
             "so POST is not shown to beat zero-shot.")
 
@@ -492,7 +510,9 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
         "",
         f"- target model: `{r.target_model}`",
         f"- student model: `{r.student_model or '—'}`",
-        f"- private task: `{r.private_dataset}`, accuracy on {r.num_test_examples} held-out test examples "
+        f"- private task: `{r.private_dataset}`"
+        + (" (generation: greedy answers scored by exact match and token F1)" if r.task_kind == "generation" else "")
+        + f", {score_name(r)} on {r.num_test_examples} held-out test examples "
         "(used for this report only, never for selection)",
         f"- public transfer set: `{r.public_dataset or '—'}`"
         + (f" ({r.num_public_examples} examples)" if r.num_public_examples is not None else ""),
@@ -510,15 +530,20 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
     if r.num_processes > 1:
         lines.append(f"- processes: {r.num_processes} (global batches split among them)")
     lines += ["", "## Headline", "", _gap_closed_line(r, d), _zero_shot_line(r, d)]
-    lines += ["", "## Accuracy", "", "| Method | Accuracy (%) | Δ vs zero-shot (pp) |", "|---|---:|---:|"]
+    name = score_name(r).capitalize()
+    f1 = " Token F1 (%) |" if r.token_f1 else ""
+    lines += ["", f"## {name}", "", f"| Method | {name} (%) | Δ vs zero-shot (pp) |{f1}",
+              "|---|---:|---:|" + ("---:|" if f1 else "")]
     for m in METHODS:
         if m in r.not_applicable:
-            lines.append(f"| {METHOD_LABELS[m]} | {not_applicable_text(r.not_applicable[m])} | — |")
+            reason = not_applicable_text(r.not_applicable[m])
+            lines.append(f"| {METHOD_LABELS[m]} | {reason} | — |" + (" — |" if f1 else ""))
             continue
         if m == "full_prompt_tuning" and acc[m] is None:
             continue
         delta = "" if m == "zero_shot" else f"{100 * (acc[m] - acc['zero_shot']):+.2f}"
-        lines.append(f"| {METHOD_LABELS[m]} | {_pct(acc[m])} | {delta} |")
+        extra = f" {_pct(r.token_f1[m]) if m in r.token_f1 else '—'} |" if f1 else ""
+        lines.append(f"| {METHOD_LABELS[m]} | {_pct(acc[m])} | {delta} |{extra}")
     if dp:
         p = r.privacy
         adjacency = p.get("adjacency", "add_or_remove_one (not recorded)")
@@ -583,7 +608,7 @@ def render_plot_png(results: Union[POSTResults, dict], dpi: int = 100) -> bytes:
         ax_bar.text(bar.get_x() + bar.get_width() / 2, v + 0.5, label, ha="center", va="bottom", fontsize=9)
     ax_bar.axhline(100 * r.accuracy["zero_shot"], color="#616161", linestyle="--", linewidth=1)
     ax_bar.set_ylim(0, 105)
-    ax_bar.set_ylabel("accuracy on private test split (%)")
+    ax_bar.set_ylabel(f"{score_name(r)} on private test split (%)")
     title = f"{r.private_dataset}" + (f" (DP ε={r.privacy['epsilon']:g})" if r.privacy else "")
     ax_bar.set_title(title, fontsize=10)
 
@@ -594,8 +619,9 @@ def render_plot_png(results: Union[POSTResults, dict], dpi: int = 100) -> bytes:
         ax_curve.set_ylabel("transfer loss", color="#4c72b0")
     if accs:
         ax_acc = ax_curve.twinx() if losses else ax_curve
-        ax_acc.plot(*zip(*accs), color="#55a868", marker="o", markersize=3, label="public held-out accuracy")
-        ax_acc.set_ylabel("public held-out accuracy (%)", color="#55a868")
+        public = "token F1" if r.task_kind == "generation" else "accuracy"
+        ax_acc.plot(*zip(*accs), color="#55a868", marker="o", markersize=3, label=f"public held-out {public}")
+        ax_acc.set_ylabel(f"public held-out {public} (%)", color="#55a868")
     if not losses and not accs:
         ax_curve.text(0.5, 0.5, "no transfer curve recorded", ha="center", va="center", transform=ax_curve.transAxes)
     ax_curve.set_xlabel("transfer step")

@@ -129,7 +129,7 @@ NUMERIC = [
     ("distill_batch_size", "0"), ("distill_templated_fraction", "1.5"), ("distill_label_slot_weight", "-1"),
     ("distill_label_slot_weight", "inf"), ("distill_block_size", "1"), ("max_train_examples", "0"),
     ("max_test_examples", "-3"), ("num_public_examples", "0"), ("num_public_eval_examples", "0"),
-    ("max_private_overlap", "1.5"), ("max_private_overlap", "-0.1"), ("num_virtual_tokens", "0"),
+    ("max_private_overlap", "1.5"), ("max_private_overlap", "-0.1"), ("num_virtual_tokens", "0"), ("max_answer_tokens", "0"),
     ("tune_max_steps", "0"), ("tune_learning_rate", "-0.1"), ("tune_learning_rate", "inf"), ("tune_batch_size", "0"),
     ("dp_target_epsilon", "0"), ("dp_target_epsilon", "inf"), ("dp_target_delta", "1.5"), ("dp_target_delta", "0"),
     ("dp_max_grad_norm", "0"), ("transfer_max_steps", "0"), ("transfer_learning_rate", "0"),

@@ -185,14 +185,15 @@ def test_the_transfer_stopping_rule_keeps_the_best_public_step_and_reports_it(ti
     curve = {h["step"]: h["eval_accuracy"] for h in published["log_history"] if "eval_accuracy" in h}
     assert stop["stopped_at_step"] == max(curve) <= 12 and stop["patience"] == 1
     # The kept step is the first with the best public accuracy; the curve never beat it after.
-    assert stop["public_accuracy"] == max(curve.values()) == curve[stop["kept_step"]]
-    assert all(curve[s] < stop["public_accuracy"] for s in curve if s < stop["kept_step"])
+    assert stop["public_metric"] == "accuracy"
+    assert stop["public_score"] == max(curve.values()) == curve[stop["kept_step"]]
+    assert all(curve[s] < stop["public_score"] for s in curve if s < stop["kept_step"])
     # The released prompt is that step's: it scores the best public accuracy again.
     target = cfg.target_model
     model = load_prompted_model(target, os.path.join(run_dir, STAGE_FOLDERS["transfer"]), False)
     _, public_eval = public_splits(cfg)
     again = evaluate_prompt(model, load_tokenizer(target), public_eval, cfg.post_config(), batch_size=8)
-    assert again["accuracy"] == stop["public_accuracy"]
+    assert again["accuracy"] == stop["public_score"]
     assert any(f"kept the prompt of step {stop['kept_step']}" in note for note in results.notes)
 
 

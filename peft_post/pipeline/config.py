@@ -59,6 +59,7 @@ DISTILL_FIELDS = {
 TUNE_FIELDS = {
     "max_steps": "tune_max_steps", "learning_rate": "tune_learning_rate",
     "per_device_train_batch_size": "tune_batch_size", "text_column": "text_column", "label_column": "label_column",
+    "answer_column": "answer_column",
 }
 DP_FIELDS = {
     "target_epsilon": "dp_target_epsilon", "target_delta": "dp_target_delta", "max_grad_norm": "dp_max_grad_norm",
@@ -68,7 +69,8 @@ TRANSFER_FIELDS = {
     "max_steps": "transfer_max_steps", "learning_rate": "transfer_learning_rate",
     "per_device_train_batch_size": "transfer_batch_size", "alpha": "transfer_alpha",
     "temperature": "transfer_temperature", "cache_top_k": "transfer_cache_top_k", "text_column": "text_column",
-    "label_column": "label_column", "public_dataset_name": "public_dataset",
+    "label_column": "label_column", "public_dataset_name": "public_dataset", "answer_column": "answer_column",
+    "continuation": "transfer_continuation",
 }
 # The α a transfer config is validated with (and `transfer_args` builds with) while `transfer_alpha` is None: the
 # heuristic picks α only when the transfer stage runs.
@@ -183,6 +185,16 @@ class PipelineConfig:
         default="negative|positive",
         metadata={"help": "Label words: classes separated by '|', synonyms by ',' (e.g. 'bad,awful|good,great')."},
     )
+    task_kind: str = field(
+        default="classification",
+        metadata={"help": "'classification' (label words score a label slot; scored by accuracy) or 'generation' (a "
+                  "free-form answer from `answer_column` follows the template; scored by exact match and token F1 "
+                  "of greedy answers). See docs/generation.md."},
+    )
+    answer_column: str = field(default="answer", metadata={"help": "Generation: answer column of the datasets."})
+    max_answer_tokens: int = field(
+        default=16, metadata={"help": "Generation: the most tokens of an answer, EOS included (training and "
+                                      "generation)."})
     num_virtual_tokens: Optional[int] = field(default=None, metadata={"help": "Soft prompt length n."})
     prompt_init_text: str = field(
         default="Predict if sentiment of this review is positive or negative",
@@ -220,6 +232,12 @@ class PipelineConfig:
                   "which on the quick preset cost POST 24 points: see docs/transfer.md)."},
     )
     transfer_temperature: float = field(default=2.0, metadata={"help": "Transfer temperature T."})
+    transfer_continuation: str = field(
+        default="source_greedy",
+        metadata={"help": "Generation: the answer tokens the POST loss is applied at on each public input: "
+                  "'source_greedy' (the prompted source's own greedy answer; no public labels) or 'public_answers' "
+                  "(the public set's `answer_column`)."},
+    )
     transfer_eval_steps: Optional[int] = field(
         default=None,
         metadata={"help": "Score the transferred prompt on the public held-out split every this many transfer steps "
@@ -319,6 +337,14 @@ class PipelineConfig:
         if self.transfer_alpha_method not in ALPHA_METHODS:
             raise ValueError(f"`transfer_alpha_method` must be one of {ALPHA_METHODS}, got "
                              f"{self.transfer_alpha_method!r}.")
+        if self.task_kind == "generation":
+            if self.masked:
+                raise ValueError("`task_kind` generation needs a causal LM template (no '{mask}'): a masked LM does "
+                                 "not generate.")
+            if self.transfer_alpha_method == "agreement" and self.transfer_alpha is None:
+                raise ValueError("`transfer_alpha_method` agreement compares predicted classes and is not defined for "
+                                 "`task_kind` generation: give `--transfer_alpha`, or use the heuristic (on exact "
+                                 "match).")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"`seed` must be an int in [0, 2**32 - 1] (numpy's seed range), got {self.seed!r}.")
         self.overwrite_stages()  # validates the stage names
@@ -409,8 +435,8 @@ class PipelineConfig:
         common = self.trainer_arguments()
         if self.transfer_early_stopping_patience is not None:
             # Trainer's own best-model rule: a checkpoint at every evaluation, the best reloaded at the end.
-            common.update(save_steps=eval_steps, load_best_model_at_end=True, metric_for_best_model="accuracy",
-                          greater_is_better=True)
+            common.update(save_steps=eval_steps, load_best_model_at_end=True,
+                          metric_for_best_model=self.public_metric, greater_is_better=True)
         return _named_errors(
             lambda: TransferConfig(output_dir=output_dir, **common, **values, eval_strategy="steps",
                                    eval_steps=eval_steps),
@@ -544,6 +570,17 @@ class PipelineConfig:
         named = self.overwrite_stages()
         return [s for s in STAGE_NAMES if s in named or any(s in STAGE_DEPENDANTS[n] for n in named)]
 
+    @property
+    def target_column(self) -> str:
+        """The column a private example is scored against: its label, or for generation its answer."""
+        return self.answer_column if self.task_kind == "generation" else self.label_column
+
+    @property
+    def public_metric(self) -> str:
+        """What the transfer's public held-out curve and stopping rule read: accuracy, or for generation token F1
+        (graded, where exact match of a weak prompt sits at 0 for many evaluations)."""
+        return "token_f1" if self.task_kind == "generation" else "accuracy"
+
     def label_word_lists(self) -> list[list[str]]:
         return [[w.strip() for w in cls.split(",") if w.strip()] for cls in self.label_words.split("|")]
 
@@ -560,6 +597,8 @@ class PipelineConfig:
             num_virtual_tokens=self.num_virtual_tokens,
             template=self.template,
             label_words=self.label_word_lists(),
+            task_kind=self.task_kind,
+            max_answer_tokens=self.max_answer_tokens,
             **init,
             **overrides,
         )

@@ -37,15 +37,17 @@ def private_splits(cfg: PipelineConfig):
         raise ValueError(f"`--private_dataset` {cfg.private_dataset!r} has no split {train_name!r} to cut "
                          f"`--private_test_size` from (its splits: {sorted(splits)}); set `--private_train_split`.")
     train = splits[train_name]
-    if cfg.label_column not in train.column_names:
-        raise ValueError(f"`--private_dataset` {cfg.private_dataset!r} split {train_name!r} has no label column "
-                         f"{cfg.label_column!r} (columns: {train.column_names}); set `--label_column`.")
+    if cfg.target_column not in train.column_names:
+        flag = "answer_column" if cfg.task_kind == "generation" else "label_column"
+        raise ValueError(f"`--private_dataset` {cfg.private_dataset!r} split {train_name!r} has no "
+                         f"{flag.split('_')[0]} column {cfg.target_column!r} (columns: {train.column_names}); set "
+                         f"`--{flag}`.")
     n = len(train)
     count = size if isinstance(size, int) else int(round(size * n))
     if not 0 < count < n:
         raise ValueError(f"`--private_test_size` {size!r} leaves {count} of the {n} examples of `--private_dataset` "
                          f"split {train_name!r} for the test split; it must leave between 1 and {n - 1}.")
-    train_idx, test_idx = stratified_split(list(train[cfg.label_column]), count, cfg.seed)
+    train_idx, test_idx = stratified_split(list(train[cfg.target_column]), count, cfg.seed)
     splits = dict(splits)
     splits[train_name], splits[test_name] = train.select(train_idx), train.select(test_idx)
     from datasets import DatasetDict

@@ -198,8 +198,14 @@ def relative_layers_hint(layers: list, num_layers: int) -> str:
 
 # --------------------------------------------------------------------------------------------------------- task
 def check_task(cfg: PipelineConfig, tokenizer, flag: str) -> None:
-    """Label words, template and init text against the tokenizer of `flag`'s model."""
-    from ..tasks import TaskTemplate, Verbalizer
+    """Label words (for classification), template and init text against the tokenizer of `flag`'s model."""
+    if cfg.task_kind == "classification":
+        check_label_words(cfg, tokenizer, flag)
+    check_template(cfg, tokenizer, flag)
+
+
+def check_label_words(cfg: PipelineConfig, tokenizer, flag: str) -> None:
+    from ..tasks import Verbalizer
 
     words = cfg.label_word_lists()
     owners: dict = {}
@@ -216,6 +222,11 @@ def check_task(cfg: PipelineConfig, tokenizer, flag: str) -> None:
             f"`--label_words` {cfg.label_words!r} with the tokenizer of `--{flag}`: {err} Each label word must be "
             "made of the model's vocabulary (with a leading space), and no word may serve two classes: pick "
             "another word or a synonym.") from None
+
+
+def check_template(cfg: PipelineConfig, tokenizer, flag: str) -> None:
+    from ..tasks import TaskTemplate
+
     try:
         template = TaskTemplate.from_config(cfg.post_config(), tokenizer)
         template.encode("text")
@@ -260,19 +271,33 @@ def named_errors(flag: str, value: str):
 
 
 def check_labelled(dataset, where: str, cfg: PipelineConfig) -> None:
-    """A labelled split is non-empty, has the text and label columns, string texts and integer labels in range;
-    `where` names it (the flag, the dataset and the split)."""
+    """A labelled split is non-empty, has the text and label columns, string texts and integer labels in range (for
+    generation: the answer column, with non-empty answer texts); `where` names it (the flag, the dataset and the
+    split)."""
     from ..tasks import label_problem
 
     if len(dataset) == 0:
         raise ValueError(f"{where} is empty (a CSV file with only its header?); it needs examples.")
     check_text_column(dataset, where, cfg)
+    if cfg.task_kind == "generation":
+        check_answer_column(dataset, where, cfg)
+        return
     if cfg.label_column not in dataset.column_names:
         raise ValueError(f"{where} has no label column {cfg.label_column!r} (columns: {dataset.column_names}); set "
                          "`--label_column`.")
     problem = label_problem(dataset[cfg.label_column], len(cfg.label_word_lists()))
     if problem:
         raise ValueError(f"{where} {problem} (`--label_words` {cfg.label_words!r})")
+
+
+def check_answer_column(dataset, where: str, cfg: PipelineConfig) -> None:
+    if cfg.answer_column not in dataset.column_names:
+        raise ValueError(f"{where} has no answer column {cfg.answer_column!r} (columns: {dataset.column_names}); set "
+                         "`--answer_column`.")
+    bad = [i for i, a in enumerate(dataset[cfg.answer_column]) if not isinstance(a, str) or not a.strip()]
+    if bad:
+        raise ValueError(f"{where} has {len(bad)} empty or non-string answer(s) in column {cfg.answer_column!r} "
+                         f"(first at row {bad[0]}); every example of a generation task needs an answer text.")
 
 
 def check_text_column(dataset, where: str, cfg: PipelineConfig) -> None:

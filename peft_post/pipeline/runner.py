@@ -161,9 +161,12 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
                      f"source {transfer['alpha_inputs']['public_source']:.3f}).")
     if transfer.get("stopping"):
         stop = transfer["stopping"]
-        notes.append(f"Transfer stopping rule (public held-out accuracy, patience {stop['patience']}): stopped at "
+        # Records written before generation existed hold the accuracy as public_accuracy.
+        metric = stop.get("public_metric", "accuracy").replace("_", " ")
+        score = stop.get("public_score", stop.get("public_accuracy"))
+        notes.append(f"Transfer stopping rule (public held-out {metric}, patience {stop['patience']}): stopped at "
                      f"step {stop['stopped_at_step']}, kept the prompt of step {stop['kept_step']} (public held-out "
-                     f"accuracy {stop['public_accuracy']:.3f}).")
+                     f"{metric} {score:.3f}).")
     results = POSTResults(
         target_model=cfg.target_model, private_dataset=cfg.private_dataset,
         num_test_examples=evaluation["num_test_examples"],
@@ -174,7 +177,10 @@ def _run_stages(cfg: PipelineConfig, only: Optional[str], command: Optional[str]
         student_model=cfg.student_model or f"{cfg.target_model} layers {cfg.student_layers}",
         public_dataset=cfg.public_dataset, num_public_examples=cfg.num_public_examples,
         privacy=_ledger(tune.get("privacy")), stages=stages,
-        transfer_curve=curve_from_log_history(transfer.get("log_history", [])), transfer_alpha=transfer["alpha"],
+        task_kind=cfg.task_kind,
+        token_f1={m: r["token_f1"] for m, r in evaluation["results"].items() if r.get("token_f1") is not None},
+        transfer_curve=curve_from_log_history(transfer.get("log_history", []), f"eval_{cfg.public_metric}"),
+        transfer_alpha=transfer["alpha"],
         preset=cfg.preset, seed=cfg.seed, precision=cfg.precision().record(), num_processes=num_processes(),
         command=command or " ".join(shlex.quote(a) for a in sys.argv), notes=notes,
     )
@@ -241,12 +247,12 @@ def _check_reuse(cfg: PipelineConfig, planned: list, folders: dict, target_path:
     settings: dict = {}
     if "tune" in planned or "full_tuning" in planned:
         train = private_examples(cfg, "train")
-        digest = labelled_data_digest(train, cfg.text_column, cfg.label_column)
+        digest = labelled_data_digest(train, cfg.text_column, cfg.target_column)
         settings["tune"] = stage_settings(cfg, "tune", digest)
         settings["full_tuning"] = stage_settings(cfg, "full_tuning", digest)
     test = private_examples(cfg, "test")
     settings["evaluate"] = stage_settings(cfg, "evaluate", labelled_data_digest(test, cfg.text_column,
-                                                                                 cfg.label_column))
+                                                                                 cfg.target_column))
     if "distill" in planned and "distill" not in discarded:
         folder = student_folder(cfg, target_path)
         record = stage_done(folder)

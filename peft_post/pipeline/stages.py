@@ -116,7 +116,16 @@ def distill_student(cfg: PipelineConfig, teacher, tokenizer, text, output_dir: s
               "wall_time_s": wall_time,
               "precision": cfg.precision().record()}
     student.eval()
-    if public_eval is not None:
+    if public_eval is not None and cfg.task_kind == "generation":
+        from ..generation import evaluate_generation
+
+        student_zs = evaluate_generation(student, tokenizer, public_eval, cfg.post_config(),
+                                         text_column=cfg.text_column, answer_column=cfg.answer_column,
+                                         batch_size=cfg.eval_batch_size, desc="student: public zero-shot")
+        record["public_zero_shot"] = {"dataset": cfg.public_dataset, "split": cfg.public_split,
+                                      "exact_match": student_zs["exact_match"], "token_f1": student_zs["token_f1"],
+                                      "num_examples": student_zs["num_examples"]}
+    elif public_eval is not None:
         # On every process: under FSDP2 the label-slot forward of the sharded student is the whole student's
         # (tests/test_multiprocess.py), and its gathers are collectives every process must join.
         student_zs = evaluate_prompt(student, tokenizer, public_eval, cfg.post_config(), text_column=cfg.text_column,
@@ -303,7 +312,7 @@ def transfer_prompt(cfg: PipelineConfig, target, source, tokenizer, public_train
     if trainer.args.load_best_model_at_end and trainer.state.best_global_step:
         # The stopping rule's choice, made on the public held-out split: the prompt kept is the best step's.
         record["stopping"] = {"kept_step": int(trainer.state.best_global_step),
-                              "public_accuracy": float(trainer.state.best_metric),
+                              "public_metric": cfg.public_metric, "public_score": float(trainer.state.best_metric),
                               "stopped_at_step": int(trainer.state.global_step),
                               "patience": cfg.transfer_early_stopping_patience}
     plan = getattr(trainer, "cache_plan", None)
@@ -326,6 +335,8 @@ def _alpha_by_heuristic(cfg: PipelineConfig, target, source, tokenizer, public_e
     from ..transfer.alpha import heuristic_note, label_space_mismatch
 
     task = source.active_peft_config
+    if cfg.task_kind == "generation":
+        return _alpha_by_heuristic_on_answers(cfg, target, source, tokenizer, public_eval)
     labels = public_eval[cfg.label_column] if cfg.label_column in public_eval.column_names else None
     problem = (f"the public held-out split has no label column {cfg.label_column!r}" if labels is None
                else label_space_mismatch(task.num_classes, labels=labels))
@@ -352,6 +363,28 @@ def _alpha_by_heuristic(cfg: PipelineConfig, target, source, tokenizer, public_e
                   "equally) is used instead. Set `transfer_alpha` to choose it yourself, or give a public set of the "
                   "private task's family.")
     return FALLBACK_ALPHA, found, problem
+
+
+def _alpha_by_heuristic_on_answers(cfg: PipelineConfig, target, source, tokenizer, public_eval) -> tuple:
+    """The heuristic α of a generation task: `suggest_alpha` on the exact match of the unprompted target's and the
+    prompted source's greedy answers to the public held-out split (chance level 0)."""
+    from ..generation import evaluate_generation
+    from ..transfer import suggest_alpha
+    from ..transfer.alpha import heuristic_note
+
+    task = source.active_peft_config
+    kw = dict(text_column=cfg.text_column, answer_column=cfg.answer_column, batch_size=cfg.eval_batch_size)
+    zs = evaluate_generation(target, tokenizer, public_eval, task, use_prompt=False, desc="alpha: zero-shot", **kw)
+    src = evaluate_generation(source, tokenizer, public_eval, task, desc="alpha: source", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a source at 0 exact match: α = 1, said in the note
+        alpha = suggest_alpha(zs["exact_match"], src["exact_match"], None)
+    check = {"metric": "exact_match", "num_examples": len(public_eval), "public_zero_shot": zs["exact_match"],
+             "public_source": src["exact_match"], "label_space_mismatch": None}
+    note = heuristic_note(alpha, zs["exact_match"], src["exact_match"]).replace(
+        "public held-out split", "public held-out split's exact match")
+    return alpha, {"alpha_check": check, "alpha_method": "heuristic", "alpha_note": note,
+                   "alpha_inputs": {"public_zero_shot": zs["exact_match"], "public_source": src["exact_match"]}}, None
 
 
 def transfer_by_agreement(cfg: PipelineConfig, target, source, tokenizer, public_train, public_eval, output_dir: str):
@@ -423,7 +456,7 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
     from ..transfer import direct_transfer, direct_transfer_obstacle
 
     test = private_examples(cfg, "test")
-    test_sha256 = labelled_data_digest(test, cfg.text_column, cfg.label_column)  # data rebuilt in place is rescored
+    test_sha256 = labelled_data_digest(test, cfg.text_column, cfg.target_column)  # data rebuilt in place is rescored
     tokenizer = load_tokenizer(target_path)
     precision = cfg.precision()
     # method -> (the prompt folder it scores, whether it runs the student, its model's loader)
@@ -456,6 +489,18 @@ def evaluate_stage(cfg: PipelineConfig, target_path: str, student_path: str, fol
     return {"num_test_examples": len(test), "results": results, "precision": precision.record()}
 
 
+def _score_answers(cfg: PipelineConfig, model, tokenizer, test_dataset, task, method: str) -> dict:
+    """A generation method's scores in `score_methods`' shape: ``accuracy`` is the exact-match rate (the share of
+    test examples answered exactly, whose bits are ``per_example_correct``), with ``token_f1`` beside it."""
+    from ..generation import evaluate_generation
+
+    report = evaluate_generation(model, tokenizer, test_dataset, task, text_column=cfg.text_column,
+                                 answer_column=cfg.answer_column, batch_size=cfg.eval_batch_size,
+                                 desc=METHOD_DESCRIPTIONS.get(method, method))
+    return {"metric": "exact_match", "accuracy": report["exact_match"], "token_f1": report["token_f1"],
+            "num_examples": report["num_examples"], "per_example_correct": report["per_example_correct"]}
+
+
 def score_methods(cfg: PipelineConfig, tokenizer, test_dataset,
                   models: Mapping[str, Union[torch.nn.Module, Callable[[], Any]]]) -> dict:
     """Accuracy, per-class counts and per-example correctness (``per_example_correct``, `correctness_bits`, in
@@ -472,6 +517,10 @@ def score_methods(cfg: PipelineConfig, tokenizer, test_dataset,
     for method, model in models.items():
         if not isinstance(model, torch.nn.Module):
             model = model()
+        if cfg.task_kind == "generation":
+            scores[method] = _score_answers(cfg, model, tokenizer, test_dataset, task, method)
+            del model
+            continue
         scores[method] = evaluate_prompt(model, tokenizer, test_dataset, task, text_column=cfg.text_column,
                                          label_column=cfg.label_column, batch_size=cfg.eval_batch_size,
                                          desc=METHOD_DESCRIPTIONS.get(method, method), per_example=True)

@@ -535,8 +535,11 @@ UNKEYED_FIELDS = frozenset({"run_dir", "preset", "full_baseline", "max_private_o
 # "auto" means another dtype on another machine. Settings added after records were first keyed are left out at their
 # default (the value every older record was made with), so those records keep their keys.
 OMITTED_AT_DEFAULT = {"dtype": "float32", "quantization": None, "transfer_alpha_method": "heuristic",
-                      "transfer_eval_steps": None, "transfer_early_stopping_patience": None}
-_TASK = ("template", "label_words", "num_virtual_tokens", "prompt_init_text", "text_column", "label_column")
+                      "transfer_eval_steps": None, "transfer_early_stopping_patience": None,
+                      "task_kind": "classification", "answer_column": "answer", "max_answer_tokens": 16,
+                      "transfer_continuation": "source_greedy"}
+_TASK = ("template", "label_words", "num_virtual_tokens", "prompt_init_text", "text_column", "label_column",
+         "task_kind", "answer_column", "max_answer_tokens")
 _STUDENT = ("target_model", "student_layers", "distill_dataset", "distill_split", "distill_max_steps",
             "distill_learning_rate", "distill_batch_size", "distill_block_size", "distill_templated_fraction",
             "distill_label_slot_weight", "distill_freeze_embeddings", "template", "text_column", "seed")
@@ -545,7 +548,7 @@ _TUNE = ("private_dataset", "private_train_split", "private_test_size", "max_tra
 _DP = ("dp_target_epsilon", "dp_target_delta", "dp_max_grad_norm", "dp_accountant")
 _TRANSFER = ("public_dataset", "public_split", "num_public_examples", "num_public_eval_examples", "transfer_max_steps",
              "transfer_learning_rate", "transfer_batch_size", "transfer_alpha", "transfer_temperature",
-             "transfer_cache_top_k", "transfer_alpha_method", "transfer_eval_steps",
+             "transfer_cache_top_k", "transfer_alpha_method", "transfer_eval_steps", "transfer_continuation",
              "transfer_early_stopping_patience", "target_model", "seed")
 _EVALUATE = ("private_dataset", "private_test_split", "private_test_size", "max_test_examples", "target_model", "seed")
 # Settings entries that are digests, not fields, and what they digest (for the refusal's wording).
@@ -581,7 +584,8 @@ def _field_values(cfg: PipelineConfig, names) -> dict:
 
 
 def labelled_data_digest(dataset, text_column: str, label_column: str) -> str:
-    """sha256 of a dataset's texts and labels, in order: what a stage trained or was scored on, without the data."""
+    """sha256 of a dataset's texts and labels (or answers), in order: what a stage trained or was scored on, without
+    the data."""
     columns = [c for c in (text_column, label_column) if c in dataset.column_names]
     rows = dataset.select_columns(columns)[:]
     return hashlib.sha256(json.dumps([rows[c] for c in columns], default=str).encode()).hexdigest()

@@ -36,20 +36,23 @@ from .config import TransferConfig
 TASK_FIELDS = ("task_type", "task_kind", "template", "label_words", "max_length", "max_answer_tokens")
 
 
-def suggest_alpha(zero_shot_acc: float, source_acc: float, num_classes: int) -> float:
+def suggest_alpha(zero_shot_acc: float, source_acc: float, num_classes: Optional[int]) -> float:
     """The paper's α heuristic (App. D.5): α = min((ZS − RG) / (C − RG), 1), clipped at 0.
 
     ZS: the target's zero-shot accuracy, C: the prompted small model's accuracy, RG = 1 / num_classes (random
     guessing); accuracies as fractions in [0, 1]. A strong zero-shot target (relative to what p_s achieves on the
     small model) trusts the direction term; a weak one imitates the prompted source. When C ≤ RG the source prompt
     carries no signal to imitate and the formula's limit (C → RG from above) is used: α = 1, with a warning.
+
+    ``num_classes=None`` is the generation form: ZS and C are exact-match rates of free-form answers, which random
+    guessing does not reach, so RG = 0 and α = min(ZS / C, 1).
     """
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"`num_classes` must be an int >= 2, got {num_classes!r}.")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+        raise ValueError(f"`num_classes` must be an int >= 2 (or None for a generation task), got {num_classes!r}.")
     for name, value in (("zero_shot_acc", zero_shot_acc), ("source_acc", source_acc)):
         if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"`{name}` must be an accuracy in [0, 1] (a fraction, not a percentage), got {value!r}.")
-    random_guess = 1.0 / num_classes
+    random_guess = 0.0 if num_classes is None else 1.0 / num_classes
     if source_acc <= random_guess:
         warnings.warn(
             f"source_acc={source_acc} is not above random guessing ({random_guess:.3f}): the source prompt has "
