@@ -45,18 +45,19 @@ def sentiment_dataset():
     return tiny_sentiment_dataset(32)
 
 
-def build_tiny_run_inputs(root, tokenizer):
-    """A tiny llama target, private, public and distillation data under `root`; returns a function of a run folder
-    that gives the `peft-post` flags of a full pipeline on them (about a minute on tiny models)."""
+def build_tiny_run_inputs(root, tokenizer, rows=tiny_sentiment_rows):
+    """A tiny llama target, private, public and distillation data under `root` (the examples from `rows(n, seed)`);
+    returns a function of a run folder that gives the `peft-post` flags of a full pipeline on them (about a minute
+    on tiny models)."""
     target = str(root / "target")
     build_tiny_model("llama", tokenizer, target, num_layers=4)
     private = str(root / "private")
-    DatasetDict({"train": Dataset.from_list(tiny_sentiment_rows(24, seed=1)),
-                 "test": Dataset.from_list(tiny_sentiment_rows(10, seed=2))}).save_to_disk(private)
+    DatasetDict({"train": Dataset.from_list(rows(24, seed=1)),
+                 "test": Dataset.from_list(rows(10, seed=2))}).save_to_disk(private)
     public = str(root / "public.csv")
-    Dataset.from_list(tiny_sentiment_rows(20, seed=3)).to_csv(public)
+    Dataset.from_list(rows(20, seed=3)).to_csv(public)
     distill = str(root / "distill.csv")
-    Dataset.from_list([{"text": r["text"]} for r in tiny_sentiment_rows(40, seed=4)]).to_csv(distill)
+    Dataset.from_list([{"text": r["text"]} for r in rows(40, seed=4)]).to_csv(distill)
 
     def flags(run_dir):
         return ["--run_dir", str(run_dir), "--preset", "quick", "--target_model", target, "--student_layers", "0,-1",

@@ -5,34 +5,21 @@ import json
 import os
 
 import pytest
-from datasets import Dataset, DatasetDict
-
+from conftest import build_tiny_run_inputs
 from peft_post.cli import main
-from peft_post.testing import build_tiny_model, tiny_generation_rows
+from peft_post.testing import tiny_generation_rows
 
 TEMPLATE = "Review: {text}\nIn short:"
 
 
 @pytest.fixture
 def generation_run(tmp_path, tokenizer, monkeypatch):
+    """`tiny_run`'s world with generation rows (an answer column) and the generation task's flags."""
     monkeypatch.setenv("PEFT_POST_CACHE", str(tmp_path / "cache"))
-    target = str(tmp_path / "target")
-    build_tiny_model("llama", tokenizer, target, num_layers=4)
-    private = str(tmp_path / "private")
-    DatasetDict({"train": Dataset.from_list(tiny_generation_rows(24, seed=1)),
-                 "test": Dataset.from_list(tiny_generation_rows(10, seed=2))}).save_to_disk(private)
-    public = str(tmp_path / "public.csv")
-    Dataset.from_list(tiny_generation_rows(20, seed=3)).to_csv(public)
-    distill = str(tmp_path / "distill.csv")
-    Dataset.from_list([{"text": r["text"]} for r in tiny_generation_rows(40, seed=4)]).to_csv(distill)
     run_dir = tmp_path / "run"
-    flags = ["--run_dir", str(run_dir), "--preset", "quick", "--target_model", target, "--student_layers", "0,-1",
-             "--distill_dataset", distill, "--private_dataset", private, "--public_dataset", public,
-             "--num_public_examples", "12", "--num_public_eval_examples", "8", "--distill_max_steps", "3",
-             "--tune_max_steps", "3", "--transfer_max_steps", "3", "--num_virtual_tokens", "4",
-             "--tune_batch_size", "8", "--transfer_batch_size", "4", "--save_steps", "2", "--eval_batch_size", "8",
-             "--task_kind", "generation", "--template", TEMPLATE, "--max_answer_tokens", "4",
-             "--prompt_init_text", "say the mood in two words"]
+    flags = build_tiny_run_inputs(tmp_path, tokenizer, rows=tiny_generation_rows)(str(run_dir))
+    flags += ["--task_kind", "generation", "--template", TEMPLATE, "--max_answer_tokens", "4",
+              "--prompt_init_text", "say the mood in two words"]
     return run_dir, flags
 
 
