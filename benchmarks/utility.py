@@ -32,6 +32,7 @@ from peft_post.assets import portable_path
 from peft_post.io import atomic_write_json
 from peft_post.pipeline import (PipelineConfig, copy_stage, parse_overrides, rename_legacy_fields, run_pipeline,
                                 stage_record)
+from peft_post.report import derived_metrics
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "utility.json")
 METHODS = ("zero_shot", "full_prompt_tuning", "student_prompt", "direct_transfer", "post")
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# The report's headline numbers kept for each cell (`peft_post.report.derived_metrics`).
+HEADLINE_KEYS = ("gap_closed", "gap_closed_ci", "post_gain_over_zero_shot", "post_gain_over_zero_shot_ci",
+                 "post_vs_zero_shot")
 # The fields each cell sets itself.
 GRID_FIELDS = ("run_dir", "seed", "dp", "public_dataset", "transfer_alpha", "full_baseline")
 
@@ -163,10 +167,13 @@ def main(argv=None):
                     cell_start = time.perf_counter()
                     results = run_pipeline(cfg, command=command)
                     report = results.to_dict()
+                    derived = derived_metrics(results)
                     cells.append({
                         "run_dir": portable_path(cell_dir), "seed": seed, "dp": dp, "public_dataset": public,
-                        "alpha_setting": alpha,
+                        "alpha_setting": alpha, "task_kind": report["task_kind"],
                         "alpha": report["transfer_alpha"], "accuracy": report["accuracy"],
+                        "token_f1": report["token_f1"],
+                        "headline": {k: derived[k] for k in HEADLINE_KEYS},
                         "privacy": report["privacy"], "stages": report["stages"], "notes": report["notes"],
                         "cell_wall_time_s": time.perf_counter() - cell_start,
                     })

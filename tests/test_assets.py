@@ -290,10 +290,13 @@ def test_default_model_path_reuses_cached_folder(tmp_path, monkeypatch):
 
 
 def test_load_trec_three_disjoint_stratified_splits(monkeypatch):
+    fine = {"ABBR": "ABBR:exp", "DESC": "DESC:def", "ENTY": "ENTY:cremat", "HUM": "HUM:ind", "LOC": "LOC:city",
+            "NUM": "NUM:date"}
     codes = ["ABBR"] * 10 + ["DESC"] * 30 + ["ENTY"] * 20 + ["HUM"] * 20 + ["LOC"] * 10 + ["NUM"] * 10
-    rows = [(c, f"Question {i} about {c.lower()} ?") for i, c in enumerate(codes)]
-    rows += [("HUM", "Who is it ?"), ("LOC", "Who is it ?"),  # two labels: dropped
-             ("NUM", "How many ?"), ("NUM", "How  many ?"), ("XXX", "Odd code ?")]  # duplicate kept once; bad code
+    rows = [(fine[c], f"Question {i} about {c.lower()} ?") for i, c in enumerate(codes)]
+    rows += [("HUM:ind", "Who is it ?"), ("LOC:city", "Who is it ?"),  # two labels: dropped
+             ("NUM:count", "How many ?"), ("NUM:date", "How  many ?"),  # duplicate kept once, first fine type
+             ("XXX:y", "Odd code ?")]  # bad code
     monkeypatch.setattr(D, "_trec_rows", lambda cache_dir=None: rows)
     d = A.load_trec(seed=0, test_size=20, public_size=0.25)
     assert set(d) == {"train", "test", "public"}
@@ -307,6 +310,9 @@ def test_load_trec_three_disjoint_stratified_splits(monkeypatch):
     assert list(d["test"]["label"]).count(1) == 6
     by_text = dict(zip(d["train"]["text"], d["train"]["label"]))
     assert all(by_text[t] == list(A.TREC_COARSE).index(t.split()[-2].upper()) for t in by_text if "about" in t)
+    # The generation task's answer: the fine type in words.
+    answers = {t: a for split in d.values() for t, a in zip(split["text"], split["answer"])}
+    assert answers["Question 40 about enty ?"] == "creative work" and answers["How many ?"] == "count"
     assert A.load_trec(seed=0, test_size=20, public_size=0.25)["test"]["text"] == d["test"]["text"]
     assert A.load_trec(seed=1, test_size=20, public_size=0.25)["test"]["text"] != d["test"]["text"]
     assert list(A.load_embedded_dataset("trec", test_size=20, public_size=20)) == ["train", "test", "public"]

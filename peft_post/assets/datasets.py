@@ -30,6 +30,23 @@ LABEL_NAMES = ["negative", "positive"]
 # TREC's coarse answer types, named by words that are one token each for SmolLM2 (usable as label words as they are).
 TREC_COARSE = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location",
                "NUM": "number"}
+# TREC's fine answer types (Li & Roth) as the words a generation task answers with: "Question: ...\nAnswer type:"
+# -> " city". One to two words each, several of them more than one token.
+TREC_FINE_ANSWERS = {
+    "ABBR:abb": "abbreviation", "ABBR:exp": "expansion", "DESC:def": "definition", "DESC:desc": "description",
+    "DESC:manner": "manner", "DESC:reason": "reason", "ENTY:animal": "animal", "ENTY:body": "body part",
+    "ENTY:color": "color", "ENTY:cremat": "creative work", "ENTY:currency": "currency", "ENTY:dismed": "disease",
+    "ENTY:event": "event", "ENTY:food": "food", "ENTY:instru": "musical instrument", "ENTY:lang": "language",
+    "ENTY:letter": "letter", "ENTY:other": "other entity", "ENTY:plant": "plant", "ENTY:product": "product",
+    "ENTY:religion": "religion", "ENTY:sport": "sport", "ENTY:substance": "substance", "ENTY:symbol": "symbol",
+    "ENTY:techmeth": "technique", "ENTY:termeq": "term", "ENTY:veh": "vehicle", "ENTY:word": "word",
+    "HUM:desc": "person description", "HUM:gr": "group", "HUM:ind": "person", "HUM:title": "title",
+    "LOC:city": "city", "LOC:country": "country", "LOC:mount": "mountain", "LOC:other": "other location",
+    "LOC:state": "state", "NUM:code": "code", "NUM:count": "count", "NUM:date": "date", "NUM:dist": "distance",
+    "NUM:money": "money", "NUM:ord": "order", "NUM:other": "other number", "NUM:perc": "percentage",
+    "NUM:period": "period", "NUM:speed": "speed", "NUM:temp": "temperature", "NUM:volsize": "size",
+    "NUM:weight": "weight",
+}
 DEFAULT_PUBLIC_SIZE = 512
 
 
@@ -101,7 +118,9 @@ def _count(name: str, size, n: int) -> int:
 def load_trec(seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE,
               public_size: Union[int, float] = DEFAULT_PUBLIC_SIZE, cache_dir: Optional[str] = None):
     """TREC questions labelled with their coarse answer type: a `DatasetDict` with ``train``, ``test`` and ``public``
-    (columns text, label; label names in `TREC_COARSE`: abbreviation, description, entity, human, location, number).
+    (columns text, label; label names in `TREC_COARSE`: abbreviation, description, entity, human, location, number),
+    and ``answer``: the fine answer type in words (`TREC_FINE_ANSWERS`: "city", "date", "creative work", ... 50
+    types), the target of the generation task (``--task_kind generation --answer_column answer``).
 
     A second private task for the embedded default. ``public`` is a disjoint share of the questions that plays the
     provider's public transfer data (``--public_dataset embedded:trec --public_split public``). Duplicate questions
@@ -117,14 +136,17 @@ def load_trec(seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE,
     labels: dict[str, set] = {}
     first: dict[str, dict] = {}
     codes = list(TREC_COARSE)
-    for coarse, question in _trec_rows(cache_dir):
+    for code, question in _trec_rows(cache_dir):
+        coarse = code.split(":", 1)[0]
         key = normalize_text(question)
-        if coarse not in TREC_COARSE or not key:
+        if coarse not in TREC_COARSE or code not in TREC_FINE_ANSWERS or not key:
             continue
         labels.setdefault(key, set()).add(coarse)
-        first.setdefault(key, {"text": question, "label": codes.index(coarse)})
+        # A question listed twice keeps its first fine type (the split depends on the coarse label only).
+        first.setdefault(key, {"text": question, "label": codes.index(coarse), "answer": TREC_FINE_ANSWERS[code]})
     rows = [r for k, r in first.items() if len(labels[k]) == 1]
-    features = Features({"text": Value("string"), "label": ClassLabel(names=list(TREC_COARSE.values()))})
+    features = Features({"text": Value("string"), "label": ClassLabel(names=list(TREC_COARSE.values())),
+                         "answer": Value("string")})
     ds = Dataset.from_list(rows, features=features)
     rest_idx, test_idx = stratified_split(list(ds["label"]), _count("test_size", test_size, len(ds)), seed)
     rest = ds.select(rest_idx)
@@ -199,8 +221,8 @@ def _sms_texts(cache_dir: Optional[str] = None) -> list[str]:
 def _trec_rows(cache_dir: Optional[str] = None) -> list[tuple[str, str]]:
     with open(fetch_asset("trec", cache_dir=cache_dir), "rb") as f:
         lines = f.read().decode("latin-1").splitlines()
-    # Each line is "COARSE:fine question".
-    return [(l.split(":", 1)[0], " ".join(l.split(" ", 1)[1].split())) for l in lines if " " in l.strip()]
+    # Each line is "COARSE:fine question": (the "COARSE:fine" code, the question).
+    return [(l.split(" ", 1)[0], " ".join(l.split(" ", 1)[1].split())) for l in lines if " " in l.strip()]
 
 
 def _trec_texts(cache_dir: Optional[str] = None) -> list[str]:
