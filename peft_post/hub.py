@@ -84,9 +84,12 @@ def _normalise_evaluation(evaluation: Optional[Mapping]) -> list[tuple[str, floa
     rows = []
     for name, result in evaluation.items():
         if isinstance(result, Mapping):
-            if "accuracy" not in result:
-                raise ValueError(f"`evaluation[{name!r}]` has no 'accuracy' key (pass an evaluate_prompt result).")
-            accuracy, count, dataset = result["accuracy"], result.get("num_examples"), result.get("dataset")
+            # An evaluate_generation result is scored by its exact match.
+            key = "accuracy" if "accuracy" in result else "exact_match"
+            if key not in result:
+                raise ValueError(f"`evaluation[{name!r}]` has no 'accuracy' (or 'exact_match') key (pass an "
+                                 "evaluate_prompt or evaluate_generation result).")
+            accuracy, count, dataset = result[key], result.get("num_examples"), result.get("dataset")
         else:
             accuracy, count, dataset = result, None, None
         if not isinstance(accuracy, (int, float)) or not math.isfinite(accuracy) or not 0.0 <= accuracy <= 1.0:
@@ -132,6 +135,9 @@ def _card_variables(config: POSTConfig, repo_id: str, base_model: str, rows) -> 
         dp_holds=guarantee_holds(ledger),
         # the loading snippet
         masked=masked,
+        generation=config.task_kind == "generation",
+        max_answer_tokens=config.max_answer_tokens,
+        score_name="exact match" if config.task_kind == "generation" else "accuracy",
         auto_class="AutoModelForMaskedLM" if masked else "AutoModelForCausalLM",
         template_repr=repr(config.template),
         label_words_repr=repr(config.label_words),

@@ -527,3 +527,29 @@ def test_a_named_adapter_is_pushed_to_the_repo_root_and_loads_under_its_name(fak
     torch.testing.assert_close(get_prompt(loaded, "sentiment"), get_prompt(model, "sentiment"), rtol=0, atol=0)
     with pytest.raises(ValueError, match="adapter named 'default'"):
         push_transferred_prompt(model, "alice/named", token=TOKEN, base_model="org/tiny-gpt2")
+
+
+def test_card_of_a_generation_prompt_states_the_task_and_its_snippet_generates_the_same_answer(
+        fake_hub, load_tiny, tiny_model_dirs, tokenizer):
+    """A generation prompt's card: the task kind and metric, and a plain-PEFT snippet whose greedy answer (PEFT's
+    generate, one unpadded llama input) is the one `peft_post.generation` gives."""
+    from peft_post.generation import generate_answers
+
+    base_dir = tiny_model_dirs["llama"]
+    fake_hub.seed_repo("org/tiny-llama", {
+        os.path.relpath(p, base_dir): open(p, "rb").read() for p in glob.glob(os.path.join(base_dir, "*"))
+    })
+    model = prompted(load_tiny, "llama", task_kind="generation", max_answer_tokens=4)
+    evaluation = {"POST transferred prompt": {"exact_match": 0.42, "token_f1": 0.5, "num_examples": 50}}
+    push_transferred_prompt(model, "alice/gen-prompt", token=TOKEN, private=False, base_model="org/tiny-llama",
+                            evaluation=evaluation)
+    card = fake_hub.repos["alice/gen-prompt"].files["README.md"].decode()
+    assert "Generation: each input" in card and "exact match and token F1" in card
+    assert "| model / prompt | exact match |" in card and "| POST transferred prompt | 42.00% | 50 |" in card
+    assert "label words" not in card.split("## Task")[1].split("##")[0]
+    namespace = {}
+    exec(compile(snippet_of(card), "model-card-snippet", "exec"), namespace)
+    config = model.peft_config["default"]
+    expected = generate_answers(model, tokenizer, [namespace["text"]], TaskTemplate.from_config(config, tokenizer),
+                                max_new_tokens=4)[0]
+    assert namespace["out"][0, namespace["inputs"].input_ids.shape[1]:].tolist()[: len(expected)] == expected
