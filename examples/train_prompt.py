@@ -3,6 +3,11 @@
 Usage:
     python examples/train_prompt.py --model_name_or_path runs/student --dataset embedded:rotten_tomatoes \
         --output_dir runs/prompt --max_steps 300 [--dp --target_epsilon 8]
+
+A generation task (the answer's token cross-entropy instead of the verbalizer loss):
+    python examples/train_prompt.py --model_name_or_path runs/student --dataset embedded:trec \
+        --task_kind generation --answer_column answer --template $'Question: {text}\nAnswer type:' \
+        --init_text 'Name the type of answer this question asks for' --output_dir runs/prompt --max_steps 200
 """
 
 from dataclasses import dataclass, field
@@ -21,6 +26,8 @@ class ScriptArguments:
     dataset: str = field(default="embedded:rotten_tomatoes", metadata={"help": "Labelled dataset (train/test)."})
     template: str = field(default="Review: {text}\nSentiment:", metadata={"help": "Template ending at the label."})
     label_words: str = field(default="negative|positive", metadata={"help": "Classes by '|', synonyms by ','."})
+    task_kind: str = field(default="classification", metadata={"help": "'classification' or 'generation'."})
+    max_answer_tokens: int = field(default=16, metadata={"help": "Generation: most tokens of an answer."})
     num_virtual_tokens: int = field(default=20, metadata={"help": "Prompt length."})
     init_text: str = field(default="Predict if sentiment of this review is positive or negative",
                            metadata={"help": "Prompt initialisation text."})
@@ -38,6 +45,7 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = POSTConfig(num_virtual_tokens=script.num_virtual_tokens, template=script.template,
                         label_words=[c.split(",") for c in script.label_words.split("|")],
+                        task_kind=script.task_kind, max_answer_tokens=script.max_answer_tokens,
                         prompt_tuning_init="TEXT", prompt_tuning_init_text=script.init_text,
                         tokenizer_name_or_path=path)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), config)

@@ -7,7 +7,7 @@ import sys
 from datasets import Dataset, DatasetDict
 
 from peft_post import POSTConfig
-from peft_post.testing import build_tiny_model, tiny_sentiment_rows
+from peft_post.testing import build_tiny_model, tiny_generation_rows, tiny_sentiment_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,3 +44,25 @@ def test_distill_then_train_prompt_with_dp_then_transfer(tmp_path, tokenizer):
     cfg = POSTConfig.from_pretrained(str(tmp_path / "transferred"))
     assert cfg.transfer_alpha == 0.5 and cfg.privacy["epsilon"] == ledger["epsilon"]
     assert cfg.provenance["public_dataset"]["size"] == 8
+
+
+def test_train_and_transfer_a_generation_prompt(tmp_path, tokenizer):
+    """The same scripts with `--task_kind generation`: the answer column trains, and the transfer keeps the task."""
+    student, target = str(tmp_path / "student"), str(tmp_path / "target")
+    build_tiny_model("llama", tokenizer, student, num_layers=2)
+    build_tiny_model("llama", tokenizer, target, num_layers=3, seed=1)
+    private = str(tmp_path / "private")
+    DatasetDict({"train": Dataset.from_list(tiny_generation_rows(16, seed=1))}).save_to_disk(private)
+    public = str(tmp_path / "public.csv")
+    Dataset.from_list(tiny_generation_rows(12, seed=2)).to_csv(public)
+    common = ["--max_steps", "2", "--report_to", "none", "--use_cpu", "true", "--per_device_train_batch_size", "4"]
+    run("train_prompt.py", "--model_name_or_path", student, "--dataset", private, "--output_dir",
+        str(tmp_path / "prompt"), "--num_virtual_tokens", "4", "--task_kind", "generation", "--max_answer_tokens", "4",
+        "--template", "Review: {text}\nIn short:", *common)
+    assert POSTConfig.from_pretrained(str(tmp_path / "prompt")).task_kind == "generation"
+    run("transfer.py", "--target", target, "--source_model", student, "--source_prompt", str(tmp_path / "prompt"),
+        "--public_dataset", public, "--num_public_examples", "8", "--output_dir", str(tmp_path / "transferred"),
+        "--alpha", "0.5", "--continuation", "public_answers", *common)
+    cfg = POSTConfig.from_pretrained(str(tmp_path / "transferred"))
+    assert cfg.task_kind == "generation" and cfg.max_answer_tokens == 4
+    assert cfg.provenance["continuation"] == "public_answers"
