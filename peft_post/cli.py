@@ -152,10 +152,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if command == "push":
             return _push(_parse(PushArguments, rest, prog))
         if command == "audit":
-            return _audit(*_parse((PipelineConfig, AuditConfig), rest, prog), command=_command_line(command, rest))
+            parsed = _classification_only(_parse((PipelineConfig, AuditConfig), rest, prog), command)
+            return _audit(*parsed, command=_command_line(command, rest))
         if command == "audit-dp":
-            return _audit_dp(*_parse((PipelineConfig, DPAuditConfig), rest, prog),
-                             command=_command_line(command, rest))
+            parsed = _classification_only(_parse((PipelineConfig, DPAuditConfig), rest, prog), command)
+            return _audit_dp(*parsed, command=_command_line(command, rest))
         cfg = _parse(PipelineConfig, rest, prog)
         _check_run_dir(cfg.run_dir)
         results = run_pipeline(cfg, only=None if command == "run" else command,
@@ -197,6 +198,14 @@ def _quiet_progress_bars() -> None:
 
 def _command_line(command: str, rest: list[str]) -> str:
     return " ".join(["peft-post", command, *map(shlex.quote, rest)])
+
+
+def _classification_only(parsed: tuple, command: str) -> tuple:
+    """The audits attack class scores: refuse a generation task before any work rather than fail inside one."""
+    if parsed[0].task_kind != "classification":
+        raise ValueError(f"`peft-post {command}` audits classification prompts (its attacks read class scores); "
+                         "`--task_kind generation` is not supported by it yet.")
+    return parsed
 
 
 def _audit(cfg: PipelineConfig, audit: AuditConfig, command: str) -> int:

@@ -70,3 +70,11 @@ def test_bad_generation_input_is_refused_before_any_work(generation_run, capsys,
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
     assert not os.path.exists(run_dir / "report.json")
+
+
+@pytest.mark.parametrize("command", ["audit", "audit-dp"])
+def test_audits_refuse_a_generation_task_before_any_work(generation_run, capsys, command):
+    run_dir, flags = generation_run
+    assert main([command, *flags]) == 2
+    assert "classification" in capsys.readouterr().err
+    assert not os.path.exists(run_dir)
