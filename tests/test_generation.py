@@ -255,3 +255,14 @@ def test_generation_transfer_checks_its_inputs(tokenizer, tmp_path):
         other = get_peft_model(copy.deepcopy(target.get_base_model()), classification)
     with pytest.raises(ValueError, match="different tasks"):
         TransferTrainer(other, source, args, public_dataset=tiny_generation_dataset(4), processing_class=tokenizer)
+
+
+def test_alpha_heuristic_of_a_generation_task_has_chance_level_zero():
+    from peft_post import suggest_alpha
+
+    assert suggest_alpha(0.2, 0.5, None) == pytest.approx(0.4)
+    assert suggest_alpha(0.6, 0.5, None) == 1.0 and suggest_alpha(0.0, 0.3, None) == 0.0
+    with pytest.warns(UserWarning, match="nothing to imitate"):
+        assert suggest_alpha(0.1, 0.0, None) == 1.0
+    with pytest.raises(ValueError, match="None for a generation task"):
+        suggest_alpha(0.2, 0.5, 1)
