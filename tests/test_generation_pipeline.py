@@ -78,3 +78,19 @@ def test_audits_refuse_a_generation_task_before_any_work(generation_run, capsys,
     assert main([command, *flags]) == 2
     assert "classification" in capsys.readouterr().err
     assert not os.path.exists(run_dir)
+
+
+def test_a_score_is_keyed_by_the_task_kind_and_answer_budget(generation_run):
+    """The same folder, template and data scored as classification and as generation (or with another answer budget)
+    never share a cached score."""
+    from transformers import HfArgumentParser
+
+    from peft_post.pipeline import PipelineConfig
+    from peft_post.pipeline.store import evaluation_key
+
+    run_dir, flags = generation_run
+    keys = set()
+    for change in ([], ["--max_answer_tokens", "6"], ["--task_kind", "classification"]):
+        (cfg,) = HfArgumentParser(PipelineConfig).parse_args_into_dataclasses(args=[*flags, *change])
+        keys.add(evaluation_key(cfg, "target", "zero_shot", None, "sha"))
+    assert len(keys) == 3

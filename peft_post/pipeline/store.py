@@ -447,6 +447,9 @@ def evaluation_key(cfg: PipelineConfig, target_path: str, method: str, student_p
             "template": cfg.template, "labels": cfg.label_word_lists(), "columns": [cfg.text_column, cfg.label_column]}
     if test_sha256 is not None:
         spec["test_data"] = test_sha256
+    if cfg.task_kind != "classification":  # a generation score: what is generated, and how long it may be
+        spec.update(task_kind=cfg.task_kind, answer_column=cfg.answer_column,
+                    max_answer_tokens=cfg.max_answer_tokens)
     if cfg.private_test_size is not None:  # a test split cut from the training split (keeps the other keys)
         spec["test_size"] = cfg.private_test_size
     if student_path is not None:  # methods that run the student
