@@ -1,0 +1,53 @@
+"""benchmarks/headline.py on synthetic run reports: means over seeds, gap closed, and its two-level interval."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import headline
+
+
+def _bits(rng, n, p):
+    return "".join("1" if x else "0" for x in rng.random(n) < p)
+
+
+def _run(tmp_path, name, seed, dp=False, n=400, rates=(0.3, 0.9, 0.6, 0.25, 0.7)):
+    rng = np.random.default_rng(seed)
+    correct = {m: _bits(rng, n, p) for m, p in zip(headline.METHODS, rates)}
+    report = {"private_dataset": "embedded:trec", "seed": seed, "num_test_examples": n, "transfer_alpha": 0.5,
+              "task_kind": "classification", "per_example_correct": correct,
+              "accuracy": {m: bits.count("1") / n for m, bits in correct.items()},
+              "privacy": {"epsilon": 8.0} if dp else None}
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps(report))
+    return str(folder), report
+
+
+def test_rows_average_seeds_and_give_gap_closed_with_an_interval(tmp_path):
+    runs = [_run(tmp_path, f"s{s}", s) for s in range(3)] + [_run(tmp_path, "dp0", 7, dp=True)]
+    out = tmp_path / "headline.json"
+    rows = headline.main(["--runs", *[d for d, _ in runs], "--out", str(out)])
+    assert [(r["dp"], r["seeds"]) for r in rows] == [(False, [0, 1, 2]), (True, [7])]
+    nodp = rows[0]
+    mean = {m: np.mean([r["accuracy"][m] for _, r in runs[:3]]) for m in headline.METHODS}
+    assert nodp["post"] == pytest.approx(mean["post"])
+    expected = (mean["post"] - mean["zero_shot"]) / (mean["full_prompt_tuning"] - mean["zero_shot"])
+    assert nodp["gap_closed"] == pytest.approx(expected)
+    lo, hi = nodp["gap_closed_ci"]
+    assert lo < nodp["gap_closed"] < hi and hi - lo < 0.2
+    # One seed of 400 examples gives a wider interval than three.
+    dp_lo, dp_hi = rows[1]["gap_closed_ci"]
+    assert dp_hi - dp_lo > hi - lo
+    saved = json.loads(out.read_text())
+    assert saved["rows"][0]["gap_closed"] == nodp["gap_closed"] and "headline.py" in saved["command"]
+    assert "| trec | no | 3 |" in saved["markdown"]
+
+
+def test_a_run_without_per_example_results_or_baseline_is_refused(tmp_path):
+    folder, report = _run(tmp_path, "s0", 0)
+    del report["per_example_correct"]["full_prompt_tuning"]
+    (tmp_path / "s0" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="full_prompt_tuning"):
+        headline.main(["--runs", folder, "--out", str(tmp_path / "h.json")])
