@@ -53,6 +53,21 @@ def test_grid_shares_the_source_prompt_across_alphas_and_summarises(tiny_run, tm
         utility.main(argv)
 
 
+def test_dp_cells_with_other_tuning_settings_borrow_the_seeds_full_baseline(tiny_run, tmp_path):
+    """A DP cell whose --dp-set changes the tuning would refuse the copied full tuning (other settings); it borrows
+    the non-private cell's full prompt tuning scores instead, and its headline uses them."""
+    _, args = tiny_run
+    public, flags = _as_set_flags(args)
+    out = str(tmp_path / "utility.json")
+    utility.main(["--root", str(tmp_path / "grid"), "--out", out, "--dp", "false", "true", "--public", public,
+                  "--alphas", "0.5", "--full-baseline", *flags, "--dp-set=tune_batch_size=4"])
+    nodp, dp = json.loads(open(out).read())["cells"]
+    assert nodp["full_prompt_tuning_from"] is None and dp["full_prompt_tuning_from"] == nodp["run_dir"]
+    assert dp["accuracy"]["full_prompt_tuning"] == nodp["accuracy"]["full_prompt_tuning"]
+    assert "full_tuning" not in {s["name"] for s in dp["stages"]}
+    assert any("non-private cell" in n for n in dp["notes"])
+
+
 def test_cost_benchmark_times_the_three_steps_interleaved(tiny_run, tmp_path):
     from peft_post.cli import main as cli
 
