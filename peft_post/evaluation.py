@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import POSTConfig
-from .modeling import base_model_of
+from .modeling import input_device
 from .scoring import class_scores_of
 from .tasks import TaskTemplate, Verbalizer, VerbalizerCollator, check_classification_dataset
 
@@ -40,9 +40,9 @@ def load_accuracy_metric():
     return load_metric("accuracy")
 
 
-# One module per metric and process for `accuracy_report`, which runs at every evaluation: `evaluate.load` is a few
+# One module per metric and process for `accuracy_report` and `generation_report`, which run at every evaluation: `evaluate.load` is a few
 # ms (measured: 9-11 ms the first time in a process, 2-4 ms after), and the modules keep no state between `compute`s.
-_shared_metric = functools.lru_cache(maxsize=None)(load_metric)
+shared_metric = functools.lru_cache(maxsize=None)(load_metric)
 
 
 def accuracy_report(predictions, references, num_classes: int) -> dict:
@@ -66,8 +66,8 @@ def accuracy_report(predictions, references, num_classes: int) -> dict:
     }
     inputs = {"predictions": predictions, "references": references}
     return {
-        "accuracy": _shared_metric("accuracy").compute(**inputs)["accuracy"],
-        "macro_f1": _shared_metric("f1").compute(**inputs, average="macro")["f1"],
+        "accuracy": shared_metric("accuracy").compute(**inputs)["accuracy"],
+        "macro_f1": shared_metric("f1").compute(**inputs, average="macro")["f1"],
         "num_examples": int(predictions.size),
         "per_class": per_class,
     }
@@ -101,7 +101,7 @@ def predict_class_scores(
         disable_progress = not progress_bars_wanted()
     was_training = model.training
     model.eval()
-    device = base_model_of(model).get_input_embeddings().weight.device
+    device = input_device(model)
     scores, labels = [], []
     try:
         for batch in tqdm(dataloader, desc=desc, disable=disable_progress, leave=False):

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import continuation_log_probs
-from .modeling import base_model_of, label_logits
+from .modeling import input_device, label_logits
 from .tasks import TaskTemplate, VerbalizerCollator, check_text_dataset
 
 
@@ -155,7 +155,7 @@ def generate_answers(model, tokenizer, texts: Sequence[str], template: TaskTempl
     short answers this is for. Eval mode (restored after), batches of similar length, on the device of the model's
     input embeddings.
     """
-    device = base_model_of(model).get_input_embeddings().weight.device
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     encoded = [template.encode(t) for t in texts]
@@ -212,14 +212,14 @@ def token_f1(prediction: str, reference: str) -> float:
 def generation_report(predictions: Sequence[str], references: Sequence[str]) -> dict:
     """Exact match and token F1 (the shipped `evaluate` module ``answer_match``, means over examples), the per-example exact-match
     bits ("1011...", in the examples' order, for the paired bootstrap) and the predictions."""
-    from .evaluation import load_metric
+    from .evaluation import shared_metric
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references.")
     if not predictions:
         raise ValueError("No predictions to score.")
     predictions, references = [cut_answer(p) for p in predictions], [r.strip() for r in references]
-    scores = load_metric("answer_match").compute(predictions=predictions, references=references)
+    scores = shared_metric("answer_match").compute(predictions=predictions, references=references)
     return {
         "exact_match": scores["exact_match"],
         "token_f1": scores["token_f1"],

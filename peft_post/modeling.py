@@ -41,6 +41,11 @@ def base_model_of(model) -> torch.nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def input_device(model) -> torch.device:
+    """The device a model's input ids must be on: its input embeddings' (the first device under a device map)."""
+    return base_model_of(model).get_input_embeddings().weight.device
+
+
 def require_prompt_model(model, name: str = "model") -> None:
     """Raise `ValueError` unless `model` is a prompt-tuning `PeftModel`."""
     if not isinstance(model, PeftModel) or not getattr(model, "prompt_encoder", None):

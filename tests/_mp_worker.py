@@ -21,11 +21,13 @@ from peft_post import (DistillationConfig, DistillationTrainer, DPConfig, DPProm
                        PromptTrainingConfig, TransferConfig, TransferTrainer, make_student)
 from peft_post.distill import prepare_distillation_dataset
 from peft_post.modeling import prompt_parameter
-from peft_post.testing import tiny_corpus, tiny_sentiment_dataset
+from peft_post.testing import tiny_corpus, tiny_generation_dataset, tiny_sentiment_dataset
 
 STEPS = 3
 TASK = dict(num_virtual_tokens=4, label_words=[["bad", "awful"], ["good", "great"]], prompt_tuning_init="TEXT",
             prompt_tuning_init_text="predict if sentiment of this review")
+GENERATION_TASK = dict({k: v for k, v in TASK.items() if k != "label_words"}, task_kind="generation",
+                       template="Review: {text}\nMood:", max_answer_tokens=3)
 # SGD: the update is linear in the gradient, so equal gradients give equal parameters. Adam's first step is
 # lr·g/(|g| + eps), which would blow the float noise of near-zero gradient entries up to a visible difference.
 COMMON = dict(max_steps=STEPS, optim="sgd", seed=0, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
@@ -40,8 +42,8 @@ def causal_lm_in(workdir, name):
     return tf.AutoModelForCausalLM.from_pretrained(os.path.join(workdir, name)).eval()
 
 
-def prompted_lm_in(workdir, name, tokenizer):
-    config = POSTConfig(tokenizer_name_or_path=os.path.join(workdir, "tokenizer"), **TASK)
+def prompted_lm_in(workdir, name, tokenizer, task=TASK):
+    config = POSTConfig(tokenizer_name_or_path=os.path.join(workdir, "tokenizer"), **task)
     return get_peft_model(causal_lm_in(workdir, name), config)
 
 
@@ -59,6 +61,31 @@ def train_transfer(workdir, out, batch, accumulation=1):
     trainer.train()
     return {"start": start, "prompt": prompt_parameter(target).detach().clone(),
             "batch_size": trainer.record_provenance()["batch_size"]}
+
+
+def train_generation_transfer(workdir, out, batch, accumulation=1):
+    """p_t after transferring a generation prompt on the source's greedy answers, the answers trained on, and how
+    many times this process decoded them (the main process decodes, the others receive its answers)."""
+    import peft_post.transfer.trainer as transfer_trainer
+
+    tokenizer = tokenizer_in(workdir)
+    source = prompted_lm_in(workdir, "source", tokenizer, GENERATION_TASK)
+    with torch.no_grad():
+        prompt_parameter(source).copy_(torch.load(os.path.join(workdir, "source_prompt.pt")))
+    target = prompted_lm_in(workdir, "target", tokenizer, GENERATION_TASK)
+    args = TransferConfig(os.path.join(out, "generation"), alpha=0.5, learning_rate=1.0,
+                          per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, **COMMON)
+    trainer = TransferTrainer(target, source, args, public_dataset=tiny_generation_dataset(8),
+                              processing_class=tokenizer)
+    decoded, generate = [], transfer_trainer.generate_answers
+    transfer_trainer.generate_answers = lambda *a, **k: decoded.append(1) or generate(*a, **k)
+    try:
+        start = prompt_parameter(target).detach().clone()
+        trainer.train()
+    finally:
+        transfer_trainer.generate_answers = generate
+    return {"start": start, "prompt": prompt_parameter(target).detach().clone(), "answers": trainer.train_dataset.answers,
+            "decoded": len(decoded)}
 
 
 def train_prompt(workdir, out, batch):
@@ -131,6 +158,7 @@ def main(workdir, out):
     rank = int(os.environ["RANK"])
     results = {
         "transfer": train_transfer(workdir, out, batch=1, accumulation=2),
+        "generation_transfer": train_generation_transfer(workdir, out, batch=2),
         "prompt": train_prompt(workdir, out, batch=2),
         "distill": train_distillation(workdir, out, batch=2),
         "dp_prompt": train_dp_prompt(workdir, out, batch=2),

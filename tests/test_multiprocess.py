@@ -60,7 +60,7 @@ def two_processes(workdir, tmp_path_factory):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     print(f"2-process launch: {time.time() - start:.1f} s")
     return {stage: [torch.load(os.path.join(out, f"{stage}-{rank}.pt")) for rank in (0, 1)]
-            for stage in ("transfer", "prompt", "distill", "dp_prompt")}
+            for stage in ("transfer", "generation_transfer", "prompt", "distill", "dp_prompt")}
 
 
 def _same_on_both_ranks(results, key):
@@ -82,6 +82,16 @@ def test_transfer_with_two_processes_and_accumulation_equals_one_process(two_pro
     _same_on_both_ranks(two_processes["transfer"], "prompt")
     _check_moved_and_matches(single["start"], two_processes["transfer"][0]["prompt"], single["prompt"])
     assert [r["batch_size"] for r in two_processes["transfer"]] == [4, 4] and single["batch_size"] == 4
+
+
+def test_generation_transfer_with_two_processes_decodes_once_and_equals_one_process(two_processes, workdir, tmp_path):
+    single = _mp_worker.train_generation_transfer(workdir, str(tmp_path), batch=4)
+    multi = two_processes["generation_transfer"]
+    _same_on_both_ranks(multi, "prompt")
+    _check_moved_and_matches(single["start"], multi[0]["prompt"], single["prompt"])
+    # The source's greedy answers were decoded by the main process only, and both ranks trained on them.
+    assert [r["decoded"] for r in multi] == [1, 0] and single["decoded"] == 1
+    assert multi[0]["answers"] == multi[1]["answers"] == single["answers"] and all(single["answers"])
 
 
 def test_prompt_tuning_with_two_processes_equals_one_process(two_processes, workdir, tmp_path):

@@ -23,7 +23,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from ..modeling import base_model_of
+from ..modeling import input_device
 from ..scoring import class_scores_of
 from ..tasks import TaskTemplate, Verbalizer, VerbalizerCollator, label_problem
 
@@ -119,7 +119,7 @@ def predict_classes(model, tokenizer, texts: Sequence[str], config, batch_size: 
     verbalizer = Verbalizer.from_config(config, tokenizer)
     collator = VerbalizerCollator(TaskTemplate.from_config(config, tokenizer), text_column="text", label_column=None)
     loader = DataLoader([{"text": t} for t in texts], batch_size=batch_size, shuffle=False, collate_fn=collator)
-    device = base_model_of(model).get_input_embeddings().weight.device
+    device = input_device(model)
     was_training = model.training
     model.eval()
     predictions = []

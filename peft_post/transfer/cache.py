@@ -32,7 +32,8 @@ import torch
 from peft import PeftModel
 from transformers.utils import logging
 
-from ..modeling import base_model_of, broadcast_from_main, label_logits, process_rank_and_count, prompt_parameter
+from ..modeling import (base_model_of, broadcast_from_main, input_device, label_logits, process_rank_and_count,
+                        prompt_parameter)
 
 CACHE_TENSORS = ("source_logits", "source_base_logits", "target_base_logits")
 # Written into the file's safetensors metadata: a file without it (or with another version) is not reused.
@@ -49,10 +50,6 @@ _LOUD_BYTES = 1_000_000_000
 logger = logging.get_logger(__name__)
 
 
-def _device_of(model) -> torch.device:
-    return base_model_of(model).get_input_embeddings().weight.device
-
-
 @torch.no_grad()
 def frozen_logits(source_model, target_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(a_s, b_s, b_t): prompted source, plain source and plain target label logits of a collated batch.
@@ -61,7 +58,7 @@ def frozen_logits(source_model, target_model, batch: dict) -> tuple[torch.Tensor
     target's logits (its head's, under a device map).
     """
     keys = ("input_ids", "attention_mask", "label_positions")
-    src_dev, tgt_dev = _device_of(source_model), _device_of(target_model)
+    src_dev, tgt_dev = input_device(source_model), input_device(target_model)
     src = {k: batch[k].to(src_dev) for k in keys}
     tgt = {k: batch[k].to(tgt_dev) for k in keys}
     b_t = label_logits(target_model, **tgt, prompt=None)

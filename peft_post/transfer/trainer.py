@@ -20,7 +20,8 @@ from transformers import Trainer
 from ..config import POSTConfig
 from ..evaluation import evaluate_prompt
 from ..losses import transfer_loss
-from ..modeling import (base_model_of, forward_through, is_masked_lm, label_logits, prompt_parameter,
+from ..modeling import (base_model_of, broadcast_from_main, forward_through, input_device, is_masked_lm, label_logits,
+                        process_rank_and_count, prompt_parameter,
                         quiet_checkpointing_deprecation, require_data_parallel, require_only_prompt_trainable,
                         require_prompt_model, train_without_dropout, unwrap_model, upcast_trainable_parameters)
 from ..prompts import get_prompt, prompt_from_text, set_prompt
@@ -451,10 +452,14 @@ class TransferTrainer(Trainer):
             if self.public_answers is not None:
                 data.answers = [answer_token_ids(tokenizer, a, cfg.max_answer_tokens) for a in self.public_answers]
             else:
-                with self.accelerator.autocast():
-                    greedy = generate_answers(self.source_model, self.source_tokenizer, self.public_texts,
-                                              self.collator.template, max_new_tokens=cfg.max_answer_tokens,
-                                              batch_size=self.args.cache_batch_size)
+                greedy = None
+                # Every process would decode the same answers: the main one does, the others receive them.
+                if process_rank_and_count()[0] == 0:
+                    with self.accelerator.autocast():
+                        greedy = generate_answers(self.source_model, self.source_tokenizer, self.public_texts,
+                                                  self.collator.template, max_new_tokens=cfg.max_answer_tokens,
+                                                  batch_size=self.args.cache_batch_size)
+                greedy = broadcast_from_main(greedy)
                 eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
                 # An answer cut at the budget has no EOS to add; an empty one is just "stop here".
                 data.answers = [(a + eos)[: cfg.max_answer_tokens] or eos for a in greedy]
@@ -519,7 +524,7 @@ class TransferTrainer(Trainer):
             train_without_dropout(model)
         with self.accelerator.autocast():
             with torch.no_grad():
-                device = base_model_of(self.source_model).get_input_embeddings().weight.device
+                device = input_device(self.source_model)
                 src = {k: v.to(device) for k, v in inputs.items()}
                 a_s = answer_logits(self.source_model, src, prompt="auto")
                 b_s = answer_logits(self.source_model, src, prompt=None)
@@ -617,7 +622,7 @@ class TransferTrainer(Trainer):
 
 
 def _device_type(model) -> str:
-    return base_model_of(model).get_input_embeddings().weight.device.type
+    return input_device(model).type
 
 
 def _dataset_name(dataset) -> Optional[str]:

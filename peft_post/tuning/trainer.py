@@ -19,7 +19,7 @@ from transformers.trainer_utils import speed_metrics
 from ..config import POSTConfig, validate_privacy_ledger
 from ..evaluation import accuracy_report, predict_class_scores
 from ..io import atomic_write_json, drop_training_arguments
-from ..modeling import (base_model_of, forward_through, prompt_parameter, require_data_parallel,
+from ..modeling import (base_model_of, forward_through, input_device, prompt_parameter, require_data_parallel,
                         require_only_prompt_trainable, require_prompt_model, train_without_dropout, unwrap_model,
                         upcast_trainable_parameters)
 from ..prompts import prompt_norms
@@ -210,7 +210,7 @@ class PromptTrainer(Trainer):
     def _generation_metrics(self, data, loader, p: str) -> dict:
         """The answers' mean token cross-entropy under teacher forcing, and exact match and token F1 of greedy
         answers."""
-        device = base_model_of(self.model).get_input_embeddings().weight.device
+        device = input_device(self.model)
         was_training = self.model.training
         self.model.eval()
         try:
