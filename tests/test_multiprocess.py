@@ -76,29 +76,31 @@ def _check_moved_and_matches(start, multi, single):
     torch.testing.assert_close(multi, single, **TOL)
 
 
+def _prompt_matches_one_process(multi, train, workdir, tmp_path) -> dict:
+    """`train` in this process at batch 4; the 2-process prompts agree and end where it did. Its result."""
+    single = train(workdir, str(tmp_path), batch=4)
+    _same_on_both_ranks(multi, "prompt")
+    _check_moved_and_matches(single["start"], multi[0]["prompt"], single["prompt"])
+    return single
+
+
 def test_transfer_with_two_processes_and_accumulation_equals_one_process(two_processes, workdir, tmp_path):
     # 2 processes x per-device 1 x accumulation 2 (DDP's no_sync path) against 1 process x batch 4.
-    single = _mp_worker.train_transfer(workdir, str(tmp_path), batch=4)
-    _same_on_both_ranks(two_processes["transfer"], "prompt")
-    _check_moved_and_matches(single["start"], two_processes["transfer"][0]["prompt"], single["prompt"])
+    single = _prompt_matches_one_process(two_processes["transfer"], _mp_worker.train_transfer, workdir, tmp_path)
     assert [r["batch_size"] for r in two_processes["transfer"]] == [4, 4] and single["batch_size"] == 4
 
 
 def test_generation_transfer_with_two_processes_decodes_once_and_equals_one_process(two_processes, workdir, tmp_path):
-    single = _mp_worker.train_generation_transfer(workdir, str(tmp_path), batch=4)
     multi = two_processes["generation_transfer"]
-    _same_on_both_ranks(multi, "prompt")
-    _check_moved_and_matches(single["start"], multi[0]["prompt"], single["prompt"])
+    single = _prompt_matches_one_process(multi, _mp_worker.train_generation_transfer, workdir, tmp_path)
     # The source's greedy answers were decoded by the main process only, and both ranks trained on them.
     assert [r["decoded"] for r in multi] == [1, 0] and single["decoded"] == 1
     assert multi[0]["answers"] == multi[1]["answers"] == single["answers"] and all(single["answers"])
 
 
 def test_prompt_tuning_with_two_processes_equals_one_process(two_processes, workdir, tmp_path):
-    single = _mp_worker.train_prompt(workdir, str(tmp_path), batch=4)
     multi = two_processes["prompt"]
-    _same_on_both_ranks(multi, "prompt")
-    _check_moved_and_matches(single["start"], multi[0]["prompt"], single["prompt"])
+    single = _prompt_matches_one_process(multi, _mp_worker.train_prompt, workdir, tmp_path)
     # Every process scores the whole held-out set, not its shard.
     assert [r["num_examples"] for r in multi] == [6, 6] and single["num_examples"] == 6
     assert [r["accuracy"] for r in multi] == [single["accuracy"]] * 2
