@@ -11,6 +11,10 @@ zero-shot) of those means. ``gap_closed_ci`` is a 95% percentile interval from a
 draws the seeds with replacement and, within each drawn seed, its test examples with replacement, the same indices for
 every method of that seed (paired). Resamples where full PT does not beat zero-shot are left out and their share is
 reported, as in the run's own report; with one seed it is the report's example bootstrap.
+
+``--full-baseline-from RUN`` lets runs made without ``--full_baseline`` borrow RUN's full prompt tuning (the same
+test examples, checked by their zero-shot results). The denominator then has one seed's spread only; the row's
+``full_prompt_tuning_from`` says which run each baseline came from.
 """
 
 from __future__ import annotations
@@ -34,17 +38,37 @@ RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 
 
-def read_report(run_dir: str) -> dict:
+def read_report(run_dir: str, need_full_baseline: bool = True) -> dict:
     path = os.path.join(run_dir, "report.json")
     if not os.path.isfile(path):
         raise SystemExit(f"{run_dir}: no report.json; give finished `peft-post run` folders.")
     with open(path, encoding="utf-8") as f:
         report = json.load(f)
-    missing = [m for m in ("zero_shot", "post", "full_prompt_tuning") if m not in report.get("per_example_correct", {})]
+    needed = ("zero_shot", "post") + (("full_prompt_tuning",) if need_full_baseline else ())
+    missing = [m for m in needed if m not in report.get("per_example_correct", {})]
     if missing:
         raise SystemExit(f"{run_dir}: report.json has no per-example results for {missing} (a run with "
-                         "--full_baseline true, made by a version that keeps them).")
+                         "--full_baseline true, made by a version that keeps them; or name one with "
+                         "--full-baseline-from).")
     return report
+
+
+def borrow_full_baseline(report: dict, donor: dict, run_dir: str, donor_dir: str) -> dict:
+    """`report` with `donor`'s full prompt tuning (score and per-example bits) where it has none of its own.
+
+    Only on the same test examples: the donor's zero-shot bits must equal the run's (zero-shot is deterministic, so
+    equal bits over the same test set in the same order; other examples or order would differ)."""
+    method = "full_prompt_tuning"
+    if method in report.get("per_example_correct", {}):
+        return report
+    # The same task and kind; DP may differ (full prompt tuning is the non-private upper bound either way).
+    ours, theirs = group_key(report)[0::3], group_key(donor)[0::3]
+    if ours != theirs or report["per_example_correct"]["zero_shot"] != donor["per_example_correct"]["zero_shot"]:
+        raise SystemExit(f"{run_dir}: its task or test examples are not {donor_dir}'s (task, kind or zero-shot "
+                         "results differ), so its full prompt tuning cannot be borrowed.")
+    return {**report, "accuracy": {**report["accuracy"], method: donor["accuracy"][method]},
+            "per_example_correct": {**report["per_example_correct"], method: donor["per_example_correct"][method]},
+            "full_prompt_tuning_from": portable_path(donor_dir)}
 
 
 def group_key(report: dict) -> tuple:
@@ -94,9 +118,16 @@ def headline_row(runs: Sequence[dict], run_dirs: Sequence[str]) -> dict:
         "post_minus_zero_shot": mean["post"] - mean["zero_shot"],
         "post_minus_zero_shot_ci": percentile_interval(gain),
         "seeds": [r.get("seed") for r in runs],
+        # A borrowed baseline is one run's full prompt tuning counted for several seeds: the interval then leaves out
+        # the seed-to-seed spread of the denominator.
+        "full_prompt_tuning_from": [r.get("full_prompt_tuning_from") or portable_path(d)
+                                    for r, d in zip(runs, run_dirs)],
+        "student_models": sorted({r.get("student_model") for r in runs if r.get("student_model")}),
         "num_test_examples": [r["num_test_examples"] for r in runs],
         "alpha": [r.get("transfer_alpha") for r in runs],
         "run_dirs": [portable_path(d) for d in run_dirs],
+        "commands": [r.get("command") for r in runs],
+        "stage_wall_time_s": [{st["name"]: round(st["wall_time_s"], 1) for st in r.get("stages", [])} for r in runs],
         "bootstrap": {"method": "two-level percentile bootstrap: seeds, then test examples (paired)",
                       "resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": 0.95},
     }
@@ -121,11 +152,17 @@ def markdown(rows: Sequence[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="finished `peft-post run` folders (with --full_baseline)")
+    p.add_argument("--full-baseline-from", default=None,
+                   help="a finished run whose full prompt tuning the runs without one borrow (same test examples, "
+                        "checked); the row names where each run's baseline came from")
     p.add_argument("--out", default=RESULT)
     args = p.parse_args(argv)
+    donor = None if args.full_baseline_from is None else read_report(args.full_baseline_from)
     groups: dict = {}
     for run_dir in args.runs:
-        report = read_report(run_dir)
+        report = read_report(run_dir, need_full_baseline=donor is None)
+        if donor is not None:
+            report = borrow_full_baseline(report, donor, run_dir, args.full_baseline_from)
         groups.setdefault(group_key(report), []).append((report, run_dir))
     rows = [headline_row([r for r, _ in members], [d for _, d in members]) for members in groups.values()]
     table = markdown(rows)

@@ -51,3 +51,28 @@ def test_a_run_without_per_example_results_or_baseline_is_refused(tmp_path):
     (tmp_path / "s0" / "report.json").write_text(json.dumps(report))
     with pytest.raises(SystemExit, match="full_prompt_tuning"):
         headline.main(["--runs", folder, "--out", str(tmp_path / "h.json")])
+
+
+def test_runs_without_a_baseline_borrow_one_on_the_same_test_examples_only(tmp_path):
+    donor, _ = _run(tmp_path, "s0", 0)
+    borrowers = [_run(tmp_path, f"s{s}", s) for s in (1, 2)]
+    for folder, report in borrowers:
+        del report["per_example_correct"]["full_prompt_tuning"], report["accuracy"]["full_prompt_tuning"]
+        # The same test examples: zero-shot is deterministic, so its bits equal the donor's.
+        report["per_example_correct"]["zero_shot"] = json.loads((tmp_path / "s0" / "report.json").read_text())[
+            "per_example_correct"]["zero_shot"]
+        (tmp_path / folder.rsplit("/", 1)[-1] / "report.json").write_text(json.dumps(report))
+    runs = [donor] + [d for d, _ in borrowers]
+    with pytest.raises(SystemExit, match="full-baseline-from"):
+        headline.main(["--runs", *runs, "--out", str(tmp_path / "h.json")])
+    (row,) = headline.main(["--runs", *runs, "--full-baseline-from", donor, "--out", str(tmp_path / "h.json")])
+    donor_report = json.loads((tmp_path / "s0" / "report.json").read_text())
+    assert row["full_prompt_tuning"] == pytest.approx(donor_report["accuracy"]["full_prompt_tuning"])
+    assert row["full_prompt_tuning_from"] == [headline.portable_path(donor)] * 3 and row["seeds"] == [0, 1, 2]
+    # Other test examples (different zero-shot results) are refused.
+    other, _ = _run(tmp_path, "s9", 9)
+    report = json.loads((tmp_path / "s9" / "report.json").read_text())
+    del report["per_example_correct"]["full_prompt_tuning"]
+    (tmp_path / "s9" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="cannot be borrowed"):
+        headline.main(["--runs", other, "--full-baseline-from", donor, "--out", str(tmp_path / "h.json")])
