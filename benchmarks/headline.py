@@ -12,9 +12,9 @@ draws the seeds with replacement and, within each drawn seed, its test examples 
 every method of that seed (paired). Resamples where full PT does not beat zero-shot are left out and their share is
 reported, as in the run's own report; with one seed it is the report's example bootstrap.
 
-``--full-baseline-from RUN`` lets runs made without ``--full_baseline`` borrow RUN's full prompt tuning (the same
-test examples, checked by their zero-shot results). The denominator then has one seed's spread only; the row's
-``full_prompt_tuning_from`` says which run each baseline came from.
+``--full-baseline-from RUN...`` lets runs made without ``--full_baseline`` borrow the full prompt tuning of the RUN
+on their task and test examples (checked by their zero-shot results). The denominator then has one seed's spread
+only; the row's ``full_prompt_tuning_from`` says which run each baseline came from.
 """
 
 from __future__ import annotations
@@ -53,22 +53,26 @@ def read_report(run_dir: str, need_full_baseline: bool = True) -> dict:
     return report
 
 
-def borrow_full_baseline(report: dict, donor: dict, run_dir: str, donor_dir: str) -> dict:
-    """`report` with `donor`'s full prompt tuning (score and per-example bits) where it has none of its own.
+def borrow_full_baseline(report: dict, donors: dict, run_dir: str) -> dict:
+    """`report` with the full prompt tuning (score and per-example bits) of the one run in `donors` ({run folder:
+    report}) on the same task and test examples, where it has none of its own.
 
-    Only on the same test examples: the donor's zero-shot bits must equal the run's (zero-shot is deterministic, so
-    equal bits over the same test set in the same order; other examples or order would differ)."""
+    The same test examples: the donor's zero-shot bits must equal the run's (zero-shot is deterministic, so equal bits
+    over the same test set in the same order; other examples or another order would differ). DP may differ: full
+    prompt tuning is the non-private upper bound either way."""
     method = "full_prompt_tuning"
     if method in report.get("per_example_correct", {}):
         return report
-    # The same task and kind; DP may differ (full prompt tuning is the non-private upper bound either way).
-    ours, theirs = group_key(report)[0::3], group_key(donor)[0::3]
-    if ours != theirs or report["per_example_correct"]["zero_shot"] != donor["per_example_correct"]["zero_shot"]:
-        raise SystemExit(f"{run_dir}: its task or test examples are not {donor_dir}'s (task, kind or zero-shot "
-                         "results differ), so its full prompt tuning cannot be borrowed.")
+    matches = [d for d, donor in donors.items()
+               if group_key(donor)[0::3] == group_key(report)[0::3]
+               and donor["per_example_correct"]["zero_shot"] == report["per_example_correct"]["zero_shot"]]
+    if not matches:
+        raise SystemExit(f"{run_dir}: no --full-baseline-from run has its task and test examples (task, kind or "
+                         "zero-shot results differ), so its full prompt tuning cannot be borrowed.")
+    donor = donors[matches[0]]
     return {**report, "accuracy": {**report["accuracy"], method: donor["accuracy"][method]},
             "per_example_correct": {**report["per_example_correct"], method: donor["per_example_correct"][method]},
-            "full_prompt_tuning_from": portable_path(donor_dir)}
+            "full_prompt_tuning_from": portable_path(matches[0])}
 
 
 def group_key(report: dict) -> tuple:
@@ -152,17 +156,17 @@ def markdown(rows: Sequence[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="finished `peft-post run` folders (with --full_baseline)")
-    p.add_argument("--full-baseline-from", default=None,
-                   help="a finished run whose full prompt tuning the runs without one borrow (same test examples, "
-                        "checked); the row names where each run's baseline came from")
+    p.add_argument("--full-baseline-from", nargs="+", default=[],
+                   help="finished runs whose full prompt tuning the runs without one borrow (each from the one on "
+                        "its task and test examples, checked); the row names where each run's baseline came from")
     p.add_argument("--out", default=RESULT)
     args = p.parse_args(argv)
-    donor = None if args.full_baseline_from is None else read_report(args.full_baseline_from)
+    donors = {d: read_report(d) for d in args.full_baseline_from}
     groups: dict = {}
     for run_dir in args.runs:
-        report = read_report(run_dir, need_full_baseline=donor is None)
-        if donor is not None:
-            report = borrow_full_baseline(report, donor, run_dir, args.full_baseline_from)
+        report = read_report(run_dir, need_full_baseline=not donors)
+        if donors:
+            report = borrow_full_baseline(report, donors, run_dir)
         groups.setdefault(group_key(report), []).append((report, run_dir))
     rows = [headline_row([r for r, _ in members], [d for _, d in members]) for members in groups.values()]
     table = markdown(rows)

@@ -84,8 +84,8 @@ def train_generation_transfer(workdir, out, batch, accumulation=1):
         trainer.train()
     finally:
         transfer_trainer.generate_answers = generate
-    return {"start": start, "prompt": prompt_parameter(target).detach().clone(), "answers": trainer.train_dataset.answers,
-            "decoded": len(decoded)}
+    return {"start": start, "prompt": prompt_parameter(target).detach().clone(),
+            "answers": trainer.train_dataset.answers, "decoded": len(decoded)}
 
 
 def train_prompt(workdir, out, batch):

@@ -65,8 +65,14 @@ def test_runs_without_a_baseline_borrow_one_on_the_same_test_examples_only(tmp_p
     runs = [donor] + [d for d, _ in borrowers]
     with pytest.raises(SystemExit, match="full-baseline-from"):
         headline.main(["--runs", *runs, "--out", str(tmp_path / "h.json")])
-    (row,) = headline.main(["--runs", *runs, "--full-baseline-from", donor, "--out", str(tmp_path / "h.json")])
+    # A run of another task kind on the same questions (equal zero-shot bits) is never the donor.
     donor_report = json.loads((tmp_path / "s0" / "report.json").read_text())
+    generation, _ = _run(tmp_path, "gen", 5)
+    accuracy = {**donor_report["accuracy"], "full_prompt_tuning": 0.01}
+    (tmp_path / "gen" / "report.json").write_text(json.dumps(
+        {**donor_report, "task_kind": "generation", "accuracy": accuracy}))
+    (row,) = headline.main(["--runs", *runs, "--full-baseline-from", generation, donor,
+                            "--out", str(tmp_path / "h.json")])
     assert row["full_prompt_tuning"] == pytest.approx(donor_report["accuracy"]["full_prompt_tuning"])
     assert row["full_prompt_tuning_from"] == [headline.portable_path(donor)] * 3 and row["seeds"] == [0, 1, 2]
     # Other test examples (different zero-shot results) are refused.
