@@ -147,7 +147,8 @@ def markdown(rows: Sequence[dict]) -> str:
     for r in rows:
         ci = "—" if r["gap_closed_ci"] is None else f"[{r['gap_closed_ci'][0]:.2f}, {r['gap_closed_ci'][1]:.2f}]"
         gap = "—" if r["gap_closed"] is None else f"{r['gap_closed']:.2f}"
-        lines.append(f"| {r['task']} | {'ε = %g' % r['epsilon'] if r['dp'] else 'no'} | {len(r['seeds'])} | "
+        task = r["task"] if r["task_kind"] == "classification" else f"{r['task']} ({r['task_kind']}, exact match)"
+        lines.append(f"| {task} | {'ε = %g' % r['epsilon'] if r['dp'] else 'no'} | {len(r['seeds'])} | "
                      f"{pct(r['zero_shot'])} | {pct(r['full_prompt_tuning'])} | {pct(r['student_prompt'])} | "
                      f"{pct(r['direct_transfer'])} | {pct(r['post'])} | {gap} {ci} |")
     return "\n".join(lines)
