@@ -54,7 +54,7 @@ def read_report(run_dir: str, need_full_baseline: bool = True) -> dict:
 
 
 def borrow_full_baseline(report: dict, donors: dict, run_dir: str) -> dict:
-    """`report` with the full prompt tuning (score and per-example bits) of the one run in `donors` ({run folder:
+    """`report` with the full prompt tuning (score and per-example bits) of the first run in `donors` ({run folder:
     report}) on the same task and test examples, where it has none of its own.
 
     The same test examples: the donor's zero-shot bits must equal the run's (zero-shot is deterministic, so equal bits

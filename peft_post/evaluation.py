@@ -40,8 +40,9 @@ def load_accuracy_metric():
     return load_metric("accuracy")
 
 
-# One module per metric and process for `accuracy_report` and `generation_report`, which run at every evaluation: `evaluate.load` is a few
-# ms (measured: 9-11 ms the first time in a process, 2-4 ms after), and the modules keep no state between `compute`s.
+# One module per metric and process for `accuracy_report` and `generation_report`, which run at every evaluation:
+# `evaluate.load` is a few ms (measured: 9-11 ms the first time in a process, 2-4 ms after), and the modules keep no
+# state between `compute`s.
 shared_metric = functools.lru_cache(maxsize=None)(load_metric)
 
 
