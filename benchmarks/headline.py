@@ -63,8 +63,9 @@ def borrow_full_baseline(report: dict, donors: dict, run_dir: str) -> dict:
     method = "full_prompt_tuning"
     if method in report.get("per_example_correct", {}):
         return report
+    task, _, _, kind = group_key(report)
     matches = [d for d, donor in donors.items()
-               if group_key(donor)[0::3] == group_key(report)[0::3]
+               if (group_key(donor)[0], group_key(donor)[3]) == (task, kind)
                and donor["per_example_correct"]["zero_shot"] == report["per_example_correct"]["zero_shot"]]
     if not matches:
         raise SystemExit(f"{run_dir}: no --full-baseline-from run has its task and test examples (task, kind or "

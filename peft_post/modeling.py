@@ -11,7 +11,7 @@ import contextlib
 import functools
 import os
 import warnings
-from typing import Optional, Union
+from typing import Callable, Optional, TypeVar, Union
 
 import torch
 from peft import PeftModel
@@ -238,6 +238,36 @@ def broadcast_from_main(value):
     payload = [value]
     torch.distributed.broadcast_object_list(payload, src=0)
     return payload[0]
+
+
+T = TypeVar("T")
+
+
+def on_main_process(fn: Callable[[], T]) -> T:
+    """``fn()`` run by the main process only; every process returns its result (which must pickle).
+
+    An exception on the main process is re-raised there and raised on the others with its message, as a `ValueError`
+    when it was one (a refusal: bad settings, a busy run folder) and as a `RuntimeError` otherwise, so no process is
+    left waiting for a step that will not come.
+    """
+    rank, world = process_rank_and_count()
+    if world == 1:
+        return fn()
+    outcome, error = None, None
+    if rank == 0:
+        try:
+            outcome = ("ok", fn())
+        except BaseException as err:  # every process must hear of it before it is raised
+            error = err
+            outcome = ("refused" if isinstance(err, ValueError) else "error", f"{type(err).__name__}: {err}")
+    kind, value = broadcast_from_main(outcome)
+    if error is not None:
+        raise error
+    if kind == "refused":
+        raise ValueError(f"The main process of this job refused: {value}")
+    if kind == "error":
+        raise RuntimeError(f"The main process of this job stopped: {value}")
+    return value
 
 
 _NOTHING = object()

@@ -1,6 +1,7 @@
 """benchmarks/headline.py on synthetic run reports: means over seeds, gap closed, and its two-level interval."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -54,19 +55,17 @@ def test_a_run_without_per_example_results_or_baseline_is_refused(tmp_path):
 
 
 def test_runs_without_a_baseline_borrow_one_on_the_same_test_examples_only(tmp_path):
-    donor, _ = _run(tmp_path, "s0", 0)
+    donor, donor_report = _run(tmp_path, "s0", 0)
     borrowers = [_run(tmp_path, f"s{s}", s) for s in (1, 2)]
     for folder, report in borrowers:
         del report["per_example_correct"]["full_prompt_tuning"], report["accuracy"]["full_prompt_tuning"]
         # The same test examples: zero-shot is deterministic, so its bits equal the donor's.
-        report["per_example_correct"]["zero_shot"] = json.loads((tmp_path / "s0" / "report.json").read_text())[
-            "per_example_correct"]["zero_shot"]
-        (tmp_path / folder.rsplit("/", 1)[-1] / "report.json").write_text(json.dumps(report))
+        report["per_example_correct"]["zero_shot"] = donor_report["per_example_correct"]["zero_shot"]
+        (pathlib.Path(folder) / "report.json").write_text(json.dumps(report))
     runs = [donor] + [d for d, _ in borrowers]
     with pytest.raises(SystemExit, match="full-baseline-from"):
         headline.main(["--runs", *runs, "--out", str(tmp_path / "h.json")])
     # A run of another task kind on the same questions (equal zero-shot bits) is never the donor.
-    donor_report = json.loads((tmp_path / "s0" / "report.json").read_text())
     generation, _ = _run(tmp_path, "gen", 5)
     accuracy = {**donor_report["accuracy"], "full_prompt_tuning": 0.01}
     (tmp_path / "gen" / "report.json").write_text(json.dumps(

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, ContextManager, TypeVar
+from typing import Callable, ContextManager
 
 import torch
 
-from ..modeling import broadcast_from_main, process_rank_and_count
-
-T = TypeVar("T")
-
+from ..modeling import on_main_process as on_main_process  # re-exported: it lives in modeling (trainers use it too)
+from ..modeling import process_rank_and_count
 
 def launched_world_size() -> int:
     """The number of processes of this job, as its launcher set it (``WORLD_SIZE``; 1 for a plain ``python``)."""
@@ -74,32 +72,6 @@ def wait_for_everyone() -> None:
     """A barrier across the job's processes (nothing under one)."""
     if num_processes() > 1:
         torch.distributed.barrier()
-
-
-def on_main_process(fn: Callable[[], T]) -> T:
-    """``fn()`` run by the main process only; every process returns its result (which must pickle).
-
-    An exception on the main process is re-raised there and raised on the others with its message, as a `ValueError`
-    when it was one (a refusal: bad settings, a busy run folder) and as a `RuntimeError` otherwise, so no process is
-    left waiting for a step that will not come.
-    """
-    if num_processes() == 1:
-        return fn()
-    outcome, error = None, None
-    if is_main_process():
-        try:
-            outcome = ("ok", fn())
-        except BaseException as err:  # every process must hear of it before it is raised
-            error = err
-            outcome = ("refused" if isinstance(err, ValueError) else "error", f"{type(err).__name__}: {err}")
-    kind, value = broadcast_from_main(outcome)
-    if error is not None:
-        raise error
-    if kind == "refused":
-        raise ValueError(f"The main process of this job refused: {value}")
-    if kind == "error":
-        raise RuntimeError(f"The main process of this job stopped: {value}")
-    return value
 
 
 @contextlib.contextmanager

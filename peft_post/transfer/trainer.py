@@ -20,10 +20,10 @@ from transformers import Trainer
 from ..config import POSTConfig
 from ..evaluation import evaluate_prompt
 from ..losses import transfer_loss
-from ..modeling import (base_model_of, broadcast_from_main, forward_through, input_device, is_masked_lm, label_logits,
-                        process_rank_and_count, prompt_parameter,
-                        quiet_checkpointing_deprecation, require_data_parallel, require_only_prompt_trainable,
-                        require_prompt_model, train_without_dropout, unwrap_model, upcast_trainable_parameters)
+from ..modeling import (base_model_of, forward_through, input_device, is_masked_lm, label_logits, on_main_process,
+                        prompt_parameter, quiet_checkpointing_deprecation, require_data_parallel,
+                        require_only_prompt_trainable, require_prompt_model, train_without_dropout, unwrap_model,
+                        upcast_trainable_parameters)
 from ..prompts import get_prompt, prompt_from_text, set_prompt
 from ..generation import (AnswerCollator, answer_logits, answer_token_ids, check_generation_dataset,
                           evaluate_generation, generate_answers)
@@ -452,14 +452,15 @@ class TransferTrainer(Trainer):
             if self.public_answers is not None:
                 data.answers = [answer_token_ids(tokenizer, a, cfg.max_answer_tokens) for a in self.public_answers]
             else:
-                greedy = None
-                # Every process would decode the same answers: the main one does, the others receive them.
-                if process_rank_and_count()[0] == 0:
+                def decode():
                     with self.accelerator.autocast():
-                        greedy = generate_answers(self.source_model, self.source_tokenizer, self.public_texts,
-                                                  self.collator.template, max_new_tokens=cfg.max_answer_tokens,
-                                                  batch_size=self.args.cache_batch_size)
-                greedy = broadcast_from_main(greedy)
+                        return generate_answers(self.source_model, self.source_tokenizer, self.public_texts,
+                                                self.collator.template, max_new_tokens=cfg.max_answer_tokens,
+                                                batch_size=self.args.cache_batch_size)
+
+                # Every process would decode the same answers: the main one does, the others receive them (or its
+                # error, rather than waiting for answers that will not come).
+                greedy = on_main_process(decode)
                 eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
                 # An answer cut at the budget has no EOS to add; an empty one is just "stop here".
                 data.answers = [(a + eos)[: cfg.max_answer_tokens] or eos for a in greedy]
