@@ -94,11 +94,17 @@ def _tune_settings(values: dict) -> dict:
 
 def with_full_baseline(results, donor):
     """`results` with the full prompt tuning of `donor` (the same seed's non-private cell): its score, per-example
-    bits and token F1, on the same test examples (checked), so the report's gap closed has its baseline."""
+    bits and token F1, on the same test examples, so the report's gap closed has its baseline.
+
+    The same test examples: the same dataset and size, and equal zero-shot bits (zero-shot is deterministic, so other
+    examples or another order would differ), as `headline.borrow_full_baseline` checks."""
     import dataclasses as dc
 
-    if donor.num_test_examples != results.num_test_examples or donor.private_dataset != results.private_dataset:
-        raise SystemExit("the borrowed full prompt tuning was scored on other test examples")
+    zero_shot = "zero_shot"
+    if (donor.num_test_examples != results.num_test_examples or donor.private_dataset != results.private_dataset
+            or donor.per_example_correct.get(zero_shot) != results.per_example_correct.get(zero_shot)):
+        raise SystemExit("the borrowed full prompt tuning was scored on other test examples (dataset, size or "
+                         "zero-shot results differ)")
     method = "full_prompt_tuning"
     return dc.replace(
         results, accuracy={**results.accuracy, method: donor.accuracy[method]},

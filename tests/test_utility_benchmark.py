@@ -88,3 +88,24 @@ def test_cost_benchmark_times_the_three_steps_interleaved(tiny_run, tmp_path):
         result["estimated_s"]["full_prompt_tuning"] / result["estimated_s"]["student_tuning_plus_transfer"])
     assert budget["tune_steps"] == 3 and budget["tune_batch_size"] == 8
     assert result["peak_memory_mb"]["full_prompt_tuning"] > 0
+
+
+def test_a_full_baseline_is_borrowed_only_from_the_same_test_examples():
+    """Same dataset and size are not enough: the donor's zero-shot bits must equal the cell's (another order or other
+    examples of the same size differ), as headline.py checks."""
+    from peft_post.report import POSTResults
+
+    def results(zero_shot_bits, full=None):
+        accuracy = {"zero_shot": zero_shot_bits.count("1") / 4, "student_prompt": 0.5, "direct_transfer": 0.5,
+                    "post": 0.5}
+        bits = {"zero_shot": zero_shot_bits, "student_prompt": "1100", "direct_transfer": "1100", "post": "1100"}
+        if full:
+            accuracy["full_prompt_tuning"], bits["full_prompt_tuning"] = full.count("1") / 4, full
+        return POSTResults(target_model="t", private_dataset="embedded:trec", num_test_examples=4, accuracy=accuracy,
+                           per_example_correct=bits)
+
+    borrowed = utility.with_full_baseline(results("1000"), results("1000", full="1110"))
+    assert borrowed.accuracy["full_prompt_tuning"] == 0.75
+    assert borrowed.per_example_correct["full_prompt_tuning"] == "1110"
+    with pytest.raises(SystemExit, match="other test examples"):
+        utility.with_full_baseline(results("1000"), results("0001", full="1110"))
