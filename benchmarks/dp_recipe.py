@@ -203,15 +203,13 @@ def main(argv=None) -> int:
             if row is None:
                 row = {**recipe_row(cfg, recipe, tokenizer, train, test, zero_shot["per_example_correct"], work),
                        "command": result["command"]}
+            if args.private_size:
+                row["private_steps"] = recipe.steps(args.private_size)
             result["rows"].append(row)
             print(f"{recipe.name}: proxy held-out macro-F1 {100 * row['heldout_macro_f1']:.1f}, accuracy "
                   f"{100 * row['heldout_accuracy']:.1f}% (student zero-shot {100 * zero_shot['macro_f1']:.1f}, "
                   f"{100 * zero_shot['accuracy']:.1f}%), {row['wall_time_s']:.0f} s", flush=True)
             result["chosen"] = choose(result["rows"])
-            if args.private_size:
-                for r in result["rows"]:
-                    r["private_steps"] = Recipe(r["expected_batch"], r["epochs"], r["learning_rate"]).steps(
-                        args.private_size)
             atomic_write_json(args.out, result)
     print(markdown(result))
     print(f"chosen: {result['chosen']['recipe']}")

@@ -22,6 +22,7 @@ import torch
 from ..modeling import on_main_process as on_main_process  # re-exported: it lives in modeling (trainers use it too)
 from ..modeling import process_rank_and_count
 
+
 def launched_world_size() -> int:
     """The number of processes of this job, as its launcher set it (``WORLD_SIZE``; 1 for a plain ``python``)."""
     try:
