@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--student", required=True, help="the distilled student (a folder), on which the user tunes")
     p.add_argument("--proxy", default="embedded:vader_tweets", help="a public labelled dataset (the proxy task)")
     p.add_argument("--heldout", type=int, default=500, help="proxy examples held out to score each recipe")
-    p.add_argument("--recipes", nargs="+", required=True, help="recipes B:E:LR (expected batch, epochs, lr)")
+    p.add_argument("--recipes", nargs="+", default=[],
+                   help="recipes B:E:LR (expected batch, epochs, lr); required unless --non-private-reference is given")
     p.add_argument("--non-private-reference", metavar="B:E:LR",
                    help="also tune once without DP (batch B): how far the proxy lets a prompt get past its label "
                         "bias at all, so a DP row at the bias level is read as DP's limit, not the proxy's")
@@ -88,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=RESULT)
     p.add_argument("--reuse", nargs="+", default=[], help="earlier result files whose rows (same settings) are kept")
     args = p.parse_args(argv)
+    if not args.recipes and not args.non_private_reference:
+        raise SystemExit("--recipes: give at least one recipe B:E:LR (or only --non-private-reference B:E:LR)")
     args.recipes = [Recipe.parse(r) for r in args.recipes]
     if args.non_private_reference:
         args.non_private_reference = Recipe.parse(args.non_private_reference)
@@ -198,6 +201,7 @@ def main(argv=None) -> int:
             result["non_private_reference"] = row
             print(f"non-private {row['recipe']}: proxy held-out macro-F1 {100 * row['heldout_macro_f1']:.1f}, "
                   f"accuracy {100 * row['heldout_accuracy']:.1f}%", flush=True)
+            atomic_write_json(args.out, result)
         for recipe in args.recipes:
             row = done.get(recipe.name)
             if row is None:
@@ -211,8 +215,9 @@ def main(argv=None) -> int:
                   f"{100 * zero_shot['accuracy']:.1f}%), {row['wall_time_s']:.0f} s", flush=True)
             result["chosen"] = choose(result["rows"])
             atomic_write_json(args.out, result)
-    print(markdown(result))
-    print(f"chosen: {result['chosen']['recipe']}")
+    if result["rows"]:
+        print(markdown(result))
+        print(f"chosen: {result['chosen']['recipe']}")
     return 0
 
 

@@ -13,7 +13,10 @@ killed worker's trace is complete up to the kill), plus ``{"enter": stage}`` lin
 ``kill: {"stage": S, "index": k}`` sends SIGKILL to this process right before event k of stage S takes effect: a
 real, uncatchable kill, at a point that is reproducible from run to run (unlike a timer). ``pause`` with the same
 keys and ``until`` (a path) writes ``{"paused": ...}`` to the trace there instead and waits until ``until`` exists:
-the concurrency tests hold a job inside a stage while another one starts.
+the concurrency tests hold a job inside a stage while another one starts. A pause may name ``path_suffix`` instead
+of ``index``: it then waits before the stage's first event on a path ending so. Two jobs sharing a cache make
+different numbers of events before a lock (who creates a shared folder first, how often a waiter polls a lock
+file), so an index taken from a lone reference run can land before the lock in one of them.
 
 Writes done in C without Python's file API (safetensors, `torch.save` to a path) raise no event: the test's
 time-based kills, sent from outside, land anywhere, those included.
@@ -96,7 +99,9 @@ def traced_main(spec: dict, argv: list) -> int:
                 log({**entry, "killed": True})
                 os.kill(os.getpid(), signal.SIGKILL)
             log(entry)
-            if pause and pause["stage"] == stage and pause["index"] == index:
+            if pause and pause["stage"] == stage and not state.get("paused") and (
+                    pause.get("index") == index or ("path_suffix" in pause and path.endswith(pause["path_suffix"]))):
+                state["paused"] = True
                 log({**entry, "paused": True})
                 while not os.path.exists(pause["until"]):
                     time.sleep(0.05)

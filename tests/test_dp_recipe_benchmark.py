@@ -67,3 +67,17 @@ def test_recipes_run_at_their_own_rate_and_the_best_macro_f1_is_chosen(proxy_arg
 def test_a_malformed_recipe_is_refused_before_any_work(proxy_argv, recipe, message):
     with pytest.raises(SystemExit, match=message):
         dp_recipe.main([*proxy_argv, "--recipes", recipe])
+
+
+def test_a_non_private_reference_alone_is_written_without_a_choice(proxy_argv, tmp_path):
+    out = str(tmp_path / "reference.json")
+    dp_recipe.main([*proxy_argv, "--non-private-reference", "8:1:0.1", "--out", out])
+    result = json.loads(open(out).read())
+    # 1 epoch at batch 8 of the 40 proxy examples: 5 steps, no ledger, and no recipe to choose among.
+    assert result["non_private_reference"]["proxy_steps"] == 5 and result["non_private_reference"]["privacy"] is None
+    assert result["rows"] == [] and "chosen" not in result
+
+
+def test_no_recipe_and_no_reference_is_refused(proxy_argv):
+    with pytest.raises(SystemExit, match="--recipes: give at least one"):
+        dp_recipe.main(proxy_argv)

@@ -410,10 +410,10 @@ def test_two_runs_on_one_run_folder_one_is_refused_and_the_other_finishes(forkse
 def test_two_distillations_of_one_student_one_waits_and_reuses_it(forkserver, reference, tiny_run_inputs, tmp_path):
     cache = str(tmp_path / "cache")
     release = str(tmp_path / "release")
-    # The first write inside the student's .partial folder: the job distilling holds the student's lock there.
-    pause_at = next(e["index"] for e in reference["events"]["distill"] if e["path"].endswith(".partial"))
+    # The student's .partial folder is made under the student's lock: the job that pauses there holds it. (Paused by
+    # path, not by a reference run's event index: the two jobs' event counts before the lock differ from it.)
     jobs = [Job(forkserver, tmp_path, f"distill{i}", ["distill", *tiny_run_inputs(str(tmp_path / f"run{i}")), *FLAGS],
-                cache, pause={"stage": "distill", "index": pause_at, "until": release}) for i in range(2)]
+                cache, pause={"stage": "distill", "path_suffix": ".partial", "until": release}) for i in range(2)]
     # Exactly one gets the lock and pauses; the other waits for it, says so, and distils nothing.
     end = time.time() + JOB_TIMEOUT
     while time.time() < end and not (any("waiting" in j.output() for j in jobs) and
