@@ -20,18 +20,16 @@ and then runs `store.check_private_data_separation`. Each error is a `ValueError
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import warnings
 from typing import Optional
 
-from .config import STAGE_INPUTS, PipelineConfig
+from .config import PRESETS, STAGE_INPUTS, PipelineConfig
 from .data import missing_split_message, private_splits
 from .loading import load_tokenizer
 from .store import (STAGE_FILE, STAGE_FOLDERS, USER_STAGES, check_private_data_separation, public_pool,
                     stage_record)
 
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(PipelineConfig)}
 # The finished run-folder stages a stage subcommand reuses: its `STAGE_INPUTS` less the student, which lives in the
 # shared cache and is distilled on demand.
 STAGES_NEEDED = {stage: tuple(s for s in inputs if s != "distill") for stage, inputs in STAGE_INPUTS.items()}
@@ -238,18 +236,20 @@ def check_template(cfg: PipelineConfig, tokenizer, flag: str) -> None:
 
 
 def warn_about_init_text(cfg: PipelineConfig, tokenizer) -> None:
-    """Warn when the task is the user's (template or label words changed) but the init text is still the sentiment
-    default, with its length in tokens against `num_virtual_tokens` (PEFT repeats a short text, cuts a long one)."""
-    if cfg.prompt_init_text != DEFAULTS["prompt_init_text"]:
+    """Warn when the task is the user's (template or label words changed from the preset's) but the init text is
+    still the preset's, with its length in tokens against `num_virtual_tokens` (PEFT repeats a short text, cuts a
+    long one)."""
+    preset = PRESETS[cfg.preset]
+    if cfg.prompt_init_text != preset["prompt_init_text"]:
         return
-    changed = [f"--{name}" for name in ("template", "label_words") if getattr(cfg, name) != DEFAULTS[name]]
+    changed = [f"--{name}" for name in ("template", "label_words") if getattr(cfg, name) != preset[name]]
     if not changed:
         return
     n = len(tokenizer(cfg.prompt_init_text, add_special_tokens=False)["input_ids"])
     warnings.warn(
         f"{' and '.join(f'`{c}`' for c in changed)} are set for your task, but `--prompt_init_text` is still the "
-        f"sentiment default {cfg.prompt_init_text!r}, so both prompts start from an instruction about review "
-        f"sentiment. It is {n} tokens against `--num_virtual_tokens` {cfg.num_virtual_tokens} (PEFT repeats a "
+        f"{cfg.preset!r} preset's {cfg.prompt_init_text!r}, so both prompts start from an instruction for that "
+        f"preset's task. It is {n} tokens against `--num_virtual_tokens` {cfg.num_virtual_tokens} (PEFT repeats a "
         f"shorter text and cuts a longer one to fit). Give an instruction for your task of about "
         f"{cfg.num_virtual_tokens} tokens as `--prompt_init_text`.", UserWarning, stacklevel=2)
 
