@@ -132,7 +132,7 @@ NUMERIC = [
     ("max_private_overlap", "1.5"), ("max_private_overlap", "-0.1"), ("num_virtual_tokens", "0"), ("max_answer_tokens", "0"),
     ("tune_max_steps", "0"), ("tune_learning_rate", "-0.1"), ("tune_learning_rate", "inf"), ("tune_batch_size", "0"),
     ("dp_target_epsilon", "0"), ("dp_target_epsilon", "inf"), ("dp_target_delta", "1.5"), ("dp_target_delta", "0"),
-    ("dp_max_grad_norm", "0"), ("transfer_max_steps", "0"), ("transfer_learning_rate", "0"),
+    ("dp_max_grad_norm", "0"), ("dp_max_physical_batch_size", "0"), ("transfer_max_steps", "0"), ("transfer_learning_rate", "0"),
     ("transfer_batch_size", "0"), ("transfer_alpha", "1.5"), ("transfer_alpha", "-0.5"),
     ("transfer_temperature", "0"), ("transfer_temperature", "inf"), ("transfer_cache_top_k", "0"),
     ("eval_batch_size", "0"), ("save_steps", "0"), ("seed", "-1"), ("seed", "4294967296"),

@@ -118,6 +118,17 @@ def test_presets_carry_their_task_and_flags_still_win():
     assert (mine.template, mine.tune_max_steps, mine.label_words) == ("Q: {text}\nType:", 30, trec.label_words)
 
 
+def test_the_dp_physical_batch_is_a_memory_setting_not_a_recipe():
+    from peft_post.pipeline.store import stage_settings
+
+    whole, chunked = PipelineConfig(preset="trec"), PipelineConfig(preset="trec", dp_max_physical_batch_size=64)
+    assert whole.dp_config().max_physical_batch_size is None and chunked.dp_config().max_physical_batch_size == 64
+    # The same DP step in less memory: a tuning made either way is reused by the other.
+    assert stage_settings(whole, "tune", "digest") == stage_settings(chunked, "tune", "digest")
+    with pytest.raises(ValueError, match="max_physical_batch_size"):
+        PipelineConfig(dp_max_physical_batch_size=0)
+
+
 def test_overrides_are_typed_as_flags_and_checked():
     cfg = PipelineConfig(preset="quick")
     changed = cfg.with_overrides(["dp=false", "tune_max_steps=3", "transfer_alpha=0.5", "template={text} is"])

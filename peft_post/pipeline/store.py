@@ -533,7 +533,8 @@ SETTINGS_FILE = "settings.json"
 FULL_HASH_MAX_BYTES = 16 << 20
 # Fields that shape no stage's output: changing them never refuses a finished stage.
 UNKEYED_FIELDS = frozenset({"run_dir", "preset", "full_baseline", "max_private_overlap", "eval_batch_size",
-                            "save_steps", "overwrite", "threads", "gradient_checkpointing"})
+                            "save_steps", "overwrite", "threads", "gradient_checkpointing",
+                            "dp_max_physical_batch_size"})
 # `device`, `dtype`, `device_map` and `quantization` are keyed as resolved (`precision_settings`), not as given:
 # "auto" means another dtype on another machine. Settings added after records were first keyed are left out at their
 # default (the value every older record was made with), so those records keep their keys.
