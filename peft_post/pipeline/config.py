@@ -110,8 +110,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The TREC headline run (benchmarks/README.md, "Headline over seeds"): a task with 58 points between zero-shot
     # and full prompt tuning, where POST's DP gain over zero-shot has an interval that excludes 0. The DP recipe
     # (expected batch 512, 2 epochs, lr 0.1: 15 steps at TREC's N) was chosen on a public proxy task
-    # (benchmarks/results/dp_recipe_trec.json), a 300-step student, and the transfer's stopping rule on the
-    # public held-out split (a cap of 600 steps, scored every 60, patience 4).
+    # (benchmarks/results/dp_recipe_trec.json, where 128:2:0.1, tried later, ties it), a 300-step student, and the
+    # transfer's stopping rule on the public held-out split (a cap of 600 steps, scored every 60, patience 4).
     "trec": {**DEFAULT_PRESET, **TREC_TASK, **dict(
         distill_max_steps=300, tune_batch_size=512, tune_max_steps=15, tune_learning_rate=0.1,
         transfer_max_steps=600, transfer_eval_steps=60, transfer_early_stopping_patience=4,
