@@ -14,15 +14,15 @@ per student and test set. ``verdict`` is "beats" when the 95% interval of p_s âˆ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 
 from peft_post.assets import portable_path, resolve_model
-from peft_post.io import atomic_write_json
+from peft_post.io import atomic_write_json, read_json_object
 from peft_post.pipeline import (PipelineConfig, load_model, load_tokenizer, private_examples, score_methods,
                                 student_folder)
+from peft_post.pipeline.store import labelled_data_digest
 from peft_post.report import paired_bootstrap, percentile_interval, zero_shot_verdict
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "student_gain.json")
@@ -52,8 +52,7 @@ def run_student(cfg: PipelineConfig) -> str:
 
 def student_row(run: str, zero_shot_cache: dict) -> dict:
     cfg = PipelineConfig.from_run_dir(run)
-    with open(os.path.join(run, "report.json"), encoding="utf-8") as f:
-        report = json.load(f)
+    report = read_json_object(os.path.join(run, "report.json"), "rerun the run's evaluate stage to write it again")
     if cfg.task_kind != "classification":
         raise SystemExit(f"--runs: {run!r} is a {cfg.task_kind} run; give classification runs.")
     prompt_bits = report.get("per_example_correct", {}).get("student_prompt")
@@ -61,8 +60,7 @@ def student_row(run: str, zero_shot_cache: dict) -> dict:
         raise SystemExit(f"--runs: {run!r}'s report has no per-example results of the student's prompt.")
     student = run_student(cfg)
     test = private_examples(cfg, "test")
-    key = (student, cfg.private_dataset, cfg.private_test_split, tuple(test[cfg.text_column]), cfg.template,
-           cfg.label_words)
+    key = (student, labelled_data_digest(test, cfg.text_column, cfg.target_column), cfg.template, cfg.label_words)
     if key not in zero_shot_cache:
         tokenizer = load_tokenizer(student)
         zero_shot_cache[key] = score_methods(cfg, tokenizer, test, {"student_zero_shot": lambda: load_model(
