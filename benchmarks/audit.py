@@ -1,7 +1,8 @@
-"""LiRA membership-inference audit of soft prompts on the default student (SmolLM2-135M-Instruct, 8 layers, distilled
-by the default preset) and Rotten Tomatoes, without DP and with DP (ε = 8): `peft_post.audit.run_audit` per setting.
+"""LiRA membership-inference audit of soft prompts on the Rotten Tomatoes student (SmolLM2-135M-Instruct, 8 layers,
+distilled by the `rotten_tomatoes` preset, the default until TREC replaced it) and Rotten Tomatoes, without DP and
+with DP (ε = 8): `peft_post.audit.run_audit` per setting.
 
-The student is the default pipeline's cached one; the script waits for it (another run may still be distilling it)
+The student is that preset's cached one; the script waits for it (another run may still be distilling it)
 rather than distilling it itself. Results go to results/audit.json with the command; the audit folders under
 --audit-root keep every shadow's scores, so a rerun with the same flags resumes.
 
@@ -35,8 +36,9 @@ def wait_for_student(cfg: PipelineConfig, timeout_s: float) -> str:
     deadline = time.time() + timeout_s
     while not os.path.isfile(os.path.join(folder, "stage.json")):
         if time.time() > deadline:
-            raise SystemExit(f"No distilled student at {folder} after {timeout_s:.0f} s; run `peft-post distill` first.")
-        print(f"waiting for the default student at {folder} ...", flush=True)
+            raise SystemExit(f"No distilled student at {folder} after {timeout_s:.0f} s; run `peft-post distill "
+                             "--preset rotten_tomatoes` first.")
+        print(f"waiting for the Rotten Tomatoes student at {folder} ...", flush=True)
         time.sleep(30)
     return folder
 
@@ -49,12 +51,13 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--audit-root", default="runs/audit_bench")
-    parser.add_argument("--wait-s", type=float, default=3600, help="How long to wait for the default student.")
+    parser.add_argument("--wait-s", type=float, default=3600, help="How long to wait for the Rotten Tomatoes student.")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "audit.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    base = PipelineConfig()  # the default preset: its student, data, template, prompt length and tuning settings
+    # Pinned, so that the committed figures keep their meaning: its student, data, template, prompt length, tuning.
+    base = PipelineConfig(preset="rotten_tomatoes")
     student = wait_for_student(base, args.wait_s)
     previous = {}
     if os.path.isfile(args.out):
@@ -62,8 +65,8 @@ def main() -> None:
             previous = json.load(f).get("results", {})
     results = {}
     for name in args.settings:
-        cfg = PipelineConfig(student_model=student, tune_max_steps=args.steps, save_steps=max(args.steps // 2, 1),
-                             run_dir=args.audit_root, **SETTINGS[name])
+        cfg = PipelineConfig(preset="rotten_tomatoes", student_model=student, tune_max_steps=args.steps,
+                             save_steps=max(args.steps // 2, 1), run_dir=args.audit_root, **SETTINGS[name])
         audit = AuditConfig(num_examples=args.num_examples, num_shadows=args.num_shadows,
                             audit_dir=os.path.join(args.audit_root, name))
         result = run_audit(cfg, audit, command=" ".join(map(shlex.quote, sys.argv)))

@@ -3,14 +3,16 @@
 Time: the three training steps (prompt tuning on the target, prompt tuning on the student, one POST transfer step on
 the target) are built with the library's own trainers on the same private batches and timed interleaved, round after
 round, in one process, so that whatever else the machine does weighs on all three alike; the medians are scaled by
-the preset's step counts (both tunings: the same steps and batch, i.e. the same epochs), and the transfer's one-time
-work (its cache of frozen logits) is timed once and added. Whole-stage wall times of a run are not used for the
-ratio: on a shared machine they mostly measure what else was running.
+the preset's step counts (the `rotten_tomatoes` preset unless `--set preset=...` names another; both tunings: the
+same steps and batch, i.e. the same epochs), and the transfer's one-time work (its cache of frozen logits) is timed
+once and added. Whole-stage wall times of a run are not used for the ratio: on a shared machine they mostly measure
+what else was running.
 Memory: the peak resident memory each stage recorded in a finished `--run-dir` with `--full_baseline` (per-stage
 peaks are taken in separate stages of one run; they are not comparable within one process).
 
 The student's distillation is the provider's one-time cost, shared by every later task; it is not charged here.
 
+    peft-post run --preset rotten_tomatoes --dp false --full_baseline true --run_dir runs/nodp
     python benchmarks/cost.py --run-dir runs/nodp    # writes benchmarks/results/cost.json
 """
 
@@ -62,7 +64,8 @@ def main(argv=None):
 def measure(args, work: str, argv) -> None:
     torch.set_num_threads(args.threads)
     try:
-        cfg = PipelineConfig(**parse_overrides([*args.overrides, f"run_dir={args.run_dir or work}", "dp=false"]))
+        overrides = ["preset=rotten_tomatoes", *args.overrides, f"run_dir={args.run_dir or work}", "dp=false"]
+        cfg = PipelineConfig(**parse_overrides(overrides))
     except ValueError as err:
         raise SystemExit(f"--set: {err}") from None
     target_path = resolve_model(cfg.target_model)

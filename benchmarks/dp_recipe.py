@@ -105,7 +105,9 @@ def parse_args(argv=None):
 
 
 def proxy_config(args, run_dir: str) -> PipelineConfig:
-    values = {**PROXY_DEFAULTS, **args.overrides}
+    # The budgets the committed rows were made with (the default preset's until TREC replaced it); the proxy's own
+    # template and label words replace the task's.
+    values = {"preset": "rotten_tomatoes", **PROXY_DEFAULTS, **args.overrides}
     return PipelineConfig(run_dir=run_dir, student_model=args.student, private_dataset=args.proxy,
                           private_test_size=args.heldout, dp=True, dp_target_epsilon=args.epsilon, seed=args.seed,
                           threads=args.threads, full_baseline=False, **values)

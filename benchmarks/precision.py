@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="timed steps of each kind and precision (after a warm-up)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--num-public-examples", type=int, default=64, help="public examples the transfer cache holds")
-    p.add_argument("--student-layers", help="the student's layers (default: the default preset's)")
+    p.add_argument("--student-layers", help="the student's layers (default: the rotten_tomatoes preset's)")
     p.add_argument("--no-steps", dest="steps", action="store_false", help="skip the step timings")
     p.add_argument("--run-dir", help="a finished run whose prompts are scored in both precisions")
     p.add_argument("--max-test-examples", type=int, help="cap on the run's test examples scored (default: the run's)")
@@ -219,7 +219,8 @@ def measure_steps(args, work: str) -> dict:
     from peft_post.pipeline import PipelineConfig, load_tokenizer, private_examples, public_splits, random_subset
 
     target_path = (_random_model_folder(work) if args.model == "random:smollm2-135m" else resolve_model(args.model))
-    cfg = PipelineConfig(run_dir=work, target_model=args.model if not args.model.startswith("random:") else
+    # The Rotten Tomatoes preset's data and student, as when the committed figures were made (then the default).
+    cfg = PipelineConfig(preset="rotten_tomatoes", run_dir=work, target_model=args.model if not args.model.startswith("random:") else
                          target_path, device=args.device, save_steps=10_000,
                          **({"student_layers": args.student_layers} if args.student_layers else {}))
     tokenizer = load_tokenizer(target_path)

@@ -7,7 +7,7 @@ public examples instead: after the transfer's training and held-out slices, so d
 no private data is needed. For each run folder it scores the target zero-shot, the student zero-shot, the student
 with p_s and the target with POST's p_t, and writes one row per run. The private test split is never read.
 ``--init-texts`` instead scores the target with a freshly TEXT-initialised prompt per text (the point the transfer
-starts from), at the default preset's prompt length.
+starts from), with the `rotten_tomatoes` preset's public data and prompt length.
 
     python benchmarks/public_validation.py --runs runs/a runs/b --num-examples 1000
     python benchmarks/public_validation.py --init-texts "Predict if sentiment of this review is positive or negative" \
@@ -90,13 +90,13 @@ def _report_command(path: str):
 
 
 def init_text_rows(texts: list, num_examples: int) -> list:
-    default = PipelineConfig()
+    default = PipelineConfig(preset="rotten_tomatoes")  # the task the committed init-text figures are for
     target = resolve_model(default.target_model)
     tokenizer = load_tokenizer(target)
     data = validation_slice(default, num_examples)
     rows = []
     for text in texts:
-        cfg = PipelineConfig(prompt_init_text=text)
+        cfg = PipelineConfig(preset="rotten_tomatoes", prompt_init_text=text)
         model = new_prompted_model(target, cfg.post_config(target), cfg.masked, cfg.seed).eval()
         r = evaluate_prompt(model, tokenizer, data, cfg.post_config(), batch_size=cfg.eval_batch_size,
                             desc="init prompt")

@@ -1,4 +1,4 @@
-"""The paper's utility table on the embedded default: a grid of `peft-post run`s sharing every stage they can.
+"""The paper's utility table on Rotten Tomatoes (the `rotten_tomatoes` preset): a grid of `peft-post run`s sharing every stage they can.
 
 Each cell of the grid (seed × DP or not × public set × α) is an ordinary pipeline run folder under ``--root``. A
 cell reuses what its siblings already made by copying their finished stage folders before it runs: the distilled
@@ -13,7 +13,9 @@ resumes: finished cells are read back, not rerun.
                                                # writes benchmarks/results/utility.json and prints the table
 
 ``--set key=value`` sets any `PipelineConfig` field for every cell, ``--dp-set`` for the DP cells only (DP wants a
-larger expected batch). A root keeps the settings it was made with: other settings need another ``--root``.
+larger expected batch). The preset is `rotten_tomatoes`, the default when the committed tables were made, unless
+``--set preset=...`` names another. A root keeps the settings it was made with: other settings need another
+``--root``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ GRID_FIELDS = ("run_dir", "seed", "dp", "public_dataset", "transfer_alpha", "ful
 def _overrides(pairs: list[str]) -> dict:
     """``KEY=VALUE`` pairs as typed `PipelineConfig` field values, checked by building a config with them."""
     try:
-        values = parse_overrides(pairs)
+        # Pinned, so that the committed commands keep their meaning now that the default preset is TREC.
+        values = parse_overrides(["preset=rotten_tomatoes", *pairs])
         for key in values:
             if key in GRID_FIELDS:
                 raise ValueError(f"the grid sets {key} itself; use the dedicated flag")

@@ -52,7 +52,7 @@ def test_layers_from_the_top_key_the_same_student_and_settings_as_the_absolute_l
 
 def test_the_key_of_absolute_layers_is_the_one_computed_before_layers_were_resolved():
     # Computed with the code before this change (a Hub-id target: absolute layers read no config).
-    cfg = PipelineConfig(student_layers="0,1,3", seed=7)
+    cfg = PipelineConfig(preset="rotten_tomatoes", student_layers="0,1,3", seed=7)
     assert student_cache_key(cfg, "peft-post-tests/tiny-llama") == "0dfec52e37c6d20e"
     assert settings_key(stage_settings(cfg, "distill")) == "a82b61c5e90aa62f"
 
@@ -66,7 +66,8 @@ def test_the_embedded_model_keeps_its_cached_student_keys_with_the_presets_count
     path = resolve_model(PipelineConfig().target_model)
     assert target_num_layers(path) == 30
     # The keys (and distill settings keys) of the students distilled with the presets' absolute layers.
-    for preset, layers, key, settings in (("default", "0,1,2,3,-4,-3,-2,-1", "612d9dc759251cd4", "fc2c88a5e68ec99d"),
+    for preset, layers, key, settings in (("rotten_tomatoes", "0,1,2,3,-4,-3,-2,-1", "612d9dc759251cd4",
+                                           "fc2c88a5e68ec99d"),
                                           ("quick", "0,1,-2,-1", "188ea0daaea5c97f", "81cdaab2bddada2f")):
         cfg = PipelineConfig(preset=preset, student_layers=layers)
         assert student_cache_key(cfg, path) == key, preset

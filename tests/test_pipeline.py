@@ -101,19 +101,23 @@ def test_a_config_round_trips_through_its_run_folder(tmp_path):
 
 
 def test_presets_carry_their_task_and_flags_still_win():
-    default, trec = PipelineConfig(), PipelineConfig(preset="trec")
-    assert (default.private_dataset, default.public_dataset, default.label_words) == (
+    default, trec, rt = PipelineConfig(), PipelineConfig(preset="trec"), PipelineConfig(preset="rotten_tomatoes")
+    # The default is the TREC recipe, where POST's DP gain over zero-shot clears its interval.
+    assert dataclasses.replace(default, preset="trec") == trec
+    assert (rt.private_dataset, rt.public_dataset, rt.label_words) == (
         "embedded:rotten_tomatoes", "embedded:vader_amazon", "negative|positive")
-    assert PipelineConfig(preset="quick").template == default.template == "Review: {text}\nSentiment:"
+    assert PipelineConfig(preset="quick").template == rt.template == "Review: {text}\nSentiment:"
     # TREC's public split plays the provider's data, and its student never saw a TREC question.
     assert (trec.private_dataset, trec.public_dataset, trec.public_split, trec.distill_split) == (
         "embedded:trec", "embedded:trec", "public", "without_trec")
     assert trec.label_word_lists() == [[w] for w in ("abbreviation", "description", "entity", "human", "location",
                                                       "number")]
-    # The proxy-chosen DP recipe and the transfer's stopping rule; the rest is the default preset's.
+    # The proxy-chosen DP recipe and the transfer's stopping rule; the rest is the Rotten Tomatoes recipe.
     assert (trec.tune_batch_size, trec.tune_max_steps, trec.tune_learning_rate) == (512, 15, 0.1)
+    assert (rt.tune_batch_size, rt.tune_max_steps, rt.tune_learning_rate) == (16, 300, 0.03)
     assert (trec.transfer_max_steps, trec.transfer_eval_steps, trec.transfer_early_stopping_patience) == (600, 60, 4)
-    assert trec.student_layers == default.student_layers and trec.distill_max_steps == 300
+    assert (rt.transfer_max_steps, rt.transfer_eval_steps) == (120, None)
+    assert trec.student_layers == rt.student_layers and (trec.distill_max_steps, rt.distill_max_steps) == (300, 1500)
     mine = PipelineConfig(preset="trec", template="Q: {text}\nType:", tune_max_steps=30)
     assert (mine.template, mine.tune_max_steps, mine.label_words) == ("Q: {text}\nType:", 30, trec.label_words)
 

