@@ -1,10 +1,11 @@
 """`peft-post`: the POST pipeline from the command line. It parses arguments and calls the library, nothing else.
 
-    peft-post run                     # every stage on the embedded default (SmolLM2 + Rotten Tomatoes), DP ε=8
-    peft-post run --preset quick      # a first look in a few minutes
+    peft-post run                     # every stage on the embedded default (SmolLM2 + TREC answer types), DP ε=8
+    peft-post run --preset rotten_tomatoes   # the paper's sentiment task
+    peft-post run --preset quick      # a first look in a few minutes (Rotten Tomatoes, tiny budgets)
     peft-post run --config run.yaml --dp false --transfer_alpha 0.5
     peft-post tune --run_dir runs/post  # one stage; earlier run-folder stages must be done
-    peft-post audit --dp false --tune_max_steps 60   # membership-inference audit of the tuning recipe (LiRA)
+    peft-post audit --preset rotten_tomatoes --dp false --tune_max_steps 60   # LiRA audit of the tuning recipe
     peft-post audit-dp --trials 32                    # DP audit: an empirical lower bound on ε (canary runs)
     peft-post push --adapter runs/post/transferred_prompt --repo_id me/my-prompt --base_model org/model
 """
