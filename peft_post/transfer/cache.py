@@ -32,7 +32,7 @@ import torch
 from peft import PeftModel
 from transformers.utils import logging
 
-from ..modeling import (base_model_of, broadcast_from_main, input_device, label_logits, process_rank_and_count,
+from ..modeling import (base_model_of, input_device, label_logits, on_main_process, process_rank_and_count,
                         prompt_parameter)
 
 CACHE_TENSORS = ("source_logits", "source_base_logits", "target_base_logits")
@@ -498,34 +498,31 @@ def shared_transfer_cache(path: str, digest: str, build: Callable[[], TransferCa
     """The cache in ``path``: opened when a valid file for ``digest`` is there, else built by ``build()`` (which
     must write ``path``, e.g. `build_transfer_cache(path=path, digest=digest)`); returns (cache, built).
 
-    Under `torch.distributed`, only rank 0 opens-or-builds; the others wait for it (a collective), then open the
-    file it left. A file that exists but is unusable (truncated, corrupt, other inputs) is rebuilt with a warning.
+    Under `torch.distributed`, only rank 0 opens-or-builds (`modeling.on_main_process`: a failure there reaches
+    every rank as an error instead of leaving them waiting); the others then open the file it left, and report
+    built = False. A file that exists but is unusable (truncated, corrupt, other inputs) is rebuilt with a warning.
     """
-    rank, world = process_rank_and_count()
-    cache, built, error = None, False, None
-    if rank == 0:
+    rank, _ = process_rank_and_count()
+    made: dict[str, TransferCache] = {}
+
+    def open_or_build() -> bool:
         try:
-            try:
-                cache = open_transfer_cache(path, digest=digest)
-            except FileNotFoundError:
-                cache, built = build(), True
-            except ValueError as err:
-                warnings.warn(f"{err} Rebuilding it.")
-                cache, built = build(), True
-        except BaseException as err:  # tell the waiting ranks before failing, or they would wait forever
-            error = err
-    if world > 1:
-        message = broadcast_from_main(None if error is None else f"{type(error).__name__}: {error}")
-        if rank != 0:
-            if message is not None:
-                raise RuntimeError(f"Rank 0 failed to build the transfer cache {path}: {message}")
-            try:
-                cache = open_transfer_cache(path, digest=digest)
-            except (OSError, ValueError) as err:
-                raise RuntimeError(
-                    f"Rank {rank} cannot open the transfer cache that rank 0 wrote ({err}); `cache_dir` must be a "
-                    "folder every process of the run reads (one shared filesystem)."
-                ) from err
-    if error is not None:
-        raise error
-    return cache, built
+            made["cache"] = open_transfer_cache(path, digest=digest)
+            return False
+        except FileNotFoundError:
+            pass
+        except ValueError as err:
+            warnings.warn(f"{err} Rebuilding it.")
+        made["cache"] = build()
+        return True
+
+    built = on_main_process(open_or_build)
+    if "cache" in made:
+        return made["cache"], built
+    try:
+        return open_transfer_cache(path, digest=digest), False
+    except (OSError, ValueError) as err:
+        raise RuntimeError(
+            f"Rank {rank} cannot open the transfer cache that rank 0 wrote ({err}); `cache_dir` must be a folder "
+            "every process of the run reads (one shared filesystem)."
+        ) from err
