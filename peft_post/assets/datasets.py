@@ -24,7 +24,11 @@ DEFAULT_PUBLIC_DATASET = EMBEDDED_PREFIX + "vader_amazon"
 DEFAULT_DISTILLATION_DATASET = EMBEDDED_PREFIX + "distillation_text"
 DEFAULT_TEST_SIZE = 1000
 
-EMBEDDED_DATASETS = ("rotten_tomatoes", "trec", "distillation_text") + tuple(f"vader_{k}" for k in VADER_SETS)
+EMBEDDED_DATASETS = ("rotten_tomatoes", "trec", "tweet_sentiment", "distillation_text") + tuple(
+    f"vader_{k}" for k in VADER_SETS)
+# Private tasks whose texts are also distillation text, with the `embedded:distillation_text` split that leaves them
+# out (a run on the task distils its student there, so the student never sees a private text).
+DISTILLATION_SPLITS_WITHOUT = {"trec": "without_trec", "tweet_sentiment": "without_tweets"}
 
 LABEL_NAMES = ["negative", "positive"]
 # TREC's coarse answer types, named by words that are one token each for SmolLM2 (usable as label words as they are).
@@ -48,6 +52,9 @@ TREC_FINE_ANSWERS = {
     "NUM:weight": "weight",
 }
 DEFAULT_PUBLIC_SIZE = 512
+# The three classes of `load_tweet_sentiment`, and the half-width of its neutral band on VADER's mean rating (-4..4).
+TWEET_SENTIMENT_LABELS = ["negative", "neutral", "positive"]
+TWEET_NEUTRAL_BAND = 0.5
 
 
 def normalize_text(text: str) -> str:
@@ -129,7 +136,7 @@ def load_trec(seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE,
     these questions (unlabelled) in its ``train`` split, so a TREC run distils its student on its ``without_trec``
     split (``--distill_split without_trec``).
     """
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+    from datasets import ClassLabel, Dataset, Features, Value
 
     _check_size("test_size", test_size)
     _check_size("public_size", public_size)
@@ -147,11 +154,48 @@ def load_trec(seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE,
     rows = [r for k, r in first.items() if len(labels[k]) == 1]
     features = Features({"text": Value("string"), "label": ClassLabel(names=list(TREC_COARSE.values())),
                          "answer": Value("string")})
-    ds = Dataset.from_list(rows, features=features)
+    return _train_test_public(Dataset.from_list(rows, features=features), seed, test_size, public_size)
+
+
+def _train_test_public(ds, seed: int, test_size, public_size):
+    """`ds` split into ``test``, then ``public`` and ``train`` from the rest: disjoint, each stratified by label."""
+    from datasets import DatasetDict
+
     rest_idx, test_idx = stratified_split(list(ds["label"]), _count("test_size", test_size, len(ds)), seed)
     rest = ds.select(rest_idx)
     train_idx, public_idx = stratified_split(list(rest["label"]), _count("public_size", public_size, len(rest)), seed)
     return DatasetDict({"train": rest.select(train_idx), "test": ds.select(test_idx), "public": rest.select(public_idx)})
+
+
+def load_tweet_sentiment(seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE,
+                         public_size: Union[int, float] = DEFAULT_PUBLIC_SIZE, cache_dir: Optional[str] = None):
+    """VADER's 4200 tweets as three-class sentiment, like the paper's tweet task: a `DatasetDict` with ``train``,
+    ``test`` and ``public`` (columns text, label; `TWEET_SENTIMENT_LABELS` negative, neutral, positive).
+
+    The label comes from the tweet's mean human rating (-4..4, ten raters): negative below -`TWEET_NEUTRAL_BAND`,
+    positive above it, neutral in between (about 1060 / 840 / 2300 tweets). ``public`` is a disjoint share that
+    plays the provider's transfer data (``--public_dataset embedded:tweet_sentiment --public_split public``), as
+    for `load_trec`: duplicate tweets are kept once and tweets seen with two labels dropped, splits are stratified
+    and fixed by `seed`. ``embedded:distillation_text`` holds these tweets in its ``train`` split, so a run on this
+    task distils on its ``without_tweets`` split. ``embedded:vader_tweets`` (the same tweets, binarised) is no public
+    set for it: the overlap check refuses it.
+    """
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    _check_size("test_size", test_size)
+    _check_size("public_size", public_size)
+    labels: dict[str, set] = {}
+    first: dict[str, dict] = {}
+    for score, text in vader_rows("tweets", cache_dir):
+        key = normalize_text(text)
+        if not key:
+            continue
+        label = 0 if score < -TWEET_NEUTRAL_BAND else 2 if score > TWEET_NEUTRAL_BAND else 1
+        labels.setdefault(key, set()).add(label)
+        first.setdefault(key, {"text": text, "label": label})
+    rows = [r for k, r in first.items() if len(labels[k]) == 1]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=TWEET_SENTIMENT_LABELS)})
+    return _train_test_public(Dataset.from_list(rows, features=features), seed, test_size, public_size)
 
 
 def stratified_split(labels: list, n_test: int, seed: int) -> tuple[list[int], list[int]]:
@@ -291,12 +335,14 @@ def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
     Rotten Tomatoes sentence removed (`remove_overlap`); `load_vader` and `load_distillation_text` give them raw."""
     from datasets import DatasetDict
 
-    if kwargs and name not in ("rotten_tomatoes", "trec"):
+    if kwargs and name not in ("rotten_tomatoes", "trec", "tweet_sentiment"):
         raise ValueError(f"{EMBEDDED_PREFIX + name} takes no options, got {sorted(kwargs)}.")
     if name == "rotten_tomatoes":
         return load_rotten_tomatoes(cache_dir=cache_dir, **kwargs)
     if name == "trec":
         return load_trec(cache_dir=cache_dir, **kwargs)
+    if name == "tweet_sentiment":
+        return load_tweet_sentiment(cache_dir=cache_dir, **kwargs)
     # The embedded public sets come without any sentence of the embedded private task, so the default job's
     # report never scores a sentence the transfer or the distillation saw (1 Amazon snippet, 10 453 movie ones).
     private = [r["text"] for r in _rotten_tomatoes_rows(cache_dir)]
@@ -309,7 +355,12 @@ def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
         no_trec = tuple(src for src in DISTILLATION_SOURCES if src != "trec")
         without_trec = load_distillation_text(no_trec, exclude=private, cache_dir=cache_dir)
         trec = load_distillation_text(["trec"], exclude=private + list(without_trec["text"]), cache_dir=cache_dir)
-        return DatasetDict({"train": concatenate_datasets([without_trec, trec]), "without_trec": without_trec})
+        # "without_tweets" serves embedded:tweet_sentiment runs the same way.
+        no_tweets = tuple(src for src in DISTILLATION_SOURCES if src != "tweets")
+        tweets = [text for _, text in vader_rows("tweets", cache_dir)]  # a tweet may recur in another source
+        without_tweets = load_distillation_text(no_tweets, exclude=private + tweets, cache_dir=cache_dir)
+        return DatasetDict({"train": concatenate_datasets([without_trec, trec]), "without_trec": without_trec,
+                            "without_tweets": without_tweets})
     if name.startswith("vader_") and name[len("vader_"):] in VADER_SETS:
         public, _ = remove_overlap(load_vader(name[len("vader_"):], cache_dir=cache_dir), private)
         return DatasetDict({"train": public})

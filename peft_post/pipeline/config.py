@@ -78,7 +78,7 @@ ALPHA_PLACEHOLDER = 0.5
 
 # A public split of a dataset that also holds the private task, built disjoint from its train and test splits:
 # `assets.load_trec` keeps every question in one split only, and its `public` split plays the provider's data.
-PUBLIC_SPLITS_OF_PRIVATE_DATASETS = {"embedded:trec": "public"}
+PUBLIC_SPLITS_OF_PRIVATE_DATASETS = {"embedded:trec": "public", "embedded:tweet_sentiment": "public"}
 
 # The Rotten Tomatoes task: its reviews private, VADER's Amazon reviews public (the same family, no overlap:
 # benchmarks/results/assets_overlap.json), the paper's sentiment label words and init text.
@@ -160,7 +160,8 @@ class PipelineConfig:
     distill_split: Optional[str] = field(
         default=None,
         metadata={"help": "Split of the distillation data ('without_trec' of embedded:distillation_text when the "
-                  "private task is embedded:trec, so the student never sees the private questions)."},
+                  "private task is embedded:trec, 'without_tweets' for embedded:tweet_sentiment, so the student "
+                  "never sees a private text)."},
     )
     distill_max_steps: Optional[int] = field(default=None, metadata={"help": "Distillation optimizer steps."})
     distill_learning_rate: Optional[float] = field(default=None, metadata={"help": "Distillation learning rate."})

@@ -19,7 +19,7 @@ import shutil
 import time
 from typing import Optional
 
-from ..assets import DEFAULT_DISTILLATION_DATASET
+from ..assets import DEFAULT_DISTILLATION_DATASET, DISTILLATION_SPLITS_WITHOUT, EMBEDDED_PREFIX
 from ..config import POST_CONFIG_NAME
 from ..io import atomic_write_json, read_json_object
 from .config import PUBLIC_SPLITS_OF_PRIVATE_DATASETS, STAGE_DEPENDANTS, PipelineConfig
@@ -426,8 +426,10 @@ def check_private_data_separation(cfg: PipelineConfig) -> dict:
         result["distill"] = {"dataset": cfg.distill_dataset, "split": cfg.distill_split, "size": len(distill),
                              **measured.to_dict()}
         if measured.fraction > cfg.max_private_overlap:
-            hint = (" (its 'without_trec' split leaves the TREC questions out, for a private embedded:trec task)"
-                    if cfg.distill_dataset == DEFAULT_DISTILLATION_DATASET and cfg.distill_split != "without_trec"
+            embedded = cfg.private_dataset.startswith(EMBEDDED_PREFIX)
+            split = DISTILLATION_SPLITS_WITHOUT.get(cfg.private_dataset[len(EMBEDDED_PREFIX):]) if embedded else None
+            hint = (f" (its {split!r} split leaves the texts of {cfg.private_dataset} out)"
+                    if cfg.distill_dataset == DEFAULT_DISTILLATION_DATASET and split and cfg.distill_split != split
                     else "")
             raise ValueError(
                 f"{measured.fraction:.1%} of a sample of the distillation texts ({measured.num_private} of "
