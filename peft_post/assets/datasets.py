@@ -164,7 +164,8 @@ def _train_test_public(ds, seed: int, test_size, public_size):
     rest_idx, test_idx = stratified_split(list(ds["label"]), _count("test_size", test_size, len(ds)), seed)
     rest = ds.select(rest_idx)
     train_idx, public_idx = stratified_split(list(rest["label"]), _count("public_size", public_size, len(rest)), seed)
-    return DatasetDict({"train": rest.select(train_idx), "test": ds.select(test_idx), "public": rest.select(public_idx)})
+    return DatasetDict({"train": rest.select(train_idx), "test": ds.select(test_idx),
+                        "public": rest.select(public_idx)})
 
 
 def load_tweet_sentiment(seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE,
@@ -331,8 +332,9 @@ _LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "jso
 
 def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
     """One of `EMBEDDED_DATASETS` (without the ``embedded:`` prefix) as a `DatasetDict`; `kwargs` (``seed``,
-    ``test_size``, and ``public_size`` for TREC) go to `load_rotten_tomatoes` / `load_trec`. The public sets (``vader_*``, ``distillation_text``) have every
-    Rotten Tomatoes sentence removed (`remove_overlap`); `load_vader` and `load_distillation_text` give them raw."""
+    ``test_size``, and ``public_size`` for TREC and the tweets) go to `load_rotten_tomatoes`, `load_trec` or
+    `load_tweet_sentiment`. The public sets (``vader_*``, ``distillation_text``) have every Rotten Tomatoes sentence
+    removed (`remove_overlap`); `load_vader` and `load_distillation_text` give them raw."""
     from datasets import DatasetDict
 
     if kwargs and name not in ("rotten_tomatoes", "trec", "tweet_sentiment"):
