@@ -77,7 +77,8 @@ TRANSFER_FIELDS = {
 ALPHA_PLACEHOLDER = 0.5
 
 # A public split of a dataset that also holds the private task, built disjoint from its train and test splits:
-# `assets.load_trec` keeps every question in one split only, and its `public` split plays the provider's data.
+# `assets.load_trec` (and `load_tweet_sentiment`) keep every text in one split only, and the `public` split plays
+# the provider's data.
 PUBLIC_SPLITS_OF_PRIVATE_DATASETS = {"embedded:trec": "public", "embedded:tweet_sentiment": "public"}
 
 # The Rotten Tomatoes task: its reviews private, VADER's Amazon reviews public (the same family, no overlap:
