@@ -87,6 +87,7 @@ def headroom_row(cfg: PipelineConfig, command: str) -> dict:
         "recipe": {"tune_batch_size": cfg.tune_batch_size, "tune_max_steps": cfg.tune_max_steps,
                    "tune_learning_rate": cfg.tune_learning_rate, "num_virtual_tokens": cfg.num_virtual_tokens,
                    "prompt_init_text": cfg.prompt_init_text, "seed": cfg.seed},
+        "precision": precision.record(),
         "full_tuning_steps": record["steps"], "full_tuning_wall_time_s": record["wall_time_s"],
         "full_tuning_reused": reused, "wall_time_s": time.perf_counter() - start,
         "run": portable_path(cfg.run_dir),

@@ -42,6 +42,7 @@ def test_headroom_pairs_zero_shot_with_full_prompt_tuning_and_resumes(tiny_run, 
     # The task's flags win over the recipe's preset; the tuning ran the steps they give, without DP.
     assert row["recipe"]["tune_max_steps"] == row["full_tuning_steps"] == 3 and row["recipe"]["tune_batch_size"] == 8
     assert row["full_tuning_reused"] is False and os.path.isdir(os.path.join(run_dir, "full_prompt"))
+    assert row["precision"]["dtype"] == "float32"  # the suite pins the CPU probe to fp32
     # Paths are recorded as given (the command) or made portable (the rest).
     assert row["majority_class_rate"] >= 0.5 and str(tmp_path) not in json.dumps(
         {k: v for k, v in row.items() if k != "command"})
