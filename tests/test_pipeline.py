@@ -122,6 +122,18 @@ def test_presets_carry_their_task_and_flags_still_win():
     assert (mine.template, mine.tune_max_steps, mine.label_words) == ("Q: {text}\nType:", 30, trec.label_words)
 
 
+def test_a_run_folder_saved_under_the_old_default_reloads_with_its_own_settings(tmp_path):
+    """Until 2026-12-07 the default preset was Rotten Tomatoes, with no transfer evaluation: such a folder's
+    config.json says preset "default" and transfer_eval_steps None, and must not take today's default's 60."""
+    old = PipelineConfig(preset="rotten_tomatoes", run_dir=str(tmp_path))
+    assert old.transfer_eval_steps is None and old.transfer_early_stopping_patience is None
+    path = old.save(str(tmp_path))
+    saved = json.loads(open(path).read())
+    json.dump({**saved, "preset": "default"}, open(path, "w"))
+    assert dataclasses.asdict(PipelineConfig.from_run_dir(str(tmp_path))) == {**saved, "preset": "default"}
+    assert PipelineConfig().transfer_eval_steps == 60  # while a new run with the default preset scores every 60
+
+
 def test_the_dp_physical_batch_is_a_memory_setting_not_a_recipe():
     from peft_post.pipeline.store import stage_settings
 

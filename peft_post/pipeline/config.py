@@ -527,7 +527,15 @@ class PipelineConfig:
             raise ValueError(f"{path} is not valid JSON ({err}); restore it or start a new run folder.") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a JSON object of PipelineConfig fields.")
-        return cls.from_dict(values)
+        values = rename_legacy_fields(values)
+        cfg = cls.from_dict(values)
+        # A saved config is resolved: a field it holds as None was None in that run, even where today's preset of
+        # the same name sets it (the default preset was Rotten Tomatoes, with no transfer evaluation, until
+        # 2026-12-07).
+        for name, value in values.items():
+            if value is None:
+                setattr(cfg, name, None)
+        return cfg
 
     def save(self, run_dir: str) -> str:
         """Write the config to ``<run_dir>/config.json`` atomically; returns the path."""
