@@ -220,8 +220,9 @@ def measure_steps(args, work: str) -> dict:
 
     target_path = (_random_model_folder(work) if args.model == "random:smollm2-135m" else resolve_model(args.model))
     # The Rotten Tomatoes preset's data and student, as when the committed figures were made (then the default).
-    cfg = PipelineConfig(preset="rotten_tomatoes", run_dir=work, target_model=args.model if not args.model.startswith("random:") else
-                         target_path, device=args.device, save_steps=10_000,
+    cfg = PipelineConfig(preset="rotten_tomatoes", run_dir=work,
+                         target_model=args.model if not args.model.startswith("random:") else target_path,
+                         device=args.device, save_steps=10_000,
                          **({"student_layers": args.student_layers} if args.student_layers else {}))
     tokenizer = load_tokenizer(target_path)
     public_train, _ = public_splits(cfg)

@@ -1,4 +1,5 @@
-"""The paper's utility table on Rotten Tomatoes (the `rotten_tomatoes` preset): a grid of `peft-post run`s sharing every stage they can.
+"""The paper's utility table on Rotten Tomatoes (the `rotten_tomatoes` preset): a grid of `peft-post run`s sharing
+every stage they can.
 
 Each cell of the grid (seed × DP or not × public set × α) is an ordinary pipeline run folder under ``--root``. A
 cell reuses what its siblings already made by copying their finished stage folders before it runs: the distilled
@@ -61,6 +62,8 @@ def parse_args(argv=None):
 # The report's headline numbers kept for each cell (`peft_post.report.derived_metrics`).
 HEADLINE_KEYS = ("gap_closed", "gap_closed_ci", "post_gain_over_zero_shot", "post_gain_over_zero_shot_ci",
                  "post_vs_zero_shot")
+# The preset the grid runs unless --set names another: the default's when the committed tables were made.
+PINNED_PRESET = "rotten_tomatoes"
 # The fields each cell sets itself.
 GRID_FIELDS = ("run_dir", "seed", "dp", "public_dataset", "transfer_alpha", "full_baseline")
 
@@ -69,7 +72,7 @@ def _overrides(pairs: list[str]) -> dict:
     """``KEY=VALUE`` pairs as typed `PipelineConfig` field values, checked by building a config with them."""
     try:
         # Pinned, so that the committed commands keep their meaning now that the default preset is TREC.
-        values = parse_overrides(["preset=rotten_tomatoes", *pairs])
+        values = parse_overrides([f"preset={PINNED_PRESET}", *pairs])
         for key in values:
             if key in GRID_FIELDS:
                 raise ValueError(f"the grid sets {key} itself; use the dedicated flag")
@@ -168,10 +171,13 @@ def main(argv=None):
             previous = json.load(f)
         if "config" in previous:
             previous = {**previous, **{part: rename_legacy_fields(previous[part]) for part in ("config", "dp_config")}}
+            # The preset's name is no setting (roots made before the pin say "default" for the same values).
             changed = sorted({k for part in ("config", "dp_config") for k in set(settings[part]) | set(previous[part])
-                              if settings[part].get(k) != previous[part].get(k)})
+                              if k != "preset" and settings[part].get(k) != previous[part].get(k)})
         else:  # a root made before grid.json held the resolved settings: only its flags are known
-            changed = [] if (previous["set"], previous["dp_set"]) == (overrides, dp_overrides) else ["--set flags"]
+            flags = [{k: v for k, v in given.items() if (k, v) != ("preset", PINNED_PRESET)}
+                     for given in (previous["set"], previous["dp_set"], overrides, dp_overrides)]
+            changed = [] if flags[:2] == flags[2:] else ["--set flags"]
         if changed:
             raise SystemExit(f"{args.root} was made with other settings ({', '.join(changed)} differ); use another "
                              "--root for these settings.")
