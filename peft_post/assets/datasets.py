@@ -345,7 +345,7 @@ def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
         return load_trec(cache_dir=cache_dir, **kwargs)
     if name == "tweet_sentiment":
         return load_tweet_sentiment(cache_dir=cache_dir, **kwargs)
-    # The embedded public sets come without any sentence of the embedded private task, so the default job's
+    # The embedded public sets come without any sentence of the Rotten Tomatoes task, so its
     # report never scores a sentence the transfer or the distillation saw (1 Amazon snippet, 10 453 movie ones).
     private = [r["text"] for r in _rotten_tomatoes_rows(cache_dir)]
     if name == "distillation_text":
