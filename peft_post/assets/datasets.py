@@ -63,6 +63,21 @@ def normalize_text(text: str) -> str:
     return "".join(re.findall(r"[a-z0-9]+", str(text).lower()))
 
 
+def _distinct_labelled(rows: Iterable[dict]) -> list[dict]:
+    """`rows` (dicts with ``text`` and ``label``) with each text kept once, as its first row, under `normalize_text`,
+    and texts seen with two labels dropped: a text that appears twice would otherwise land in two splits, and one
+    with both labels is noise. Rows whose text has no letters or digits are dropped."""
+    labels: dict[str, set] = {}
+    first: dict[str, dict] = {}
+    for row in rows:
+        key = normalize_text(row["text"])
+        if not key:
+            continue
+        labels.setdefault(key, set()).add(row["label"])
+        first.setdefault(key, row)
+    return [r for k, r in first.items() if len(labels[k]) == 1]
+
+
 def _sentiment_features():
     from datasets import ClassLabel, Features, Value
 
@@ -76,19 +91,9 @@ def _rotten_tomatoes_rows(cache_dir: Optional[str] = None) -> list[dict]:
     path = fetch_asset("rotten_tomatoes", cache_dir=cache_dir)
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    labels: dict[str, set] = {}
-    first: dict[str, dict] = {}
-    for row in rows:
-        if row["category"] not in ("fresh", "rotten"):
-            continue  # "plot" rows are plot summaries, not reviews
-        text = " ".join(row["text"].split())
-        key = normalize_text(text)
-        if not key:
-            continue
-        labels.setdefault(key, set()).add(row["category"] == "fresh")
-        first.setdefault(key, {"text": text, "label": int(row["category"] == "fresh")})
-    # A snippet that appears twice would otherwise land in train and test; one with both labels is noise.
-    return [r for k, r in first.items() if len(labels[k]) == 1]
+    # "plot" rows are plot summaries, not reviews.
+    return _distinct_labelled({"text": " ".join(row["text"].split()), "label": int(row["category"] == "fresh")}
+                              for row in rows if row["category"] in ("fresh", "rotten"))
 
 
 def load_rotten_tomatoes(
@@ -140,18 +145,12 @@ def load_trec(seed: int = 0, test_size: Union[int, float] = DEFAULT_TEST_SIZE,
 
     _check_size("test_size", test_size)
     _check_size("public_size", public_size)
-    labels: dict[str, set] = {}
-    first: dict[str, dict] = {}
     codes = list(TREC_COARSE)
-    for code, question in _trec_rows(cache_dir):
-        coarse = code.split(":", 1)[0]
-        key = normalize_text(question)
-        if coarse not in TREC_COARSE or code not in TREC_FINE_ANSWERS or not key:
-            continue
-        labels.setdefault(key, set()).add(coarse)
-        # A question listed twice keeps its first fine type (the split depends on the coarse label only).
-        first.setdefault(key, {"text": question, "label": codes.index(coarse), "answer": TREC_FINE_ANSWERS[code]})
-    rows = [r for k, r in first.items() if len(labels[k]) == 1]
+    # A question listed twice keeps its first fine type (the split depends on the coarse label only).
+    rows = _distinct_labelled({"text": question, "label": codes.index(code.split(":", 1)[0]),
+                               "answer": TREC_FINE_ANSWERS[code]}
+                              for code, question in _trec_rows(cache_dir)
+                              if code.split(":", 1)[0] in TREC_COARSE and code in TREC_FINE_ANSWERS)
     features = Features({"text": Value("string"), "label": ClassLabel(names=list(TREC_COARSE.values())),
                          "answer": Value("string")})
     return _train_test_public(Dataset.from_list(rows, features=features), seed, test_size, public_size)
@@ -185,16 +184,9 @@ def load_tweet_sentiment(seed: int = 0, test_size: Union[int, float] = DEFAULT_T
 
     _check_size("test_size", test_size)
     _check_size("public_size", public_size)
-    labels: dict[str, set] = {}
-    first: dict[str, dict] = {}
-    for score, text in vader_rows("tweets", cache_dir):
-        key = normalize_text(text)
-        if not key:
-            continue
-        label = 0 if score < -TWEET_NEUTRAL_BAND else 2 if score > TWEET_NEUTRAL_BAND else 1
-        labels.setdefault(key, set()).add(label)
-        first.setdefault(key, {"text": text, "label": label})
-    rows = [r for k, r in first.items() if len(labels[k]) == 1]
+    rows = _distinct_labelled({"text": text, "label": 0 if score < -TWEET_NEUTRAL_BAND else
+                               2 if score > TWEET_NEUTRAL_BAND else 1}
+                              for score, text in vader_rows("tweets", cache_dir))
     features = Features({"text": Value("string"), "label": ClassLabel(names=TWEET_SENTIMENT_LABELS)})
     return _train_test_public(Dataset.from_list(rows, features=features), seed, test_size, public_size)
 
