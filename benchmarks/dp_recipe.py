@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from peft_post.assets import portable_path
+from peft_post.assets import portable_path, portable_source
 from peft_post.io import atomic_write_json, read_json_object
 from peft_post.pipeline import (PipelineConfig, load_model, load_tokenizer, new_prompted_model, parse_overrides,
                                 private_examples, score_methods, tune_prompt)
@@ -115,9 +115,8 @@ def proxy_config(args, run_dir: str) -> PipelineConfig:
 
 def settings_of(args) -> dict:
     """What a finished row depends on besides its recipe: a row made under other settings is rerun."""
-    proxy = portable_path(args.proxy) if os.path.exists(args.proxy) else args.proxy
-    return {"student": portable_path(args.student), "proxy": proxy, "heldout": args.heldout, "epsilon": args.epsilon,
-            "seed": args.seed, "overrides": {**PROXY_DEFAULTS, **args.overrides}}
+    return {"student": portable_path(args.student), "proxy": portable_source(args.proxy), "heldout": args.heldout,
+            "epsilon": args.epsilon, "seed": args.seed, "overrides": {**PROXY_DEFAULTS, **args.overrides}}
 
 
 def recipe_row(cfg: PipelineConfig, recipe: Recipe, tokenizer, train, test, zero_shot_bits: str, work: str,

@@ -27,7 +27,7 @@ import sys
 import time
 from collections import Counter
 
-from peft_post.assets import portable_path, resolve_model
+from peft_post.assets import portable_path, portable_source, resolve_model
 from peft_post.io import atomic_write_json, read_json_object
 from peft_post.pipeline import (STAGE_FOLDERS, PipelineConfig, load_model, load_prompted_model, load_tokenizer,
                                 parse_overrides, private_examples, private_stage_done, run_pipeline, score_methods)
@@ -77,9 +77,9 @@ def headroom_row(cfg: PipelineConfig, command: str) -> dict:
     resampled = paired_bootstrap({m: s["per_example_correct"] for m, s in scores.items()})
     zero_shot, full = scores["zero_shot"]["accuracy"], scores["full_prompt_tuning"]["accuracy"]
     labels = Counter(test[cfg.label_column])
-    dataset = portable_path(cfg.private_dataset) if os.path.exists(cfg.private_dataset) else cfg.private_dataset
     return {
-        "private_dataset": dataset, "template": cfg.template, "label_words": cfg.label_words,
+        "private_dataset": portable_source(cfg.private_dataset), "template": cfg.template,
+        "label_words": cfg.label_words,
         "num_test_examples": len(test), "majority_class_rate": max(labels.values()) / len(test),
         "zero_shot": zero_shot, "full_prompt_tuning": full, "headroom": full - zero_shot,
         "headroom_ci": percentile_interval(resampled["full_prompt_tuning"] - resampled["zero_shot"]),

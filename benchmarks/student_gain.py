@@ -18,7 +18,7 @@ import os
 import shlex
 import sys
 
-from peft_post.assets import portable_path, resolve_model
+from peft_post.assets import portable_path, portable_source, resolve_model
 from peft_post.io import atomic_write_json, read_json_object
 from peft_post.pipeline import (PipelineConfig, load_model, load_tokenizer, private_examples, score_methods,
                                 student_folder)
@@ -72,9 +72,8 @@ def student_row(run: str, zero_shot_cache: dict) -> dict:
     resampled = paired_bootstrap({"student_prompt": prompt_bits, "student_zero_shot": zero_shot["per_example_correct"]})
     interval = percentile_interval(resampled["student_prompt"] - resampled["student_zero_shot"])
     privacy = report.get("privacy") or {}
-    dataset = portable_path(cfg.private_dataset) if os.path.exists(cfg.private_dataset) else cfg.private_dataset
-    return {"run": portable_path(run), "private_dataset": dataset, "seed": cfg.seed, "dp": cfg.dp,
-            "epsilon": privacy.get("epsilon") if cfg.dp else None, "student": portable_path(student),
+    return {"run": portable_path(run), "private_dataset": portable_source(cfg.private_dataset), "seed": cfg.seed,
+            "dp": cfg.dp, "epsilon": privacy.get("epsilon") if cfg.dp else None, "student": portable_path(student),
             "num_test_examples": len(prompt_bits), "student_zero_shot": zero_shot["accuracy"],
             "student_prompt": report["accuracy"]["student_prompt"],
             "gain": report["accuracy"]["student_prompt"] - zero_shot["accuracy"], "gain_ci": interval,

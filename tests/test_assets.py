@@ -355,3 +355,9 @@ def test_portable_path_keeps_machine_folders_out_of_committed_results(tmp_path, 
     assert portable_path(str(cache / "students" / "abc")) == "$PEFT_POST_CACHE/students/abc"
     assert portable_path(str(tmp_path / "runs" / "t32")) == "runs/t32"
     assert portable_path("/somewhere/else/exp/t60") == ".../exp/t60"
+    # A name that is no local path (an embedded dataset, a Hub id) is kept as given; a local one is made portable.
+    from peft_post.assets import portable_source
+
+    assert portable_source("embedded:trec") == "embedded:trec" and portable_source("org/data") == "org/data"
+    (tmp_path / "runs" / "t32").mkdir(parents=True)
+    assert portable_source(str(tmp_path / "runs" / "t32")) == "runs/t32"

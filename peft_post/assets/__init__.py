@@ -24,13 +24,13 @@ from .datasets import (DEFAULT_DISTILLATION_DATASET, DEFAULT_PRIVATE_DATASET, DE
                        load_text_dataset, load_trec, load_tweet_sentiment, load_vader, normalize_text, remove_overlap,
                        stratified_split, vader_rows)
 from .fetch import (ASSETS, CACHE_ENV, EMBEDDED_PREFIX, FIND_LINKS_ENV, AssetError, WheelAsset, cache_dir,
-                    fetch_asset, fetch_wheel_file, portable_path, sha256_file)
+                    fetch_asset, fetch_wheel_file, portable_path, portable_source, sha256_file)
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, default_model_path, resolve_model
 
 __all__ = [
     # fetch
     "ASSETS", "CACHE_ENV", "EMBEDDED_PREFIX", "FIND_LINKS_ENV", "AssetError", "WheelAsset", "cache_dir", "fetch_asset",
-    "fetch_wheel_file", "portable_path", "sha256_file",
+    "fetch_wheel_file", "portable_path", "portable_source", "sha256_file",
     # models
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "default_model_path", "resolve_model",
     # datasets

@@ -105,6 +105,12 @@ def portable_path(path: str) -> str:
     return ".../" + "/".join(full.split(os.sep)[-2:])
 
 
+def portable_source(name_or_path: str) -> str:
+    """A model or dataset argument as a committed result may record it: an ``embedded:`` name or a Hub id as given,
+    a local file or folder through `portable_path`."""
+    return portable_path(name_or_path) if os.path.exists(name_or_path) else name_or_path
+
+
 def resolve_cache_dir(path: Optional[str]) -> str:
     """`path` made absolute, or `cache_dir()` when it is None (for functions whose ``cache_dir`` argument hides it)."""
     return os.path.abspath(path or cache_dir())
