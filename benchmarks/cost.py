@@ -3,10 +3,10 @@
 Time: the three training steps (prompt tuning on the target, prompt tuning on the student, one POST transfer step on
 the target) are built with the library's own trainers on the same private batches and timed interleaved, round after
 round, in one process, so that whatever else the machine does weighs on all three alike; the medians are scaled by
-the preset's step counts (the `rotten_tomatoes` preset unless `--set preset=...` names another; both tunings: the
-same steps and batch, i.e. the same epochs), and the transfer's one-time work (its cache of frozen logits) is timed
-once and added. Whole-stage wall times of a run are not used for the ratio: on a shared machine they mostly measure
-what else was running.
+the preset's step counts (the `rotten_tomatoes` preset unless `--set preset=...` names another; there both tunings
+take the same steps and batch, i.e. the same epochs, while `full_tuning_*` can give the baseline its own), and the
+transfer's one-time work (its cache of frozen logits) is timed once and added. Whole-stage wall times of a run are
+not used for the ratio: on a shared machine they mostly measure what else was running.
 Memory: the peak resident memory each stage recorded in a finished `--run-dir` with `--full_baseline` (per-stage
 peaks are taken in separate stages of one run; they are not comparable within one process).
 
@@ -74,14 +74,14 @@ def measure(args, work: str, argv) -> None:
                           cfg.seed)
     public_train, public_eval = public_splits(cfg)
 
-    def prompt_trainer(model_path: str, name: str):
+    def prompt_trainer(model_path: str, args):
         # The pipeline's own model and arguments (`tune_prompt` builds the same trainer).
         model = new_prompted_model(model_path, cfg.post_config(model_path), False, cfg.seed)
-        return PromptTrainer(model, cfg.tune_args(os.path.join(work, name)), train_dataset=train,
-                             processing_class=load_tokenizer(model_path))
+        return PromptTrainer(model, args, train_dataset=train, processing_class=load_tokenizer(model_path))
 
-    full = prompt_trainer(target_path, "full")
-    student = prompt_trainer(student_path, "student")
+    full_steps = cfg.full_tuning_value("full_tuning_max_steps")
+    full = prompt_trainer(target_path, cfg.full_tuning_args(os.path.join(work, "full")))
+    student = prompt_trainer(student_path, cfg.tune_args(os.path.join(work, "student")))
     transfer_record = stage_record(args.run_dir, "transfer") if args.run_dir else None
     if args.run_dir and stage_record(args.run_dir, "tune"):
         source = load_prompted_model(student_path, os.path.join(args.run_dir, STAGE_FOLDERS["tune"]), False)
@@ -98,7 +98,7 @@ def measure(args, work: str, argv) -> None:
     transfer.build_cache()
     cache_s = time.perf_counter() - start
 
-    steppers = {"full_prompt_tuning": training_stepper(full, cfg.tune_max_steps),
+    steppers = {"full_prompt_tuning": training_stepper(full, full_steps),
                 "student_tuning": training_stepper(student, cfg.tune_max_steps),
                 "transfer": training_stepper(transfer, cfg.transfer_max_steps)}
     times: dict = {name: [] for name in steppers}
@@ -108,13 +108,15 @@ def measure(args, work: str, argv) -> None:
         for name, step in steppers.items():
             times[name].append(step())
     median = {name: statistics.median(v) for name, v in times.items()}
-    full_s = cfg.tune_max_steps * median["full_prompt_tuning"]
+    full_s = full_steps * median["full_prompt_tuning"]
     post_s = cfg.tune_max_steps * median["student_tuning"] + cfg.transfer_max_steps * median["transfer"] + cache_s
     result = {
         "command": "python benchmarks/cost.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": "2 CPU cores (shared), no GPU", "threads": args.threads, "rounds": args.rounds,
         "target": target_path, "student": student_path,
         "budget": {"tune_steps": cfg.tune_max_steps, "tune_batch_size": cfg.tune_batch_size,
+                   "full_tuning_steps": full_steps,
+                   "full_tuning_batch_size": cfg.full_tuning_value("full_tuning_batch_size"),
                    "transfer_steps": cfg.transfer_max_steps, "transfer_batch_size": cfg.transfer_batch_size,
                    "num_public_examples": len(public_train), "num_virtual_tokens": cfg.num_virtual_tokens},
         "step_seconds": times, "median_step_s": median, "transfer_cache_build_s": cache_s,

@@ -29,8 +29,9 @@ from collections import Counter
 
 from peft_post.assets import portable_path, portable_source, resolve_model
 from peft_post.io import atomic_write_json, read_json_object
-from peft_post.pipeline import (STAGE_FOLDERS, PipelineConfig, load_model, load_prompted_model, load_tokenizer,
-                                parse_overrides, private_examples, private_stage_done, run_pipeline, score_methods)
+from peft_post.pipeline import (FULL_TUNING_FALLBACKS, STAGE_FOLDERS, PipelineConfig, load_model, load_prompted_model,
+                                load_tokenizer, parse_overrides, private_examples, private_stage_done, run_pipeline,
+                                score_methods)
 from peft_post.report import paired_bootstrap, percentile_interval
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "headroom.json")
@@ -84,8 +85,8 @@ def headroom_row(cfg: PipelineConfig, command: str) -> dict:
         "zero_shot": zero_shot, "full_prompt_tuning": full, "headroom": full - zero_shot,
         "headroom_ci": percentile_interval(resampled["full_prompt_tuning"] - resampled["zero_shot"]),
         "per_class": {m: s["per_class"] for m, s in scores.items()},
-        "recipe": {"tune_batch_size": cfg.tune_batch_size, "tune_max_steps": cfg.tune_max_steps,
-                   "tune_learning_rate": cfg.tune_learning_rate, "num_virtual_tokens": cfg.num_virtual_tokens,
+        "recipe": {**{name: cfg.full_tuning_value(name) for name in FULL_TUNING_FALLBACKS},
+                   "num_virtual_tokens": cfg.num_virtual_tokens,
                    "prompt_init_text": cfg.prompt_init_text, "seed": cfg.seed},
         "precision": precision.record(),
         "full_tuning_steps": record["steps"], "full_tuning_wall_time_s": record["wall_time_s"],

@@ -131,6 +131,7 @@ NUMERIC = [
     ("max_test_examples", "-3"), ("num_public_examples", "0"), ("num_public_eval_examples", "0"),
     ("max_private_overlap", "1.5"), ("max_private_overlap", "-0.1"), ("num_virtual_tokens", "0"), ("max_answer_tokens", "0"),
     ("tune_max_steps", "0"), ("tune_learning_rate", "-0.1"), ("tune_learning_rate", "inf"), ("tune_batch_size", "0"),
+    ("full_tuning_max_steps", "0"), ("full_tuning_learning_rate", "-0.1"), ("full_tuning_batch_size", "0"),
     ("dp_target_epsilon", "0"), ("dp_target_epsilon", "inf"), ("dp_target_delta", "1.5"), ("dp_target_delta", "0"),
     ("dp_max_grad_norm", "0"), ("dp_max_physical_batch_size", "0"), ("transfer_max_steps", "0"),
     ("transfer_learning_rate", "0"),
@@ -260,6 +261,8 @@ CASES = [
                                               "--label_column", "stars"], ["--private_dataset", "--label_column"]),
     Case("private-fewer-examples-than-batch", ["--tune_batch_size", "25"], ["--tune_batch_size", "24"]),
     Case("private-cap-below-batch", ["--max_train_examples", "4"], ["--tune_batch_size", "--max_train_examples"]),
+    Case("private-fewer-examples-than-full-tuning-batch", ["--full_baseline", "true", "--full_tuning_batch_size", "25"],
+         ["--full_tuning_batch_size", "24"]),
     # ------------------------------------------------------------------ public and distillation data
     Case("public-too-small", ["--num_public_examples", "15", "--num_public_eval_examples", "8"],
          ["--public_dataset", "--num_public_examples", "--num_public_eval_examples", "23"]),

@@ -40,7 +40,8 @@ def test_headroom_pairs_zero_shot_with_full_prompt_tuning_and_resumes(tiny_run, 
     lo, hi = row["headroom_ci"]
     assert lo <= row["headroom"] <= hi
     # The task's flags win over the recipe's preset; the tuning ran the steps they give, without DP.
-    assert row["recipe"]["tune_max_steps"] == row["full_tuning_steps"] == 3 and row["recipe"]["tune_batch_size"] == 8
+    assert row["recipe"]["full_tuning_max_steps"] == row["full_tuning_steps"] == 3
+    assert row["recipe"]["full_tuning_batch_size"] == 8
     assert row["full_tuning_reused"] is False and os.path.isdir(os.path.join(run_dir, "full_prompt"))
     assert row["precision"]["dtype"] == "float32"  # the suite pins the CPU probe to fp32
     # Paths are recorded as given (the command) or made portable (the rest).

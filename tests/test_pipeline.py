@@ -134,6 +134,36 @@ def test_a_run_folder_saved_under_the_old_default_reloads_with_its_own_settings(
     assert PipelineConfig().transfer_eval_steps == 60  # while a new run with the default preset scores every 60
 
 
+def test_the_full_tuning_baseline_has_its_own_recipe_and_unset_follows_the_users_tuning(tmp_path):
+    from peft_post.pipeline.store import stage_settings
+
+    trec, rt = PipelineConfig(preset="trec"), PipelineConfig(preset="rotten_tomatoes")
+    recipe = lambda args: (args.max_steps, args.per_device_train_batch_size, args.learning_rate)  # noqa: E731
+    # TREC: the user's DP recipe is 15 steps of 512; the upper bound of gap closed is the converged non-private one.
+    assert recipe(trec.tune_args(str(tmp_path))) == (15, 512, 0.1)
+    assert recipe(trec.full_tuning_args(str(tmp_path))) == (300, 16, 0.1)
+    # Keyed by its own names, not the user's tuning's: a new DP recipe leaves the baseline's key alone.
+    settings = stage_settings(trec, "full_tuning", "digest")
+    assert (settings["full_tuning_max_steps"], settings["full_tuning_batch_size"]) == (300, 16)
+    assert not {"tune_max_steps", "tune_batch_size", "tune_learning_rate", "dp"} & set(settings)
+    assert stage_settings(dataclasses.replace(trec, tune_max_steps=30), "full_tuning", "digest") == settings
+    # Unset (Rotten Tomatoes), each field is the user's tuning value, flags included.
+    assert (rt.full_tuning_max_steps, rt.full_tuning_batch_size, rt.full_tuning_learning_rate) == (None,) * 3
+    mine = PipelineConfig(preset="rotten_tomatoes", tune_max_steps=40, full_tuning_learning_rate=1)
+    assert recipe(mine.full_tuning_args(str(tmp_path))) == (40, 16, 1.0)
+    assert stage_settings(mine, "full_tuning", "digest")["full_tuning_learning_rate"] == 1.0  # 1 and 1.0 alike
+    # A TREC folder saved before the fields existed tuned its baseline with its tune_* values: it reloads so.
+    saved = json.loads(open(trec.save(str(tmp_path))).read())
+    json.dump({k: v for k, v in saved.items() if not k.startswith("full_tuning_")},
+              open(os.path.join(str(tmp_path), CONFIG_FILE), "w"))
+    assert recipe(PipelineConfig.from_run_dir(str(tmp_path)).full_tuning_args(str(tmp_path))) == (15, 512, 0.1)
+    with pytest.raises(ValueError, match="`full_tuning_max_steps` must be a positive int, or None for "
+                                         "`tune_max_steps`'s value"):
+        PipelineConfig(full_tuning_max_steps=0)
+    with pytest.raises(ValueError, match="full_tuning_learning_rate"):
+        PipelineConfig(full_tuning_learning_rate=-1.0)
+
+
 def test_the_dp_physical_batch_is_a_memory_setting_not_a_recipe():
     from peft_post.pipeline.store import stage_settings
 

@@ -226,3 +226,39 @@ def test_a_ready_student_replaced_in_place_is_not_taken_for_the_old_one(tiny_run
     assert main(["tune", *args, "--student_model", student]) == 0  # the same files: reused
     build_tiny_model("llama", tokenizer, student, seed=2, num_layers=2)  # another model under the same name
     _refused(capsys, ["tune", *args, "--student_model", student], "student_model_sha256", "--overwrite tune")
+
+
+def test_full_tuning_has_its_own_recipe_and_a_record_keyed_before_it_had_one_is_reused(tiny_run, capsys):
+    run_dir, args = tiny_run
+    args = [*args, "--full_baseline", "true"]
+    # Its own steps and batch (the user's tuning: 3 steps of 8); the learning rate left unset takes tune's.
+    assert main(["full_tuning", *args, "--full_tuning_max_steps", "5", "--full_tuning_batch_size", "4"]) == 0
+    record = stage_record(run_dir, "full_tuning")
+    assert record["steps"] == 5
+    assert {k: v for k, v in record["settings"].items() if "max_steps" in k or "batch" in k or "rate" in k} == {
+        "full_tuning_max_steps": 5, "full_tuning_batch_size": 4, "full_tuning_learning_rate": 0.03}
+    assert main(["full_tuning", *args, "--full_tuning_max_steps", "5", "--full_tuning_batch_size", "4"]) == 0
+    assert stage_record(run_dir, "full_tuning") == record  # reused
+    _refused(capsys, ["full_tuning", *args, "--full_tuning_max_steps", "6", "--full_tuning_batch_size", "4"],
+             "The full_tuning stage", "--full_tuning_max_steps 5 then, 6 now")
+    # Unset, the recipe follows the user's tuning: other tune_* values are other baselines.
+    _refused(capsys, ["full_tuning", *args], "--full_tuning_max_steps 5 then, 3 now",
+             "--full_tuning_batch_size 4 then, 8 now")
+
+    # A record made before the baseline had its own recipe keyed it under the `tune_*` names.
+    path = os.path.join(run_dir, "private", "full_tuning.json")
+    legacy = json.loads(open(path).read())
+    renamed = {"full_tuning_max_steps": "tune_max_steps", "full_tuning_batch_size": "tune_batch_size",
+               "full_tuning_learning_rate": "tune_learning_rate"}
+    legacy["settings"] = {renamed.get(k, k): v for k, v in legacy["settings"].items()}
+    from peft_post.pipeline.store import settings_key
+
+    legacy["settings_key"] = settings_key(legacy["settings"])
+    open(path, "w").write(json.dumps(legacy))
+    # Its values are the run's: reused, whether they come from full_tuning_* or from tune_*.
+    assert main(["full_tuning", *args, "--full_tuning_max_steps", "5", "--full_tuning_batch_size", "4"]) == 0
+    assert stage_record(run_dir, "full_tuning")["settings_key"] == legacy["settings_key"]
+    assert main(["full_tuning", *_with(_with(args, "--tune_max_steps", "5"), "--tune_batch_size", "4")]) == 0
+    assert stage_record(run_dir, "full_tuning")["settings_key"] == legacy["settings_key"]
+    _refused(capsys, ["full_tuning", *args, "--full_tuning_max_steps", "6", "--full_tuning_batch_size", "4"],
+             "--full_tuning_max_steps 5 then, 6 now")

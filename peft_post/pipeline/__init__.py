@@ -33,8 +33,8 @@ The package, by job; a module imports only modules after it in this list (docs/a
   batch sizes are global (`per_process_batch`).
 """
 
-from .config import (CONFIG_FILE, PRESETS, PUBLIC_SPLITS_OF_PRIVATE_DATASETS, RENAMED_FIELDS, PipelineConfig,
-                     parse_overrides, rename_legacy_fields, rename_legacy_flags)
+from .config import (CONFIG_FILE, FULL_TUNING_FALLBACKS, PRESETS, PUBLIC_SPLITS_OF_PRIVATE_DATASETS, RENAMED_FIELDS,
+                     PipelineConfig, parse_overrides, rename_legacy_fields, rename_legacy_flags)
 from .data import private_examples, private_split, private_splits
 from .preflight import preflight
 from .loading import load_model, load_prompted_model, load_tokenizer, new_prompted_model, random_subset
@@ -51,6 +51,7 @@ from .store import (ADAPTER_WEIGHTS, DISTILL_OVERLAP_SAMPLE, LOCK_FILE, NO_PROMP
 
 __all__ = [
     "CONFIG_FILE",
+    "FULL_TUNING_FALLBACKS",
     "distill_student",
     "check_checkpoints",
     "resumable_checkpoint",

@@ -1,10 +1,10 @@
 """`PipelineConfig`: the arguments of `peft-post run` and of each stage subcommand, with their presets.
 
-`PipelineConfig` is the pipeline's one source of stage settings: `distill_args`, `tune_args`, `dp_config`,
-`transfer_args` and `post_config` build the stage configs from its fields (the field maps below say which field
-becomes which argument), so every caller (the stages, the audits, the benchmarks) trains with the same arguments.
-Each field has one stage prefix (``distill_``, ``tune_``, ``dp_``, ``transfer_``) or belongs to a dataset
-(``private_``, ``public_``) or to the whole run.
+`PipelineConfig` is the pipeline's one source of stage settings: `distill_args`, `tune_args`,
+`full_tuning_args`, `dp_config`, `transfer_args` and `post_config` build the stage configs from its fields (the
+field maps below say which field becomes which argument), so every caller (the stages, the audits, the benchmarks)
+trains with the same arguments. Each field has one stage prefix (``distill_``, ``tune_``, ``full_tuning_``, ``dp_``,
+``transfer_``) or belongs to a dataset (``private_``, ``public_``) or to the whole run.
 
 The config validates itself on construction, from the arguments alone. It builds every stage config once, so each
 range is checked by the config that owns it (an error names the pipeline field), and it checks its own fields: sizes,
@@ -61,6 +61,12 @@ TUNE_FIELDS = {
     "per_device_train_batch_size": "tune_batch_size", "text_column": "text_column", "label_column": "label_column",
     "answer_column": "answer_column",
 }
+# The full-tuning baseline's own recipe (on the target, never under DP): each field left None takes the user's tuning
+# value (`FULL_TUNING_FALLBACKS`), so a run that sets none of them tunes both prompts alike, as before they existed.
+FULL_TUNING_FIELDS = {**TUNE_FIELDS, "max_steps": "full_tuning_max_steps", "learning_rate": "full_tuning_learning_rate",
+                      "per_device_train_batch_size": "full_tuning_batch_size"}
+FULL_TUNING_FALLBACKS = {"full_tuning_max_steps": "tune_max_steps", "full_tuning_learning_rate": "tune_learning_rate",
+                         "full_tuning_batch_size": "tune_batch_size"}
 DP_FIELDS = {
     "target_epsilon": "dp_target_epsilon", "target_delta": "dp_target_delta", "max_grad_norm": "dp_max_grad_norm",
     "accountant": "dp_accountant", "max_physical_batch_size": "dp_max_physical_batch_size",
@@ -112,9 +118,12 @@ ROTTEN_TOMATOES_PRESET: dict[str, Any] = dict(
 # points, too few for it). The DP recipe (expected batch 512, 2 epochs, lr 0.1: 15 steps at TREC's N) was chosen on
 # a public proxy task (benchmarks/results/dp_recipe_trec.json, where 128:2:0.1, tried later, ties it), a 300-step
 # student, and the transfer's stopping rule on the public held-out split (a cap of 600 steps, scored every 60,
-# patience 4); the rest is the Rotten Tomatoes recipe.
+# patience 4); the rest is the Rotten Tomatoes recipe. The full-tuning baseline keeps the non-private recipe the
+# headline's full prompt tuning was measured with (300 steps of 16 at lr 0.1): the DP recipe's 15 steps of 512 would
+# make a weak upper bound and overstate gap closed.
 TREC_PRESET: dict[str, Any] = {**ROTTEN_TOMATOES_PRESET, **TREC_TASK, **dict(
     distill_max_steps=300, tune_batch_size=512, tune_max_steps=15, tune_learning_rate=0.1,
+    full_tuning_max_steps=300, full_tuning_batch_size=16, full_tuning_learning_rate=0.1,
     transfer_max_steps=600, transfer_eval_steps=60, transfer_early_stopping_patience=4,
 )}
 PRESETS: dict[str, dict[str, Any]] = {
@@ -299,6 +308,19 @@ class PipelineConfig:
     full_baseline: bool = field(
         default=False, metadata={"help": "Also tune a prompt directly on the target: the upper bound and cost baseline."}
     )
+    full_tuning_max_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Full-tuning baseline: optimizer steps (never under DP). None: `tune_max_steps`. The upper "
+                  "bound of gap closed, so it needs a recipe that converges: a DP recipe's few large steps do not."},
+    )
+    full_tuning_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Full-tuning baseline: Adam learning rate. None: `tune_learning_rate`."}
+    )
+    full_tuning_batch_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Full-tuning baseline: batch size (global, like `tune_batch_size`). None: "
+                  "`tune_batch_size`."},
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of every evaluation."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every this many steps (resume after a stop)."})
     seed: int = field(default=0, metadata={"help": "Seed of every stage and of the data splits."})
@@ -362,6 +384,11 @@ class PipelineConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
+        for name in ("full_tuning_max_steps", "full_tuning_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive int, or None for `{FULL_TUNING_FALLBACKS[name]}`'s "
+                                 f"value; got {value!r}.")
         # Checked here because `distill_args` passes the weight on only when templated texts are used.
         if not (isinstance(self.distill_label_slot_weight, (int, float))
                 and 0 <= self.distill_label_slot_weight < float("inf")):
@@ -406,6 +433,7 @@ class PipelineConfig:
         if self.student_model is None:
             self.distill_args(os.curdir)
         self.tune_args(os.curdir)
+        self.full_tuning_args(os.curdir)
         self.dp_config()
         self.transfer_args(os.curdir)
 
@@ -449,12 +477,26 @@ class PipelineConfig:
                              {**COMMON_TRAINER_FIELDS, **DISTILL_FIELDS})
 
     def tune_args(self, output_dir: str):
-        """The `PromptTrainingConfig` of the user's prompt tuning (and of the full-tuning baseline)."""
+        """The `PromptTrainingConfig` of the user's prompt tuning."""
         from ..tuning import PromptTrainingConfig
 
         return _named_errors(lambda: PromptTrainingConfig(output_dir=output_dir, **self.trainer_arguments(),
                                                           **self._stage_values(TUNE_FIELDS)),
                              {**COMMON_TRAINER_FIELDS, **TUNE_FIELDS})
+
+    def full_tuning_args(self, output_dir: str):
+        """The `PromptTrainingConfig` of the full-tuning baseline: `full_tuning_*`, each unset one from `tune_*`."""
+        from ..tuning import PromptTrainingConfig
+
+        return _named_errors(lambda: PromptTrainingConfig(output_dir=output_dir, **self.trainer_arguments(),
+                                                          **self._stage_values(FULL_TUNING_FIELDS)),
+                             {**COMMON_TRAINER_FIELDS, **FULL_TUNING_FIELDS})
+
+    def full_tuning_value(self, name: str):
+        """Field `name` of the full-tuning recipe (``full_tuning_max_steps`` ...) as the baseline uses it: its own
+        value, or the user's tuning value (`FULL_TUNING_FALLBACKS`) when it is None."""
+        value = getattr(self, name)
+        return getattr(self, FULL_TUNING_FALLBACKS[name]) if value is None else value
 
     def dp_config(self):
         """The `DPConfig` of the user's DP tuning (built whether or not `dp` is on, so its fields are checked)."""
@@ -494,7 +536,8 @@ class PipelineConfig:
     def _stage_values(self, fields: Mapping[str, str]) -> dict:
         from .processes import per_process_batch
 
-        values = {arg: getattr(self, name) for arg, name in fields.items()}
+        values = {arg: self.full_tuning_value(name) if name in FULL_TUNING_FALLBACKS else getattr(self, name)
+                  for arg, name in fields.items()}
         if "per_device_train_batch_size" in values:
             # The config's batch sizes are global: each process of an `accelerate launch` takes its share.
             values["per_device_train_batch_size"] = per_process_batch(values["per_device_train_batch_size"],
@@ -534,6 +577,10 @@ class PipelineConfig:
         # 2026-12-07).
         for name, value in values.items():
             if value is None:
+                setattr(cfg, name, None)
+        # A folder saved before the full-tuning baseline had its own recipe tuned it with the `tune_*` values.
+        for name in FULL_TUNING_FALLBACKS:
+            if name not in values:
                 setattr(cfg, name, None)
         return cfg
 

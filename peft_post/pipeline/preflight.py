@@ -11,7 +11,8 @@ config and tokenizer. It checks
   has one ``{text}`` and a label slot, and the prompt's init text is not empty (it warns, once, when the template or
   label words are yours but the init text is still the sentiment default);
 - the private train and test splits (`data.private_splits`): present, non-empty, with their text and label columns,
-  labels integer class indices, enough training examples for `--tune_batch_size`;
+  labels integer class indices, enough training examples for `--tune_batch_size` (and
+  `--full_tuning_batch_size`);
 - the public dataset: enough examples for `--num_public_examples` + `--num_public_eval_examples`, columns, labels;
 - the distillation text (when a student is distilled): present, non-empty, with its text column;
 
@@ -323,11 +324,15 @@ def check_private_data(cfg: PipelineConfig) -> dict:
         check_labelled(splits[name], f"`--private_dataset` {cfg.private_dataset!r} split {name!r}", cfg)
         sizes[which] = len(splits[name])
     used = min(sizes["train"], cfg.max_train_examples)
-    if used < cfg.tune_batch_size:
-        raise ValueError(f"`--tune_batch_size` {cfg.tune_batch_size} is more than the {used} training examples of "
-                         f"`--private_dataset` {cfg.private_dataset!r} (split {cfg.private_train_split!r}"
-                         f"{', capped by `--max_train_examples`' if used < sizes['train'] else ''}); lower "
-                         "`--tune_batch_size` or give more training data.")
+    batches = {"tune_batch_size": cfg.tune_batch_size}
+    if cfg.full_baseline:
+        batches["full_tuning_batch_size"] = cfg.full_tuning_value("full_tuning_batch_size")
+    for name, batch in batches.items():
+        if used < batch:
+            raise ValueError(f"`--{name}` {batch} is more than the {used} training examples of `--private_dataset` "
+                             f"{cfg.private_dataset!r} (split {cfg.private_train_split!r}"
+                             f"{', capped by `--max_train_examples`' if used < sizes['train'] else ''}); lower "
+                             f"`--{name}` or give more training data.")
     return sizes
 
 

@@ -264,7 +264,9 @@ def _check_reuse(cfg: PipelineConfig, planned: list, folders: dict, target_path:
     done = {}
     for stage in USER_STAGES:
         if stage in planned and stage not in discarded:
-            done[stage] = _check_user_stage(folders[stage], stage, settings[stage], cfg.tune_max_steps)
+            max_steps = cfg.full_tuning_value("full_tuning_max_steps") if stage == "full_tuning" else \
+                cfg.tune_max_steps
+            done[stage] = _check_user_stage(folders[stage], stage, settings[stage], max_steps)
     if "transfer" in planned and "transfer" not in discarded:
         folder = folders["transfer"]
         record = stage_done(folder)

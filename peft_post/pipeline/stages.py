@@ -163,7 +163,9 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     # The full-tuning baseline tunes on the target, which may be spread over devices or quantized.
     role = "target" if stage == "full_tuning" else "frozen"
     model = new_prompted_model(model_path, cfg.post_config(model_path), masked, cfg.seed, cfg.precision(), role)
-    trainer, record = tune_prompt(cfg, model, tokenizer, train, os.path.join(workspace, "checkpoints"), dp)
+    checkpoints = os.path.join(workspace, "checkpoints")
+    args = cfg.full_tuning_args(checkpoints) if stage == "full_tuning" else cfg.tune_args(checkpoints)
+    trainer, record = tune_prompt(cfg, model, tokenizer, train, checkpoints, dp, args)
     saved = os.path.join(workspace, "saved")
     on_main_process(lambda: shutil.rmtree(saved, ignore_errors=True))
     trainer.save_model(saved)  # on every process, as Trainer expects; the main one writes
@@ -174,9 +176,10 @@ def tune_stage(cfg: PipelineConfig, model_path: str, masked: bool, folder: str, 
     return on_main_process(lambda: release_user_stage(saved, folder, stage, record, workspace))
 
 
-def tune_prompt(cfg: PipelineConfig, model, tokenizer, train_dataset, output_dir: str, dp: bool):
+def tune_prompt(cfg: PipelineConfig, model, tokenizer, train_dataset, output_dir: str, dp: bool, args=None):
     """Tune the prompt of `model` (a `PeftModel` with a POST adapter) on `train_dataset`, with DP-SGD when `dp`;
     returns the trainer (its `model` is tuned; its `save_model` writes the adapter with its DP ledger) and the record.
+    `args` is the `PromptTrainingConfig` (with `output_dir` as its output_dir); None: ``cfg.tune_args(output_dir)``.
 
     Checkpoints go to `output_dir` (private: they are computed from the training data), and a run that finds one
     there resumes from it, under DP with the same noise stream.
@@ -184,7 +187,7 @@ def tune_prompt(cfg: PipelineConfig, model, tokenizer, train_dataset, output_dir
     from ..tuning import DPPromptTrainer, PromptTrainer
     from ..tuning.privacy import LARGE_DELTA_WARNING
 
-    args = cfg.tune_args(output_dir)
+    args = cfg.tune_args(output_dir) if args is None else args
     common = dict(train_dataset=train_dataset, processing_class=tokenizer)
     if dp:
         with warnings.catch_warnings():

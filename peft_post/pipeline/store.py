@@ -22,7 +22,7 @@ from typing import Optional
 from ..assets import DEFAULT_DISTILLATION_DATASET, DISTILLATION_SPLITS_WITHOUT, EMBEDDED_PREFIX
 from ..config import POST_CONFIG_NAME
 from ..io import atomic_write_json, read_json_object
-from .config import PUBLIC_SPLITS_OF_PRIVATE_DATASETS, STAGE_DEPENDANTS, PipelineConfig
+from .config import FULL_TUNING_FALLBACKS, PUBLIC_SPLITS_OF_PRIVATE_DATASETS, STAGE_DEPENDANTS, PipelineConfig
 from .data import private_splits
 
 STAGE_FILE = "stage.json"
@@ -551,6 +551,9 @@ _STUDENT = ("target_model", "student_layers", "distill_dataset", "distill_split"
             "distill_label_slot_weight", "distill_freeze_embeddings", "template", "text_column", "seed")
 _TUNE = ("private_dataset", "private_train_split", "private_test_size", "max_train_examples", "tune_max_steps",
          "tune_learning_rate", "tune_batch_size", "seed")
+# Settings a stage once keyed under another name: a full_tuning record made before the baseline had its own recipe
+# holds it as `tune_*` (the values it was tuned with), read as the `full_tuning_*` entries now keyed.
+LEGACY_SETTING_NAMES = {"full_tuning": {tune: full for full, tune in FULL_TUNING_FALLBACKS.items()}}
 _DP = ("dp_target_epsilon", "dp_target_delta", "dp_max_grad_norm", "dp_accountant")
 _TRANSFER = ("public_dataset", "public_split", "num_public_examples", "num_public_eval_examples", "transfer_max_steps",
              "transfer_learning_rate", "transfer_batch_size", "transfer_alpha", "transfer_temperature",
@@ -581,6 +584,8 @@ def _field_values(cfg: PipelineConfig, names) -> dict:
             value = resolved_student_layers(cfg)  # as `student_cache_key` hashes them: absolute indices
         elif name == "label_words":
             value = cfg.label_word_lists()
+        elif name in FULL_TUNING_FALLBACKS:
+            value = cfg.full_tuning_value(name)
         else:
             value = getattr(cfg, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and "float" in types.get(name, ""):
@@ -618,7 +623,8 @@ def stage_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str] =
 
     distill: the student's fields (what `student_cache_key` hashes). tune: the private training data (its name,
     split, cap, and `data_sha256`, the digest of the examples it trains on), the task, the prompt, `tune_*`, `dp`
-    and, under DP, `dp_*`, the seed and the student. full_tuning: the same on the target, without DP. transfer: the
+    and, under DP, `dp_*`, the seed and the student. full_tuning: the same on the target, without DP, with
+    `full_tuning_*` (resolved: `tune_*` where unset) in place of `tune_*`. transfer: the
     public data, `transfer_*`, the task, the target, the student and the source prompt's fingerprint (what the
     provider is handed: it stands for every setting of tune, whose private data digest the provider never sees).
     evaluate: the private test data (`data_sha256` of the examples scored), the task, the target and the student.
@@ -645,10 +651,13 @@ def _recipe_settings(cfg: PipelineConfig, stage: str, data_sha256: Optional[str]
         student = _field_values(cfg, _STUDENT)
     if stage == "distill":
         return _field_values(cfg, _STUDENT)
-    if stage in ("tune", "full_tuning"):
+    if stage == "full_tuning":
+        # Its own recipe, resolved (`full_tuning_value`), in place of the user's `tune_*` steps, rate and batch.
+        shared = tuple(name for name in _TUNE if name not in FULL_TUNING_FALLBACKS.values())
+        return {**_field_values(cfg, shared + tuple(FULL_TUNING_FALLBACKS) + _TASK),
+                "private_train_data_sha256": data_sha256, "target_model": cfg.target_model}
+    if stage == "tune":
         settings = {**_field_values(cfg, _TUNE + _TASK), "private_train_data_sha256": data_sha256}
-        if stage == "full_tuning":
-            return {**settings, "target_model": cfg.target_model}
         settings.update(student, dp=cfg.dp)
         return {**settings, **(_field_values(cfg, _DP) if cfg.dp else {})}
     if stage == "transfer":
@@ -704,7 +713,9 @@ def check_settings(stage: str, record: dict, settings: dict, where: str) -> None
     key = record.get("settings_key")
     if key is None or key == settings_key(settings) or _same_layers_written_from_the_top(record, settings):
         return
-    old = record.get("settings") or {}
+    old = _renamed_legacy_settings(stage, record.get("settings") or {})
+    if old != record.get("settings") and settings_key(old) == settings_key(settings):
+        return
     changes = []
     for name in sorted(set(old) | set(settings)):
         # Entries left out at their defaults (`OMITTED_AT_DEFAULT`): show what that meant.
@@ -720,6 +731,14 @@ def check_settings(stage: str, record: dict, settings: dict, where: str) -> None
         f"The {stage} stage in {where} was made with other settings than this run's: "
         f"{'; '.join(changes) or 'its settings key differs'}. Reusing it would mix two configurations in one "
         f"report. Give this run a new --run_dir, or pass {overwrite_hint(stage)}.")
+
+
+def _renamed_legacy_settings(stage: str, settings: dict) -> dict:
+    """`settings` of a `stage` record with the entries it keyed under an older name (`LEGACY_SETTING_NAMES`) renamed,
+    where the record has no entry of the new name."""
+    renames = {old: new for old, new in LEGACY_SETTING_NAMES.get(stage, {}).items()
+               if old in settings and new not in settings}
+    return {renames.get(name, name): value for name, value in settings.items()}
 
 
 def _same_layers_written_from_the_top(record: dict, settings: dict) -> bool:
