@@ -403,3 +403,35 @@ def test_the_add_remove_figure_agrees_with_opacus_and_replace_one_is_above_it(si
     assert ours == pytest.approx(prv.get_epsilon(delta), rel=0.02)
     assert ours <= rdp.get_epsilon(delta), "RDP is the looser analysis of the same mechanism"
     assert acc.get_epsilon(delta) > ours
+
+
+def test_signal_to_noise_measures_the_clipped_mean_against_the_steps_noise():
+    from peft_post.tuning.privacy import signal_to_noise
+
+    # Identical gradients of norm 2 (8 prompt numbers): clipped at C = 1 their mean is a unit vector.
+    same = torch.full((16, 2, 4), 2 / math.sqrt(8))
+    out = signal_to_noise(same, max_grad_norm=1.0, noise_multiplier=0.5, expected_batch_size=64)
+    assert out["signal"] == pytest.approx(1.0) and out["alignment"] == pytest.approx(1.0)
+    assert out["noise"] == pytest.approx(0.5 * math.sqrt(8) / 64)
+    assert out["signal_to_noise"] == pytest.approx(64 / (0.5 * math.sqrt(8))) and out["clipped_share"] == 1.0
+    # Unclipped (C above every norm), the signal is the raw mean's norm and the noise grows with C.
+    loose = signal_to_noise(same, max_grad_norm=4.0, noise_multiplier=0.5, expected_batch_size=64)
+    assert loose["signal"] == pytest.approx(2.0) and loose["clipped_share"] == 0.0
+    assert loose["signal_to_noise"] == pytest.approx(out["signal_to_noise"] / 2)
+    # Gradients that cancel (±g) have no mean: no signal, whatever their sample's mean happens to be.
+    torch.manual_seed(0)
+    signs = torch.tensor([1.0, -1.0]).repeat(8)[:, None, None]
+    cancel = signal_to_noise(signs * same, 1.0, 0.5, 64)
+    assert cancel["signal"] == 0.0 and cancel["alignment"] == 0.0
+    # Independent random directions: the sample mean of 400 unit vectors has norm about 1/20, the estimate near 0.
+    noise_only = torch.randn(400, 1000)
+    estimate = signal_to_noise(noise_only, 1.0, 1.0, 100)
+    assert float(noise_only.div(noise_only.norm(dim=1, keepdim=True)).mean(0).norm()) > 0.04
+    assert estimate["alignment"] < 0.02 and estimate["signal"] < 0.02
+    # A common direction under per-example noise is recovered: g_i = u + noise of norm ~3 (u a unit vector).
+    u = torch.zeros(1000)
+    u[0] = 1.0
+    mixed = signal_to_noise(u + 3 * torch.randn(400, 1000) / math.sqrt(1000), 10.0, 1.0, 100)
+    assert mixed["signal"] == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(ValueError, match="at least 2"):
+        signal_to_noise(same[:1], 1.0, 0.5, 64)

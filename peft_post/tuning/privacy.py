@@ -92,6 +92,44 @@ def clipped_sum(grads: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return torch.einsum("b,b...->...", factors.to(grads.dtype), grads)
 
 
+def signal_to_noise(grads: torch.Tensor, max_grad_norm: float, noise_multiplier: float,
+                    expected_batch_size: float) -> dict:
+    """How much of one DP-SGD step is signal: the expected clipped mean gradient against the noise the step adds.
+
+    `grads` are M per-example gradients (M, ...) of one prompt (`per_example_gradients`), a sample of the data. The
+    step's expected direction is the population mean of the clipped gradients, μ_C; its norm is estimated without
+    the sample's own spread (`_population_mean_norm`), which at small M would otherwise pass for signal. The noise of
+    a step, N(0, σ²C²I) divided by the expected batch B, has norm about σ·C·√D / B for D prompt numbers. Their ratio
+    is the step's signal-to-noise: near or below 1, the noisy steps mostly point nowhere and a prompt learns little
+    (Adam normalises each coordinate, so a noisy coordinate still moves by about the learning rate). `alignment` is
+    ‖E[g / ‖g‖]‖: for C below every norm μ_C = C·alignment, and the ratio tends to alignment·B / (σ·√D), which no
+    smaller C improves.
+
+    Returns floats: ``signal`` (the estimate of ‖μ_C‖), ``noise`` (σ·C·√D / B), ``signal_to_noise``, ``alignment``
+    and the ``clipped_share`` of examples whose norm exceeds C.
+    """
+    grads = _at_least_float32(grads).flatten(1)
+    count, dim = grads.shape
+    if count < 2:
+        raise ValueError(f"`grads` must hold at least 2 per-example gradients to estimate a mean, got {count}.")
+    norms = per_example_norms(grads)
+    signal = _population_mean_norm(grads * clip_factors(norms, max_grad_norm).unsqueeze(1))
+    noise = noise_multiplier * max_grad_norm * math.sqrt(dim) / expected_batch_size
+    return {"signal": signal, "noise": noise, "signal_to_noise": signal / noise if noise > 0 else math.inf,
+            "alignment": _population_mean_norm(grads / (norms.unsqueeze(1) + CLIP_EPS)),
+            "clipped_share": float((norms > max_grad_norm).float().mean())}
+
+
+def _population_mean_norm(vectors: torch.Tensor) -> float:
+    """An estimate of ‖E v‖ from M samples (M, D): ‖mean‖² less its sampling part, E‖mean − E v‖² = tr Σ / M, with
+    tr Σ estimated unbiasedly; floored at 0."""
+    count = vectors.shape[0]
+    mean = vectors.mean(0)
+    squared = float(mean.pow(2).sum())
+    trace = (float(vectors.pow(2).sum(1).mean()) - squared) * count / (count - 1)
+    return math.sqrt(max(squared - trace / count, 0.0))
+
+
 def gaussian_noise(
     std: float, reference: torch.Tensor, generator: Optional[torch.Generator] = None, secure_mode: bool = False
 ) -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""benchmarks/dp_signal.py on a tiny student: per (B, C), the step's signal against the noise σ·C·√D / B at the σ the
+accountant calibrates for the private run's size, at the initial prompt and after non-private public steps."""
+
+import json
+import math
+
+import pytest
+from datasets import Dataset
+
+from benchmarks import dp_signal
+from peft_post.testing import build_tiny_model, tiny_sentiment_rows
+from peft_post.tuning.accountant import REPLACE_ONE, calibrate_noise_multiplier
+
+
+@pytest.fixture
+def signal_argv(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("PEFT_POST_CACHE", str(tmp_path / "cache"))
+    student = str(tmp_path / "student")
+    build_tiny_model("llama", tokenizer, student, num_layers=2)
+    data = str(tmp_path / "proxy.csv")
+    Dataset.from_list(tiny_sentiment_rows(60, seed=5)).to_csv(data)
+    return ["--student", student, "--data", data, "--heldout", "20", "--private-size", "100", "--examples", "16",
+            "--chunk", "5", "--set=template=Review: {text}\nSentiment:", "--set=label_words=bad,awful|good,great",
+            "--set=num_virtual_tokens=4", "--set=prompt_init_text=good bad"]
+
+
+def test_each_recipe_gets_its_calibrated_noise_and_the_signal_is_measured_along_public_training(
+        signal_argv, tmp_path, tokenizer):
+    import transformers
+
+    out = str(tmp_path / "signal.json")
+    assert dp_signal.main([*signal_argv, "--batches", "8", "40", "--clip-norms", "0.001", "100",
+                           "--after-steps", "3", "0", "--train-batch", "4", "--out", out]) == 0
+    result = json.loads(open(out).read())
+    hidden = transformers.AutoConfig.from_pretrained(signal_argv[1]).hidden_size
+    assert result["prompt_numbers"] == 4 * hidden and result["num_examples"] == 16
+    assert list(result["at_step"]) == ["0", "3"]
+    for table in result["at_step"].values():
+        assert [(r["expected_batch"], r["max_grad_norm"]) for r in table["rows"]] == [
+            (8, 0.001), (8, 100.0), (40, 0.001), (40, 100.0)]
+        for r in table["rows"]:
+            steps = round(2.0 * 100 / r["expected_batch"])
+            sigma = calibrate_noise_multiplier(8.0, 1 / 100, r["expected_batch"] / 100, steps, REPLACE_ONE)
+            assert (r["steps"], r["noise_multiplier"]) == (steps, pytest.approx(sigma))
+            assert r["noise"] == pytest.approx(sigma * r["max_grad_norm"] * math.sqrt(4 * hidden)
+                                               / r["expected_batch"])
+            assert r["signal_to_noise"] == pytest.approx(r["signal"] / r["noise"])
+        tight, loose = table["rows"][0], table["rows"][1]
+        # C far below every norm clips all (the signal is C times the alignment), far above clips none.
+        assert (tight["clipped_share"], loose["clipped_share"]) == (1.0, 0.0)
+        assert tight["signal"] == pytest.approx(0.001 * table["alignment"], rel=1e-4)
+        assert table["per_example_norm"]["p10"] <= table["per_example_norm"]["median"] <= \
+            table["per_example_norm"]["p90"] < 100
+    # Three public steps moved the prompt: its gradients are others.
+    assert result["at_step"]["0"]["per_example_norm"] != result["at_step"]["3"]["per_example_norm"]
+    assert result["command"].startswith("python benchmarks/dp_signal.py --student")
+    assert str(tmp_path) not in json.dumps({k: v for k, v in result.items() if k != "command"})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batches", "101"], "--batches"),
+    (["--examples", "1"], "--examples"),
+    (["--after-steps", "-1"], "--after-steps"),
+    (["--clip-norms", "0"], "--clip-norms"),
+])
+def test_bad_arguments_are_refused_naming_them(signal_argv, flags, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        dp_signal.main([*signal_argv, "--batches", "8", *flags])
+    assert message in str(err.value)
