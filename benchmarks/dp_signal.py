@@ -21,6 +21,7 @@ tweets proxy's, as in `dp_recipe.py`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import statistics
@@ -118,9 +119,10 @@ class MeasureAt(TrainerCallback):
             self.measured[state.global_step] = gradients(self.trainer, self.examples, self.chunk)
 
 
-def measure(args, cfg: PipelineConfig, public, work: str) -> dict[int, torch.Tensor]:
-    """{step: gradients} at the initial prompt (step 0) and after each of ``--after-steps`` steps of non-private
-    prompt tuning on the other public examples (where a DP step's signal is once the label prior is learned)."""
+def measure(args, cfg: PipelineConfig, public, work: str) -> tuple[dict[int, torch.Tensor], list]:
+    """({step: gradients}, the measured examples' labels): at the initial prompt (step 0) and after each of
+    ``--after-steps`` steps of non-private prompt tuning on the other public examples (where a DP step's signal is
+    once the label prior is learned)."""
     order = np.random.default_rng(args.seed).permutation(len(public))
     if len(order) <= args.examples:
         raise SystemExit(f"--examples {args.examples}: {args.data} split {args.split} has {len(order)} examples, and "
@@ -136,10 +138,35 @@ def measure(args, cfg: PipelineConfig, public, work: str) -> dict[int, torch.Ten
     if callback.steps:
         trainer.add_callback(callback)
         trainer.train()
-    return {**measured, **callback.measured}
+    return {**measured, **callback.measured}, list(examples[cfg.label_column])
 
 
-def signal_table(args, grads: torch.Tensor) -> dict:
+def class_alignment(grads: torch.Tensor, labels: list) -> dict:
+    """Where the clipped vote points, class by class. With C below every norm a DP step sums one unit vector per
+    example, so its signal is ‖E[g/‖g‖]‖ (`alignment`), a vote weighted by the class shares. ``per_class`` is
+    ‖E[g/‖g‖ | y = c]‖ and ``balanced`` the norm of the mean of those class means: the vote's signal if every
+    class were equally frequent. Far below `alignment`, it says that the majority's shared pull (the label prior)
+    is most of the signal, and a DP prompt learns the prior. Each is estimated without its sample's own spread,
+    floored at 0."""
+    units = grads.flatten(1).float()
+    units = units / (units.norm(dim=1, keepdim=True) + 1e-6)
+    classes = sorted(set(labels))
+    index = torch.tensor(labels)
+    means, spreads, per_class = [], [], {}
+    for c in classes:
+        rows = units[index == c]
+        n, mean = rows.shape[0], rows.mean(0)
+        trace = (float(rows.pow(2).sum(1).mean()) - float(mean.pow(2).sum())) * n / max(n - 1, 1)
+        means.append(mean)
+        spreads.append(trace / n)
+        per_class[str(c)] = math.sqrt(max(float(mean.pow(2).sum()) - trace / n, 0.0))
+    k = len(classes)
+    balanced = torch.stack(means).mean(0)
+    return {"per_class": per_class, "shares": {str(c): labels.count(c) / len(labels) for c in classes},
+            "balanced": math.sqrt(max(float(balanced.pow(2).sum()) - sum(spreads) / k**2, 0.0))}
+
+
+def signal_table(args, grads: torch.Tensor, labels: list) -> dict:
     """The per-example norms of `grads` and, for every (B, C), the step's signal-to-noise at the calibrated σ."""
     norms = per_example_norms(grads).tolist()
     deciles = statistics.quantiles(norms, n=10)
@@ -152,7 +179,7 @@ def signal_table(args, grads: torch.Tensor) -> dict:
             rows.append({"expected_batch": batch, "max_grad_norm": clip, "sample_rate": sample_rate, "steps": steps,
                          "noise_multiplier": sigma, **signal_to_noise(grads, clip, sigma, batch)})
     return {"per_example_norm": {"p10": deciles[0], "median": statistics.median(norms), "p90": deciles[-1]},
-            "alignment": rows[0]["alignment"], "rows": rows}
+            "alignment": rows[0]["alignment"], "class_alignment": class_alignment(grads, labels), "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -167,7 +194,7 @@ def main(argv=None) -> int:
                              seed=args.seed, threads=args.threads, tune_batch_size=args.train_batch,
                              tune_learning_rate=args.train_lr, tune_max_steps=max(args.after_steps + [1]),
                              save_steps=10**9, **values)
-        measured = measure(args, cfg, private_examples(cfg, "train"), work)
+        measured, labels = measure(args, cfg, private_examples(cfg, "train"), work)
     words = ["benchmarks/dp_signal.py", *(sys.argv[1:] if argv is None else argv)]
     result = {
         "command": "python " + " ".join(shlex.quote(w) for w in words),
@@ -177,7 +204,7 @@ def main(argv=None) -> int:
         "epsilon": args.epsilon, "delta": 1.0 / args.private_size, "accountant": "pld", "adjacency": REPLACE_ONE,
         "epochs": args.epochs, "private_size": args.private_size, "precision": cfg.precision().record(),
         "public_training": {"batch": args.train_batch, "learning_rate": args.train_lr, "dp": False},
-        "at_step": {str(step): signal_table(args, grads) for step, grads in sorted(measured.items())},
+        "at_step": {str(step): signal_table(args, grads, labels) for step, grads in sorted(measured.items())},
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
     atomic_write_json(args.out, result)
@@ -192,7 +219,8 @@ def main(argv=None) -> int:
     for step, table in result["at_step"].items():
         norm = table["per_example_norm"]
         print(f"after {step} public steps: norm p10 {norm['p10']:.3g}, median {norm['median']:.3g}, p90 "
-              f"{norm['p90']:.3g}; alignment ‖E[g/‖g‖]‖ {table['alignment']:.3f}")
+              f"{norm['p90']:.3g}; alignment ‖E[g/‖g‖]‖ {table['alignment']:.3f}, class-balanced "
+              f"{table['class_alignment']['balanced']:.3f}, per class {table['class_alignment']['per_class']}")
     return 0
 
 

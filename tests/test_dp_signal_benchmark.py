@@ -51,10 +51,27 @@ def test_each_recipe_gets_its_calibrated_noise_and_the_signal_is_measured_along_
         assert tight["signal"] == pytest.approx(0.001 * table["alignment"], rel=1e-4)
         assert table["per_example_norm"]["p10"] <= table["per_example_norm"]["median"] <= \
             table["per_example_norm"]["p90"] < 100
+        votes = table["class_alignment"]
+        assert set(votes["per_class"]) == set(votes["shares"]) == {"0", "1"}
+        assert sum(votes["shares"].values()) == pytest.approx(1.0) and votes["balanced"] >= 0
     # Three public steps moved the prompt: its gradients are others.
     assert result["at_step"]["0"]["per_example_norm"] != result["at_step"]["3"]["per_example_norm"]
     assert result["command"].startswith("python benchmarks/dp_signal.py --student")
     assert str(tmp_path) not in json.dumps({k: v for k, v in result.items() if k != "command"})
+
+
+def test_the_class_balanced_vote_removes_the_majoritys_shared_pull():
+    import torch
+
+    # Class 0 pulls along e0 + e1, class 1 along e0 - e1, three times as often: the plain vote points mostly along
+    # e0 (the pull both share, the prior's); balanced, the two classes' e1 parts cancel and e0 remains.
+    pulls = torch.tensor([[1.0, 1.0, 0.0]] * 30 + [[1.0, -1.0, 0.0]] * 90)
+    votes = dp_signal.class_alignment(pulls, [0] * 30 + [1] * 90)
+    assert votes["per_class"] == {"0": pytest.approx(1.0), "1": pytest.approx(1.0)}
+    assert votes["balanced"] == pytest.approx(1 / math.sqrt(2)) and votes["shares"] == {"0": 0.25, "1": 0.75}
+    # Opposite pulls: the balanced vote has no signal, however lopsided the shares.
+    opposed = dp_signal.class_alignment(torch.tensor([[1.0, 0.0]] * 10 + [[-1.0, 0.0]] * 30), [0] * 10 + [1] * 30)
+    assert opposed["balanced"] == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("flags, message", [
