@@ -308,6 +308,10 @@ def test_resume_keeps_the_accountant_history(load_tiny, tokenizer, tmp_path):
         (dict(target_epsilon=8.0, insecure_noise_seed="1"), "insecure_noise_seed"),
         (dict(target_epsilon=8.0, secure_mode=True), "torchcsprng"),
         (dict(target_epsilon=8.0, max_physical_batch_size=0), "max_physical_batch_size"),
+        (dict(target_epsilon=8.0, class_weights=[0.5, 1.5]), "class_weights"),
+        (dict(target_epsilon=8.0, class_weights=[0.0, 1.0]), "class_weights"),
+        (dict(target_epsilon=8.0, class_weights=[]), "class_weights"),
+        (dict(target_epsilon=8.0, class_weights="half|1"), "class_weights"),
     ],
 )
 def test_bad_dp_config_raises(kwargs, match):
@@ -435,3 +439,41 @@ def test_signal_to_noise_measures_the_clipped_mean_against_the_steps_noise():
     assert mixed["signal"] == pytest.approx(1.0, abs=0.1)
     with pytest.raises(ValueError, match="at least 2"):
         signal_to_noise(same[:1], 1.0, 0.5, 64)
+
+
+def test_class_weights_scale_each_clipped_gradient_and_keep_the_bound(load_tiny, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    grads = torch.randn(4, 3, 4) * 5
+    weights = torch.tensor([1.0, 0.25, 0.5, 1.0])
+    clipped = grads * privacy.clip_factors(privacy.per_example_norms(grads), 1.0).view(4, 1, 1)
+    torch.testing.assert_close(privacy.clipped_sum(grads, 1.0, weights), (clipped * weights.view(4, 1, 1)).sum(0))
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        privacy.clipped_sum(grads, 1.0, torch.tensor([1.0, 2.0, 1.0, 1.0]))
+    assert DPConfig(target_epsilon=8.0, class_weights="0.45|1").class_weights == [0.45, 1.0]
+
+    # In the trainer: a noiseless step with every example in the batch (q = 1) is the mean of the weighted clipped
+    # gradients, each weighted by its class's weight; the ledger records the weights, and σ is unchanged by them.
+    model = peft_model(load_tiny, "gpt2")
+    config = model.peft_config["default"]
+    data = tiny_sentiment_dataset(8, seed=1)
+    verbalizer = Verbalizer.from_config(config, tokenizer)
+    g = brute_force_grads(model.eval(), verbalizer, batch_of(tokenizer, config, list(data)))
+    clip = float(g.flatten(1).norm(dim=1).median())
+    per_class = torch.tensor([0.5, 1.0])[torch.tensor(data["label"])]
+    factors = torch.clamp(clip / (g.flatten(1).norm(dim=1) + 1e-6), max=1.0) * per_class
+    trainer = dp_trainer(model, tokenizer, tmp_path,
+                         DPConfig(noise_multiplier=0.0, max_grad_norm=clip, class_weights=[0.5, 1.0]), data=data,
+                         max_steps=1, per_device_train_batch_size=8, optim="sgd", learning_rate=1.0,
+                         lr_scheduler_type="constant")
+    before = prompt_parameter(model).detach().clone()
+    trainer.train()
+    torch.testing.assert_close(before - prompt_parameter(model).detach(), (g * factors.view(-1, 1, 1)).sum(0) / 8,
+                               atol=1e-6, rtol=1e-5)
+    assert trainer.privacy_report()["class_weights"] == [0.5, 1.0]
+    weighted = dp_trainer(peft_model(load_tiny, "gpt2"), tokenizer, tmp_path,
+                          DPConfig(target_epsilon=8.0, class_weights=[0.5, 1.0]))
+    plain = dp_trainer(peft_model(load_tiny, "gpt2"), tokenizer, tmp_path, DPConfig(target_epsilon=8.0))
+    assert weighted.noise_multiplier == plain.noise_multiplier
+    with pytest.raises(ValueError, match="one per class"):
+        dp_trainer(peft_model(load_tiny, "gpt2"), tokenizer, tmp_path,
+                   DPConfig(noise_multiplier=1.0, class_weights=[1.0, 1.0, 1.0]))

@@ -70,6 +70,7 @@ FULL_TUNING_FALLBACKS = {"full_tuning_max_steps": "tune_max_steps", "full_tuning
 DP_FIELDS = {
     "target_epsilon": "dp_target_epsilon", "target_delta": "dp_target_delta", "max_grad_norm": "dp_max_grad_norm",
     "accountant": "dp_accountant", "max_physical_batch_size": "dp_max_physical_batch_size",
+    "class_weights": "dp_class_weights",
 }
 TRANSFER_FIELDS = {
     "max_steps": "transfer_max_steps", "learning_rate": "transfer_learning_rate",
@@ -257,6 +258,13 @@ class PipelineConfig:
     dp_accountant: str = field(
         default="pld",
         metadata={"help": "Privacy accountant: 'pld' (dp_accounting, replace-one adjacency; see docs/privacy.md)."},
+    )
+    dp_class_weights: Optional[str] = field(
+        default=None,
+        metadata={"help": "DP tuning: one weight in (0, 1] per class, 'w0|w1|...' in label-word order, on each "
+                  "example's clipped gradient: a vote that does not favour the majority class (DPConfig."
+                  "class_weights). Take them from public knowledge of the class shares: weights computed from the "
+                  "private counts release them outside the ledger."},
     )
     dp_max_physical_batch_size: Optional[int] = field(
         default=None,

@@ -543,7 +543,7 @@ UNKEYED_FIELDS = frozenset({"run_dir", "preset", "full_baseline", "max_private_o
 OMITTED_AT_DEFAULT = {"dtype": "float32", "quantization": None, "transfer_alpha_method": "heuristic",
                       "transfer_eval_steps": None, "transfer_early_stopping_patience": None,
                       "task_kind": "classification", "answer_column": "answer", "max_answer_tokens": 16,
-                      "transfer_continuation": "source_greedy"}
+                      "transfer_continuation": "source_greedy", "dp_class_weights": None}
 _TASK = ("template", "label_words", "num_virtual_tokens", "prompt_init_text", "text_column", "label_column",
          "task_kind", "answer_column", "max_answer_tokens")
 _STUDENT = ("target_model", "student_layers", "distill_dataset", "distill_split", "distill_max_steps",
@@ -554,7 +554,7 @@ _TUNE = ("private_dataset", "private_train_split", "private_test_size", "max_tra
 # Settings a stage once keyed under another name: a full_tuning record made before the baseline had its own recipe
 # holds it as `tune_*` (the values it was tuned with), read as the `full_tuning_*` entries now keyed.
 LEGACY_SETTING_NAMES = {"full_tuning": {tune: full for full, tune in FULL_TUNING_FALLBACKS.items()}}
-_DP = ("dp_target_epsilon", "dp_target_delta", "dp_max_grad_norm", "dp_accountant")
+_DP = ("dp_target_epsilon", "dp_target_delta", "dp_max_grad_norm", "dp_accountant", "dp_class_weights")
 _TRANSFER = ("public_dataset", "public_split", "num_public_examples", "num_public_eval_examples", "transfer_max_steps",
              "transfer_learning_rate", "transfer_batch_size", "transfer_alpha", "transfer_temperature",
              "transfer_cache_top_k", "transfer_alpha_method", "transfer_eval_steps", "transfer_continuation",

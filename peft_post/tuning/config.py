@@ -170,6 +170,18 @@ class DPConfig:
             "way to save memory under DP; Trainer gradient accumulation is refused)."
         },
     )
+    class_weights: Optional[list[float]] = field(
+        default=None,
+        metadata={
+            "help": "Weights in (0, 1], one per class (or a 'w0|w1|...' string), on each example's clipped gradient. "
+            "A clipped DP step is a vote of one bounded vector per example, and when the examples of a class pull "
+            "the same way (they do for a soft prompt) the vote mostly moves the prompt towards the majority class: "
+            "weights inversely proportional to the class shares, the largest 1, balance it. Each example still "
+            "moves the sum by at most C, so σ and ε are unchanged; but weights computed from the private data's "
+            "class counts release those counts, which this ledger does not account for: take them from public "
+            "knowledge or a separately accounted DP count. The ledger records them. Classification only."
+        },
+    )
     epsilon_tolerance: float = field(
         default=0.01,
         metadata={"help": "Precision of the search for σ given `target_epsilon` (Opacus `get_noise_multiplier`)."},
@@ -203,6 +215,20 @@ class DPConfig:
             isinstance(self.max_physical_batch_size, int) and self.max_physical_batch_size >= 1
         ):
             raise ValueError(f"`max_physical_batch_size` must be a positive int or None, got {self.max_physical_batch_size!r}.")
+        if isinstance(self.class_weights, str):
+            try:
+                self.class_weights = [float(w) for w in self.class_weights.split("|")]
+            except ValueError:
+                raise ValueError(f"`class_weights` must be numbers separated by '|' (e.g. '0.45|1'), got "
+                                 f"{self.class_weights!r}.") from None
+        if self.class_weights is not None and (
+                isinstance(self.class_weights, (str, bytes)) or not self.class_weights
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= 1
+                           for w in self.class_weights)):
+            raise ValueError(f"`class_weights` must be one weight in (0, 1] per class (the clipping bound then still "
+                             f"bounds each example's contribution), got {self.class_weights!r}.")
+        if self.class_weights is not None:
+            self.class_weights = [float(w) for w in self.class_weights]
         if not self.epsilon_tolerance > 0:
             raise ValueError(f"`epsilon_tolerance` must be > 0, got {self.epsilon_tolerance!r}.")
         if self.insecure_noise_seed is not None and (

@@ -82,13 +82,19 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
 
 
-def clipped_sum(grads: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Σ_i clip_C(g_i) over the batch dimension; each term has norm ≤ C, so one example moves the sum by ≤ C.
+def clipped_sum(grads: torch.Tensor, max_grad_norm: float, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ_i w_i · clip_C(g_i) over the batch dimension; each term has norm ≤ C (the weights `weights`, (B,), are in
+    (0, 1]; none means 1), so one example moves the sum by ≤ C.
 
     In float32 at least, whatever the gradients' dtype: the sensitivity bound is a property of these numbers.
     """
     grads = _at_least_float32(grads)
     factors = clip_factors(per_example_norms(grads), max_grad_norm)
+    if weights is not None:
+        if not bool(((weights > 0) & (weights <= 1)).all()):
+            raise ValueError("per-example weights must be in (0, 1]: a larger one would let an example move the "
+                             "clipped sum by more than C.")
+        factors = factors * _at_least_float32(weights).to(factors.device)
     return torch.einsum("b,b...->...", factors.to(grads.dtype), grads)
 
 

@@ -399,6 +399,12 @@ class DPPromptTrainer(PromptTrainer):
             data_collator=data_collator,
             **kwargs,
         )
+        if dp_config.class_weights is not None:
+            if self.generation:
+                raise ValueError("DPConfig.class_weights weigh classes: a generation task has none. Leave it None.")
+            if len(dp_config.class_weights) != self.verbalizer.num_classes:
+                raise ValueError(f"DPConfig.class_weights has {len(dp_config.class_weights)} weights for the "
+                                 f"{self.verbalizer.num_classes} classes of the label words: give one per class.")
         n = len(train_dataset)
         self.noise_source = privacy.NoiseSource(dp_config.insecure_noise_seed)
         # Under several processes all must draw the same global batches: they share the main process's key.
@@ -517,7 +523,9 @@ class DPPromptTrainer(PromptTrainer):
                         bare, chunk, prompt, self.example_losses,
                         autocast=self.accelerator.autocast,
                     )
-                    summed += privacy.clipped_sum(grads.float(), self.dp_config.max_grad_norm)
+                    weights = None if self.dp_config.class_weights is None else torch.tensor(
+                        self.dp_config.class_weights)[chunk["labels"].cpu()]
+                    summed += privacy.clipped_sum(grads.float(), self.dp_config.max_grad_norm, weights)
                     loss_total = loss_total + losses.sum().float().to(loss_total.device)
         # An empty Poisson batch still releases noise and counts as a step: skipping it would change the mechanism
         # (and under several processes, a process whose shard is empty still joins the sum). Draw t comes from its own
@@ -542,6 +550,8 @@ class DPPromptTrainer(PromptTrainer):
         """The privacy ledger: ε spent so far at δ (replace-one), and σ, C, q, steps, history and accountant that
         produced it, where the noise came from, and whether the guarantee holds."""
         extra = {"initial_prompt": self.ledger_notes["initial_prompt"]} if "initial_prompt" in self.ledger_notes else {}
+        if self.dp_config.class_weights is not None:
+            extra["class_weights"] = list(self.dp_config.class_weights)
         return privacy.privacy_ledger(
             self.accountant,
             self.delta,
