@@ -44,6 +44,7 @@ _LEDGER_ROWS = (
     ("guarantee_holds", "guarantee holds"),
     ("target_epsilon", "ε budget asked for"),
     ("target_delta", "δ asked for (None: 1/N, the default)"),
+    ("class_weights", "per-class weights on the clipped gradients (each ≤ 1: C still bounds an example)"),
 )
 
 

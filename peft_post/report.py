@@ -560,6 +560,10 @@ def render_markdown(results: Union[POSTResults, dict]) -> str:
             lines += ["", f"The same steps give ε = {p['epsilon_add_remove']:g} under add/remove-one adjacency, the "
                       "relation the paper reports; it is not this prompt's guarantee, because N is published "
                       "(docs/privacy.md)."]
+        if p.get("class_weights"):
+            lines += ["", "Each clipped gradient was weighted by its class (`--dp_class_weights` "
+                      f"{'|'.join(f'{w:g}' for w in p['class_weights'])}; each weight ≤ 1, so C still bounds an "
+                      "example's contribution and ε is unchanged)."]
         if not guarantee_holds(p):
             lines += ["", "**The DP guarantee does not hold:** " + "; ".join(p.get("guarantee_void_reasons", [])) + "."]
     if r.stages:

@@ -205,7 +205,10 @@ def test_report_states_adjacency_the_add_remove_figure_and_a_void_guarantee(tmp_
     assert "ε = 4.74 under add/remove-one" in md
     assert "**The DP guarantee does not hold:** the noise was drawn from a fixed seed." in md
     held = open(R.write_report(R.POSTResults(**results()), str(tmp_path / "b"))["md"]).read()
-    assert "does not hold" not in held
+    assert "does not hold" not in held and "weighted by its class" not in held
+    weighted = R.write_report(R.POSTResults(**results(privacy={**LEDGER, "class_weights": [1.0, 0.448]})),
+                              str(tmp_path / "c"))
+    assert "weighted by its class (`--dp_class_weights` 1|0.448;" in open(weighted["md"]).read()
 
 
 def test_a_method_that_could_not_run_is_reported_as_not_applicable(tmp_path):
