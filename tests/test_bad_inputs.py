@@ -261,6 +261,9 @@ CASES = [
                                               "--label_column", "stars"], ["--private_dataset", "--label_column"]),
     Case("private-fewer-examples-than-batch", ["--tune_batch_size", "25"], ["--tune_batch_size", "24"]),
     Case("private-cap-below-batch", ["--max_train_examples", "4"], ["--tune_batch_size", "--max_train_examples"]),
+    Case("dp-class-weights-count", ["--dp_class_weights", "1|0.5|0.5"], ["dp_class_weights", "3 weights",
+                                                                          "2 classes"]),
+    Case("dp-class-weights-range", ["--dp_class_weights", "1|2"], ["dp_class_weights", "(0, 1]"]),
     Case("private-fewer-examples-than-full-tuning-batch", ["--full_baseline", "true", "--full_tuning_batch_size", "25"],
          ["--full_tuning_batch_size", "24"]),
     # ------------------------------------------------------------------ public and distillation data

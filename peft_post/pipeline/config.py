@@ -442,7 +442,13 @@ class PipelineConfig:
             self.distill_args(os.curdir)
         self.tune_args(os.curdir)
         self.full_tuning_args(os.curdir)
-        self.dp_config()
+        weights = self.dp_config().class_weights
+        if weights is not None and self.task_kind == "generation":
+            raise ValueError("`dp_class_weights` weigh the classes of a classification task; a generation task has "
+                             "none. Leave it unset.")
+        if weights is not None and len(weights) != len(self.label_word_lists()):
+            raise ValueError(f"`dp_class_weights` has {len(weights)} weights for the {len(self.label_word_lists())} "
+                             f"classes of `label_words` {self.label_words!r}: give one per class, in that order.")
         self.transfer_args(os.curdir)
 
     # ---------------------------------------------------------------------------------------- the stage configs
