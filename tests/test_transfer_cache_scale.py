@@ -241,3 +241,5 @@ def test_two_processes_share_one_file_built_by_rank_0(tmp_path):
     # Rank 0's failed build reaches rank 1 as an error instead of leaving it waiting.
     assert r0["failure"].startswith("OSError: disk full")
     assert r1["failure"].startswith("RuntimeError: The main process of this job stopped: OSError: disk full")
+    assert r1["failure"].endswith(f"(while opening or building the transfer cache "
+                                  f"{tmp_path / 'cache' / 'other.safetensors'})")

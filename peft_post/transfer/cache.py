@@ -516,7 +516,13 @@ def shared_transfer_cache(path: str, digest: str, build: Callable[[], TransferCa
         made["cache"] = build()
         return True
 
-    built = on_main_process(open_or_build)
+    try:
+        built = on_main_process(open_or_build)
+    except (RuntimeError, ValueError) as err:
+        if "cache" in made or rank == 0:
+            raise
+        # The main process's own error names what failed there; the others also say which cache it was building.
+        raise type(err)(f"{err} (while opening or building the transfer cache {path})") from err
     if "cache" in made:
         return made["cache"], built
     try:
