@@ -226,6 +226,18 @@ def test_distillation_text_is_public_only(fake_data):
                                                       and t != "What is the capital ?"]
     tweets = {"I love this!", "Worst day ever.", "It is Tuesday.", "caf\xe9 was ok \"quoted\""}
     assert sorted(embedded["without_tweets"]["text"]) == sorted(t for t in texts if t not in tweets)
+    # One split is built alone, the same rows; `load_text_dataset` asks for the one it returns.
+    for split in A.DISTILLATION_SPLITS:
+        alone = A.load_embedded_dataset("distillation_text", splits=[split])
+        assert list(alone) == [split] and list(alone[split]["text"]) == list(embedded[split]["text"])
+        assert list(A.load_text_dataset("embedded:distillation_text", split=split)["text"]) == list(
+            embedded[split]["text"])
+    with pytest.raises(ValueError, match="no split 'without_sms'"):
+        A.load_embedded_dataset("distillation_text", splits=["without_sms"])
+    with pytest.raises(ValueError, match="has no split 'without_sms'; it has"):
+        A.load_text_dataset("embedded:distillation_text", split="without_sms")
+    with pytest.raises(ValueError, match="distillation_text only"):
+        A.load_embedded_dataset("vader_tweets", splits=["train"])
 
 
 def test_remove_overlap_with_private_data(fake_data):

@@ -18,8 +18,9 @@ Every public name is re-exported here, so other code writes ``from peft_post.ass
 """
 
 from .datasets import (DEFAULT_DISTILLATION_DATASET, DEFAULT_PRIVATE_DATASET, DEFAULT_PUBLIC_DATASET,
-                       DEFAULT_PUBLIC_SIZE, DEFAULT_TEST_SIZE, DISTILLATION_SOURCES, DISTILLATION_SPLITS_WITHOUT,
-                       EMBEDDED_DATASETS, LABEL_NAMES, TREC_COARSE, TWEET_NEUTRAL_BAND, TWEET_SENTIMENT_LABELS,
+                       DEFAULT_PUBLIC_SIZE, DEFAULT_TEST_SIZE, DISTILLATION_SOURCES, DISTILLATION_SPLITS,
+                       DISTILLATION_SPLITS_WITHOUT, EMBEDDED_DATASETS, LABEL_NAMES, TREC_COARSE, TWEET_NEUTRAL_BAND,
+                       TWEET_SENTIMENT_LABELS,
                        VADER_SETS, load_distillation_text, load_embedded_dataset, load_rotten_tomatoes,
                        load_text_dataset, load_trec, load_tweet_sentiment, load_vader, normalize_text, remove_overlap,
                        stratified_split, vader_rows)
@@ -35,7 +36,8 @@ __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "default_model_path", "resolve_model",
     # datasets
     "DEFAULT_DISTILLATION_DATASET", "DEFAULT_PRIVATE_DATASET", "DEFAULT_PUBLIC_DATASET", "DEFAULT_PUBLIC_SIZE",
-    "DEFAULT_TEST_SIZE", "DISTILLATION_SOURCES", "DISTILLATION_SPLITS_WITHOUT", "EMBEDDED_DATASETS", "LABEL_NAMES",
+    "DEFAULT_TEST_SIZE", "DISTILLATION_SOURCES", "DISTILLATION_SPLITS", "DISTILLATION_SPLITS_WITHOUT",
+    "EMBEDDED_DATASETS", "LABEL_NAMES",
     "TREC_COARSE", "TWEET_NEUTRAL_BAND", "TWEET_SENTIMENT_LABELS", "VADER_SETS", "load_distillation_text",
     "load_embedded_dataset", "load_rotten_tomatoes", "load_text_dataset", "load_trec", "load_tweet_sentiment",
     "load_vader", "normalize_text", "remove_overlap", "stratified_split", "vader_rows",

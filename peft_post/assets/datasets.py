@@ -29,6 +29,7 @@ EMBEDDED_DATASETS = ("rotten_tomatoes", "trec", "tweet_sentiment", "distillation
 # Private tasks whose texts are also distillation text, with the `embedded:distillation_text` split that leaves them
 # out (a run on the task distils its student there, so the student never sees a private text).
 DISTILLATION_SPLITS_WITHOUT = {"trec": "without_trec", "tweet_sentiment": "without_tweets"}
+DISTILLATION_SPLITS = ("train", *DISTILLATION_SPLITS_WITHOUT.values())
 
 LABEL_NAMES = ["negative", "positive"]
 # TREC's coarse answer types, named by words that are one token each for SmolLM2 (usable as label words as they are).
@@ -306,6 +307,27 @@ def load_distillation_text(
     return Dataset.from_dict({"text": out}, features=Features({"text": Value("string")}))
 
 
+def _distillation_split(split: str, private: list, cache_dir: Optional[str]):
+    """One split of ``embedded:distillation_text``. "without_trec" serves runs whose private task is embedded:trec
+    (their student never sees those questions), "without_tweets" embedded:tweet_sentiment runs the same way. TREC is
+    the last source, so the full corpus ("train") is the TREC-less one followed by the TREC questions not in it."""
+    from datasets import concatenate_datasets
+
+    if split not in DISTILLATION_SPLITS:
+        raise ValueError(f"{EMBEDDED_PREFIX}distillation_text has no split {split!r}; it has "
+                         f"{sorted(DISTILLATION_SPLITS)}.")
+    if split == "without_tweets":
+        no_tweets = tuple(src for src in DISTILLATION_SOURCES if src != "tweets")
+        tweets = [text for _, text in vader_rows("tweets", cache_dir)]  # a tweet may recur in another source
+        return load_distillation_text(no_tweets, exclude=private + tweets, cache_dir=cache_dir)
+    no_trec = tuple(src for src in DISTILLATION_SOURCES if src != "trec")
+    without_trec = load_distillation_text(no_trec, exclude=private, cache_dir=cache_dir)
+    if split == "without_trec":
+        return without_trec
+    trec = load_distillation_text(["trec"], exclude=private + list(without_trec["text"]), cache_dir=cache_dir)
+    return concatenate_datasets([without_trec, trec])
+
+
 def remove_overlap(public, private_texts: Iterable[str], text_column: str = "text"):
     """Drop rows of the `public` dataset whose text (after `normalize_text`) occurs in `private_texts`.
 
@@ -322,15 +344,22 @@ _LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "jso
                    ".txt": "text"}
 
 
-def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
+def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, splits: Optional[Iterable[str]] = None,
+                          **kwargs):
     """One of `EMBEDDED_DATASETS` (without the ``embedded:`` prefix) as a `DatasetDict`; `kwargs` (``seed``,
     ``test_size``, and ``public_size`` for TREC and the tweets) go to `load_rotten_tomatoes`, `load_trec` or
     `load_tweet_sentiment`. The public sets (``vader_*``, ``distillation_text``) have every Rotten Tomatoes sentence
-    removed (`remove_overlap`); `load_vader` and `load_distillation_text` give them raw."""
+    removed (`remove_overlap`); `load_vader` and `load_distillation_text` give them raw.
+
+    `splits` (of ``distillation_text``, `DISTILLATION_SPLITS`) builds only those: each split re-reads and filters
+    the sources, and a run reads one."""
     from datasets import DatasetDict
 
     if kwargs and name not in ("rotten_tomatoes", "trec", "tweet_sentiment"):
         raise ValueError(f"{EMBEDDED_PREFIX + name} takes no options, got {sorted(kwargs)}.")
+    if splits is not None and name != "distillation_text":
+        raise ValueError(f"`splits` picks splits of {EMBEDDED_PREFIX}distillation_text only; {EMBEDDED_PREFIX + name} "
+                         "is built whole (select its splits from the result).")
     if name == "rotten_tomatoes":
         return load_rotten_tomatoes(cache_dir=cache_dir, **kwargs)
     if name == "trec":
@@ -341,20 +370,7 @@ def load_embedded_dataset(name: str, cache_dir: Optional[str] = None, **kwargs):
     # report never scores a sentence the transfer or the distillation saw (1 Amazon snippet, 10 453 movie ones).
     private = [r["text"] for r in _rotten_tomatoes_rows(cache_dir)]
     if name == "distillation_text":
-        # "without_trec" serves runs whose private task is embedded:trec: their student never sees those questions.
-        # TREC is the last source, so the full corpus is the TREC-less one followed by the TREC questions not in it:
-        # each source is read once.
-        from datasets import concatenate_datasets
-
-        no_trec = tuple(src for src in DISTILLATION_SOURCES if src != "trec")
-        without_trec = load_distillation_text(no_trec, exclude=private, cache_dir=cache_dir)
-        trec = load_distillation_text(["trec"], exclude=private + list(without_trec["text"]), cache_dir=cache_dir)
-        # "without_tweets" serves embedded:tweet_sentiment runs the same way.
-        no_tweets = tuple(src for src in DISTILLATION_SOURCES if src != "tweets")
-        tweets = [text for _, text in vader_rows("tweets", cache_dir)]  # a tweet may recur in another source
-        without_tweets = load_distillation_text(no_tweets, exclude=private + tweets, cache_dir=cache_dir)
-        return DatasetDict({"train": concatenate_datasets([without_trec, trec]), "without_trec": without_trec,
-                            "without_tweets": without_tweets})
+        return DatasetDict({s: _distillation_split(s, private, cache_dir) for s in (splits or DISTILLATION_SPLITS)})
     if name.startswith("vader_") and name[len("vader_"):] in VADER_SETS:
         public, _ = remove_overlap(load_vader(name[len("vader_"):], cache_dir=cache_dir), private)
         return DatasetDict({"train": public})
@@ -405,7 +421,10 @@ def load_text_dataset(name_or_path: str, split: Optional[str] = None, config_nam
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(f"`name_or_path` must be a non-empty string, got {name_or_path!r}.")
     if name_or_path.startswith(EMBEDDED_PREFIX):
-        dsd = load_embedded_dataset(name_or_path[len(EMBEDDED_PREFIX):], **kwargs)
+        name = name_or_path[len(EMBEDDED_PREFIX):]
+        # A split of the distillation text is built alone (each re-reads its sources); the others come whole.
+        only = {"splits": [split]} if name == "distillation_text" and split in DISTILLATION_SPLITS else {}
+        dsd = load_embedded_dataset(name, **only, **kwargs)
     elif os.path.isfile(name_or_path):
         ext = os.path.splitext(name_or_path)[1].lower()
         if ext not in _LOCAL_BUILDERS:
