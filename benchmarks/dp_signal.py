@@ -7,8 +7,9 @@ expected batch B and clipping bound C the step's signal-to-noise is computed (`t
 norm of the expected clipped mean gradient against the norm σ·C·√D / B of the noise the step adds, with σ the one
 the pipeline's accountant (PLD, replace-one) calibrates for ``--epsilon`` at the *private* run's size
 (``--private-size``: q = B / N, round(E·N / B) steps for ``--epochs`` E, δ = 1/N). A ratio near or below 1 means the
-noisy steps mostly point nowhere. It is measured at the initial prompt only (the signal changes as the prompt
-learns), on public data only: nothing here reads the private data, so the recipe may be chosen from it.
+noisy steps mostly point nowhere. It is measured at the initial prompt and, with ``--after-steps``, after that
+many steps of non-private prompt tuning on the other public examples (the signal changes as the prompt learns). It
+uses public data only: nothing here reads the private data, so the recipe may be chosen from it.
 
     python benchmarks/dp_signal.py --student runs/students/trec-300 --data embedded:vader_tweets \\
         --batches 64 128 512 1024 3864 --clip-norms 0.01 0.1 1 --private-size 3864 --threads 1 \\
@@ -42,6 +43,12 @@ from peft_post.tuning.accountant import REPLACE_ONE, calibrate_noise_multiplier
 from peft_post.tuning.privacy import chunks, per_example_gradients, per_example_norms, signal_to_noise
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dp_signal.json")
+# PipelineConfig fields the flags set, which `--set` may not.
+OWN_FIELDS = {"student_model": "--student", "private_dataset": "--data", "private_train_split": "--split",
+              "private_test_size": "--heldout", "seed": "--seed", "threads": "--threads",
+              "tune_batch_size": "--train-batch", "tune_learning_rate": "--train-lr",
+              "tune_max_steps": "--after-steps", "dp": "(none: measured without DP)", "run_dir": "(a temporary folder)",
+              "save_steps": "(none)"}
 # The VADER tweets proxy of `dp_recipe.py`: binary sentiment of short texts.
 TWEETS_TASK = {"template": "Tweet: {text}\nSentiment:", "label_words": "negative|positive",
                "prompt_init_text": "Classify the sentiment of this tweet"}
@@ -88,6 +95,9 @@ def parse_args(argv=None):
         args.overrides = parse_overrides(args.overrides)
     except ValueError as err:
         raise SystemExit(f"--set: {err}") from None
+    taken = sorted(set(args.overrides) & set(OWN_FIELDS))
+    if taken:
+        raise SystemExit(f"--set {', '.join(taken)}: set by this script's own flags ({', '.join(OWN_FIELDS.values())})")
     if not os.path.isdir(args.student):
         raise SystemExit(f"--student {args.student!r} is not a folder; give a distilled student")
     return args

@@ -33,8 +33,8 @@ import time
 
 from peft_post.assets import portable_path
 from peft_post.io import atomic_write_json
-from peft_post.pipeline import (PipelineConfig, copy_stage, parse_overrides, rename_legacy_fields, run_pipeline,
-                                stage_record)
+from peft_post.pipeline import (FULL_TUNING_FALLBACKS, PipelineConfig, copy_stage, parse_overrides,
+                                rename_legacy_fields, run_pipeline, stage_record)
 from peft_post.report import derived_metrics
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "utility.json")
@@ -93,9 +93,9 @@ def _seed_stage(cell_dir: str, stage: str, donors: list[str]) -> None:
 
 
 def _tune_settings(values: dict) -> dict:
-    """The prompt-tuning settings a full baseline is made with."""
+    """The prompt-tuning settings a full baseline is made with: its own recipe, each unset field the user's."""
     config = PipelineConfig(**values)
-    return {k: getattr(config, k) for k in ("tune_max_steps", "tune_learning_rate", "tune_batch_size")}
+    return {name: config.full_tuning_value(name) for name in FULL_TUNING_FALLBACKS}
 
 
 def with_full_baseline(results, donor):
@@ -187,8 +187,9 @@ def main(argv=None):
     cells = []
     for seed in args.seeds:
         full_donors: list[str] = []
-        # The seed's full prompt tuning (non-private), once a cell has run it: cells whose tuning settings differ
-        # (DP cells with --dp-set) borrow its scores instead of tuning the target again with their DP batch.
+        # The seed's full prompt tuning (non-private), once a cell has run it: cells whose full-tuning recipe differs
+        # (DP cells whose --dp-set changes the tune_* values it falls back to) borrow its scores instead of tuning the
+        # target again with their DP batch.
         full_results = None
         for dp in (d == "true" for d in args.dp):
             tune_donors: list[str] = []

@@ -79,6 +79,7 @@ def test_the_class_balanced_vote_removes_the_majoritys_shared_pull():
     (["--examples", "1"], "--examples"),
     (["--after-steps", "-1"], "--after-steps"),
     (["--clip-norms", "0"], "--clip-norms"),
+    (["--set", "seed=3"], "--set seed: set by this script's own flags"),
 ])
 def test_bad_arguments_are_refused_naming_them(signal_argv, flags, message, capsys):
     with pytest.raises(SystemExit) as err:

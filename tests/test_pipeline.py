@@ -151,7 +151,10 @@ def test_the_full_tuning_baseline_has_its_own_recipe_and_unset_follows_the_users
     assert (rt.full_tuning_max_steps, rt.full_tuning_batch_size, rt.full_tuning_learning_rate) == (None,) * 3
     mine = PipelineConfig(preset="rotten_tomatoes", tune_max_steps=40, full_tuning_learning_rate=1)
     assert recipe(mine.full_tuning_args(str(tmp_path))) == (40, 16, 1.0)
-    assert stage_settings(mine, "full_tuning", "digest")["full_tuning_learning_rate"] == 1.0  # 1 and 1.0 alike
+    assert stage_settings(mine, "full_tuning", "digest") == stage_settings(  # 1 and 1.0 make the same stage
+        dataclasses.replace(mine, full_tuning_learning_rate=1.0), "full_tuning", "digest")
+    assert stage_settings(PipelineConfig(preset="rotten_tomatoes", tune_learning_rate=1), "full_tuning", "digest") \
+        == stage_settings(PipelineConfig(preset="rotten_tomatoes", tune_learning_rate=1.0), "full_tuning", "digest")
     # A TREC folder saved before the fields existed tuned its baseline with its tune_* values: it reloads so.
     saved = json.loads(open(trec.save(str(tmp_path))).read())
     json.dump({k: v for k, v in saved.items() if not k.startswith("full_tuning_")},
@@ -162,6 +165,18 @@ def test_the_full_tuning_baseline_has_its_own_recipe_and_unset_follows_the_users
         PipelineConfig(full_tuning_max_steps=0)
     with pytest.raises(ValueError, match="full_tuning_learning_rate"):
         PipelineConfig(full_tuning_learning_rate=-1.0)
+
+
+def test_dp_class_weights_are_keyed_as_numbers_and_need_dp():
+    from peft_post.pipeline.store import stage_settings
+
+    plain = stage_settings(PipelineConfig(), "tune", "digest")
+    assert "dp_class_weights" not in plain  # unset: every key made before the field stays valid
+    one = stage_settings(PipelineConfig(dp_class_weights="1|0.5|0.5|0.5|1|1"), "tune", "digest")
+    assert one["dp_class_weights"] == [1.0, 0.5, 0.5, 0.5, 1.0, 1.0]
+    assert one == stage_settings(PipelineConfig(dp_class_weights="1.0|0.50|.5|0.5|1|1.0"), "tune", "digest")
+    with pytest.raises(ValueError, match="with `--dp false` they would do nothing"):
+        PipelineConfig(dp=False, dp_class_weights="1|0.5|0.5|0.5|1|1")
 
 
 def test_the_dp_physical_batch_is_a_memory_setting_not_a_recipe():

@@ -443,6 +443,9 @@ class PipelineConfig:
         self.tune_args(os.curdir)
         self.full_tuning_args(os.curdir)
         weights = self.dp_config().class_weights
+        if weights is not None and not self.dp:
+            raise ValueError("`dp_class_weights` weigh the clipped gradients of a DP step; with `--dp false` they "
+                             "would do nothing. Leave them unset, or tune with DP.")
         if weights is not None and self.task_kind == "generation":
             raise ValueError("`dp_class_weights` weigh the classes of a classification task; a generation task has "
                              "none. Leave it unset.")

@@ -584,10 +584,10 @@ def _field_values(cfg: PipelineConfig, names) -> dict:
             value = resolved_student_layers(cfg)  # as `student_cache_key` hashes them: absolute indices
         elif name == "label_words":
             value = cfg.label_word_lists()
-        elif name in FULL_TUNING_FALLBACKS:
-            value = cfg.full_tuning_value(name)
+        elif name == "dp_class_weights":
+            value = cfg.dp_config().class_weights  # parsed: '1|0.5' and '1.0|0.50' are the same mechanism
         else:
-            value = getattr(cfg, name, None)
+            value = cfg.full_tuning_value(name) if name in FULL_TUNING_FALLBACKS else getattr(cfg, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and "float" in types.get(name, ""):
                 value = float(value)  # `8` and `8.0` make the same stage
         values[name] = value
