@@ -82,3 +82,15 @@ def tiny_run_inputs(tokenizer, tmp_path_factory):
     """`tiny_run`'s inputs built once per module, for tests that start several runs: a function of a run folder
     that returns `tiny_run`'s flags for it."""
     return build_tiny_run_inputs(tmp_path_factory.mktemp("tiny-run-inputs"), tokenizer)
+
+
+@pytest.fixture
+def tiny_student_and_proxy(tmp_path, tokenizer, monkeypatch):
+    """(student folder, proxy CSV): a 2-layer tiny llama student and 60 labelled public examples, with the asset
+    cache in `tmp_path`: what the DP-recipe benchmarks (`dp_recipe.py`, `dp_signal.py`) run on in tests."""
+    monkeypatch.setenv("PEFT_POST_CACHE", str(tmp_path / "cache"))
+    student = str(tmp_path / "student")
+    build_tiny_model("llama", tokenizer, student, num_layers=2)
+    proxy = str(tmp_path / "proxy.csv")
+    Dataset.from_list(tiny_sentiment_rows(60, seed=5)).to_csv(proxy)
+    return student, proxy

@@ -4,19 +4,13 @@ scored on the proxy's held-out split; the best macro-F1 is chosen; a rerun or a 
 import json
 
 import pytest
-from datasets import Dataset
 
 from benchmarks import dp_recipe
-from peft_post.testing import build_tiny_model, tiny_sentiment_rows
 
 
 @pytest.fixture
-def proxy_argv(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setenv("PEFT_POST_CACHE", str(tmp_path / "cache"))
-    student = str(tmp_path / "student")
-    build_tiny_model("llama", tokenizer, student, num_layers=2)
-    proxy = str(tmp_path / "proxy.csv")
-    Dataset.from_list(tiny_sentiment_rows(60, seed=5)).to_csv(proxy)
+def proxy_argv(tiny_student_and_proxy):
+    student, proxy = tiny_student_and_proxy
     return ["--student", student, "--proxy", proxy, "--heldout", "20", "--private-size", "100",
             "--set=template=Review: {text}\nSentiment:", "--set=label_words=bad,awful|good,great",
             "--set=num_virtual_tokens=4", "--set=eval_batch_size=8", "--set=prompt_init_text=good bad"]

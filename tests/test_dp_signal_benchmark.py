@@ -5,20 +5,14 @@ import json
 import math
 
 import pytest
-from datasets import Dataset
 
 from benchmarks import dp_signal
-from peft_post.testing import build_tiny_model, tiny_sentiment_rows
 from peft_post.tuning.accountant import REPLACE_ONE, calibrate_noise_multiplier
 
 
 @pytest.fixture
-def signal_argv(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setenv("PEFT_POST_CACHE", str(tmp_path / "cache"))
-    student = str(tmp_path / "student")
-    build_tiny_model("llama", tokenizer, student, num_layers=2)
-    data = str(tmp_path / "proxy.csv")
-    Dataset.from_list(tiny_sentiment_rows(60, seed=5)).to_csv(data)
+def signal_argv(tiny_student_and_proxy):
+    student, data = tiny_student_and_proxy
     return ["--student", student, "--data", data, "--heldout", "20", "--private-size", "100", "--examples", "16",
             "--chunk", "5", "--set=template=Review: {text}\nSentiment:", "--set=label_words=bad,awful|good,great",
             "--set=num_virtual_tokens=4", "--set=prompt_init_text=good bad"]
