@@ -40,7 +40,8 @@ from peft_post.modeling import prompt_parameter
 from peft_post.pipeline import PipelineConfig, load_tokenizer, new_prompted_model, parse_overrides, private_examples
 from peft_post.tuning import PromptTrainer
 from peft_post.tuning.accountant import REPLACE_ONE, calibrate_noise_multiplier
-from peft_post.tuning.privacy import chunks, per_example_gradients, per_example_norms, signal_to_noise
+from peft_post.tuning.privacy import (chunks, mean_with_sampling_variance, per_example_gradients, per_example_norms,
+                                     signal_to_noise)
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dp_signal.json")
 # PipelineConfig fields the flags set, which `--set` may not.
@@ -162,18 +163,16 @@ def class_alignment(grads: torch.Tensor, labels: list) -> dict:
     units = units / (units.norm(dim=1, keepdim=True) + 1e-6)
     classes = sorted(set(labels))
     index = torch.tensor(labels)
-    means, spreads, per_class = [], [], {}
+    means, variances, per_class = [], [], {}
     for c in classes:
-        rows = units[index == c]
-        n, mean = rows.shape[0], rows.mean(0)
-        trace = (float(rows.pow(2).sum(1).mean()) - float(mean.pow(2).sum())) * n / max(n - 1, 1)
+        mean, variance = mean_with_sampling_variance(units[index == c])
         means.append(mean)
-        spreads.append(trace / n)
-        per_class[str(c)] = math.sqrt(max(float(mean.pow(2).sum()) - trace / n, 0.0))
-    k = len(classes)
+        variances.append(variance)
+        per_class[str(c)] = math.sqrt(max(float(mean.pow(2).sum()) - variance, 0.0))
+    # The classes' mean of means: its sampling variance is the classes' own, over K².
     balanced = torch.stack(means).mean(0)
     return {"per_class": per_class, "shares": {str(c): labels.count(c) / len(labels) for c in classes},
-            "balanced": math.sqrt(max(float(balanced.pow(2).sum()) - sum(spreads) / k**2, 0.0))}
+            "balanced": math.sqrt(max(float(balanced.pow(2).sum()) - sum(variances) / len(classes)**2, 0.0))}
 
 
 def signal_table(args, grads: torch.Tensor, labels: list) -> dict:

@@ -126,14 +126,20 @@ def signal_to_noise(grads: torch.Tensor, max_grad_norm: float, noise_multiplier:
             "clipped_share": float((norms > max_grad_norm).float().mean())}
 
 
-def _population_mean_norm(vectors: torch.Tensor) -> float:
-    """An estimate of ‖E v‖ from M samples (M, D): ‖mean‖² less its sampling part, E‖mean − E v‖² = tr Σ / M, with
-    tr Σ estimated unbiasedly; floored at 0."""
+def mean_with_sampling_variance(vectors: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The mean of M samples (M, D) and an unbiased estimate of its sampling variance E‖mean − E v‖² = tr Σ / M.
+    ‖mean‖² less that variance estimates ‖E v‖² (the sample's own spread would otherwise pass for a mean)."""
     count = vectors.shape[0]
     mean = vectors.mean(0)
-    squared = float(mean.pow(2).sum())
-    trace = (float(vectors.pow(2).sum(1).mean()) - squared) * count / (count - 1)
-    return math.sqrt(max(squared - trace / count, 0.0))
+    # One sample has no spread to estimate: its variance counts as 0.
+    trace = (float(vectors.pow(2).sum(1).mean()) - float(mean.pow(2).sum())) * count / max(count - 1, 1)
+    return mean, trace / count
+
+
+def _population_mean_norm(vectors: torch.Tensor) -> float:
+    """An estimate of ‖E v‖ from M samples (M, D) (`mean_with_sampling_variance`), floored at 0."""
+    mean, variance = mean_with_sampling_variance(vectors)
+    return math.sqrt(max(float(mean.pow(2).sum()) - variance, 0.0))
 
 
 def gaussian_noise(
